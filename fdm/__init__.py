@@ -1,0 +1,31 @@
+"""fdm-vq: the Feature Dequantization Module (FDM, WACV 2025) for vector-quantized image models.
+
+    z_dq = z_q + F([z_q, m]) * m
+
+Public names: :class:`FDM`, :class:`Dequantizer`, :func:`latent_mask`, mask helpers, the adapter
+registry, and the exceptions. Training lives in :mod:`fdm.training`, adapters in :mod:`fdm.adapters`.
+"""
+
+from fdm.adapter import VQAdapter, find_adapter, register_adapter
+from fdm.dequantizer import Dequantizer
+from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
+from fdm.fingerprint import codebook_fingerprint
+from fdm.masks import latent_mask, load_mask, random_irregular_mask
+from fdm.module import FDM
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FDM",
+    "CheckpointError",
+    "Dequantizer",
+    "FingerprintMismatchError",
+    "InputError",
+    "VQAdapter",
+    "codebook_fingerprint",
+    "find_adapter",
+    "latent_mask",
+    "load_mask",
+    "random_irregular_mask",
+    "register_adapter",
+]

@@ -1,0 +1,198 @@
+"""The Dequantizer: a VQ model plus an FDM, with the model's own decode path optionally corrected.
+
+``z_dq = z_q + F([z_q, m]) * m`` is applied on the input of the module that receives the quantized map
+(taming's ``post_quant_conv``, for example), either explicitly (:meth:`Dequantizer.decode`) or through a
+forward pre-hook (:meth:`Dequantizer.attach`) so third-party sampling code is corrected unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from fdm.adapter import VQAdapter, find_adapter
+from fdm.errors import FingerprintMismatchError, InputError
+from fdm.masks import latent_mask
+from fdm.module import FDM
+from fdm.validation import check_image, check_latent, check_pixel_mask
+
+__all__ = ["Dequantizer"]
+
+
+class Dequantizer(nn.Module):
+    """Wrap a VQ model and an FDM trained for it.
+
+    Args:
+        model: the VQ model (taming VQModel / GumbelVQ / Net2NetTransformer, a PUT codec, a diffusers
+            VQModel, or any model with a registered adapter).
+        fdm_module: the :class:`~fdm.FDM`; its channel count must match the model's.
+        adapter: an adapter instance; chosen from the model's type when None.
+        check_fingerprint: refuse an FDM whose recorded base-model fingerprint differs from this model's
+            codebook. Set False only when you know the FDM suits the model (e.g. a codebook you re-saved).
+
+    Example:
+        >>> deq = fdm.Dequantizer(vqgan, fdm.FDM.from_pretrained("user/fdm-vqgan"))  # doctest: +SKIP
+        >>> image = deq.reconstruct(x)                                                 # doctest: +SKIP
+        >>> with deq.attached():                                                       # doctest: +SKIP
+        ...     samples = transformer.decode_to_img(indices, zshape)  # corrected by FDM
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        fdm_module: FDM,
+        *,
+        adapter: VQAdapter | None = None,
+        check_fingerprint: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(fdm_module, FDM):
+            raise TypeError(f"fdm_module must be an fdm.FDM; got {type(fdm_module).__name__}.")
+        self.adapter = adapter if adapter is not None else find_adapter(model)
+        self.model = model
+        self.fdm = fdm_module
+        if fdm_module.channels != self.adapter.channels:
+            raise FingerprintMismatchError(
+                f"The FDM works on {fdm_module.channels}-channel features but the model's quantized map has "
+                f"{self.adapter.channels} channels: this FDM was trained for another base model."
+            )
+        if check_fingerprint and fdm_module.base_model_fingerprint:
+            actual = self.adapter.fingerprint()
+            if actual != fdm_module.base_model_fingerprint:
+                raise FingerprintMismatchError(
+                    f"This FDM was trained for base model {fdm_module.base_model or '(unnamed)'} with codebook "
+                    f"fingerprint {fdm_module.base_model_fingerprint}, but the model given has {actual}. "
+                    "Load the matching FDM, or pass check_fingerprint=False if you are sure it fits."
+                )
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._attached_mask: torch.Tensor | None = None
+        self._bypass_hook = False
+
+    @property
+    def factor(self) -> int:
+        """Downsampling factor of the wrapped model."""
+        return self.adapter.factor
+
+    def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) image in [-1, 1] -> (B, C, H/f, W/f) continuous feature ``z``.
+
+        ``mask`` (B, 1, H, W), 1 = hole, is passed to models that encode the masked image (PUT).
+        """
+        check_image(x, factor=self.factor, name="x")
+        if mask is not None:
+            check_pixel_mask(mask, x)
+        return self.adapter.encode(x, pixel_mask=mask)
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z`` (B, C, h, w) -> (``z_q`` (B, C, h, w), indices (B, h, w))."""
+        check_latent(z, self.adapter.channels)
+        return self.adapter.quantize(z)
+
+    def cell_mask(self, mask: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor | None:
+        """Resolve a pixel hole mask (B, 1, H, W) or a latent-cell mask (B, 1, h, w) to the latter."""
+        if mask is None:
+            return None
+        h, w = z.shape[-2:]
+        if mask.dim() == 4 and mask.shape[-2:] == (h * self.factor, w * self.factor) and self.factor > 1:
+            return latent_mask(mask, self.factor).to(z.dtype)
+        if mask.dim() == 4 and mask.shape[-2:] == (h, w):
+            return mask.to(z.dtype)
+        raise InputError(
+            f"mask must be a pixel mask (B, 1, {h * self.factor}, {w * self.factor}) or a latent-cell mask "
+            f"(B, 1, {h}, {w}) for features of shape {tuple(z.shape)}; got {tuple(mask.shape)}."
+        )
+
+    def correct(self, z_q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply FDM: ``z_q + F([z_q, m]) * m``; ``mask`` is a pixel or latent-cell mask, None = all cells."""
+        return self.fdm(z_q, self.cell_mask(mask, z_q))
+
+    def decode(self, z_q: torch.Tensor, mask: torch.Tensor | None = None, **model_kwargs: Any) -> torch.Tensor:
+        """Decode ``z_q`` (B, C, h, w) with FDM applied -> (B, 3, H, W) image in [-1, 1].
+
+        Args:
+            z_q: quantized map; on known cells it may hold continuous features (inpainting).
+            mask: pixel hole mask (B, 1, H, W) or latent-cell mask (B, 1, h, w); None = every cell generated.
+            **model_kwargs: passed to the model's decoder (PUT's masked image, for example).
+        """
+        z_dq = self.correct(z_q, mask)
+        pixel_mask = mask if mask is not None and mask.shape[-2:] != z_q.shape[-2:] else None
+        return self._decode_raw(z_dq, pixel_mask, **model_kwargs)
+
+    def decode_indices(
+        self, indices: torch.Tensor, mask: torch.Tensor | None = None, **model_kwargs: Any
+    ) -> torch.Tensor:
+        """Look up code ``indices`` (B, h, w) and decode them with FDM applied (see :meth:`decode`)."""
+        if indices.dim() != 3 or indices.is_floating_point():
+            raise InputError(f"indices must be an integer tensor of shape (B, h, w); got {tuple(indices.shape)}, "
+                             f"dtype {indices.dtype}.")
+        return self.decode(self.adapter.lookup(indices), mask, **model_kwargs)
+
+    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, use_fdm: bool = True) -> torch.Tensor:
+        """Encode, quantize and decode ``x`` (B, 3, H, W) in [-1, 1].
+
+        Without a mask every cell is quantized (plain VQ reconstruction). With a hole mask (B, 1, H, W),
+        known cells keep their continuous features and hole cells get their nearest codes: an oracle
+        stand-in for a sampler, which shows what FDM does on generated cells next to known ones.
+        ``use_fdm=False`` gives the same without FDM, for comparison.
+        """
+        z = self.encode(x)
+        z_q, _ = self.adapter.quantize(z)
+        if mask is not None:
+            check_pixel_mask(mask, x)
+            z_known = self.adapter.encode(x, pixel_mask=mask) if self.adapter.encodes_masked_input else z
+            cells = latent_mask(mask, self.factor).to(z.dtype)
+            z_q = torch.where(cells.bool(), z_q, z_known)
+        if use_fdm:
+            return self.decode(z_q, mask)
+        return self._decode_raw(z_q, mask)
+
+    def _decode_raw(self, z: torch.Tensor, pixel_mask: torch.Tensor | None, **model_kwargs: Any) -> torch.Tensor:
+        self._bypass_hook = True
+        try:
+            return self.adapter.decode(z, pixel_mask=pixel_mask, **model_kwargs)
+        finally:
+            self._bypass_hook = False
+
+    # --- hooking the model's own decode path ---------------------------------------------------------
+
+    def attach(self, mask: torch.Tensor | None = None) -> Dequantizer:
+        """Install FDM on the model's own decode path (a forward pre-hook on the module receiving z_q).
+
+        Args:
+            mask: pixel or latent-cell hole mask for the decodes that follow; None = all cells generated.
+        """
+        self._attached_mask = mask
+        if self._hook is None:
+            self._hook = self.adapter.hook_module().register_forward_pre_hook(self._pre_hook)
+        return self
+
+    def detach(self) -> Dequantizer:
+        """Remove the hook; the model decodes exactly as it did before :meth:`attach`."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._attached_mask = None
+        return self
+
+    @property
+    def is_attached(self) -> bool:
+        return self._hook is not None
+
+    @contextlib.contextmanager
+    def attached(self, mask: torch.Tensor | None = None) -> Iterator[Dequantizer]:
+        """Context manager: :meth:`attach` on entry, :meth:`detach` on exit (also on error)."""
+        self.attach(mask)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if self._bypass_hook or not args:
+            return None
+        z_q = args[0]
+        return (self.correct(z_q, self._attached_mask), *args[1:])

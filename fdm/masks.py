@@ -1,0 +1,117 @@
+"""Hole masks: pixel masks (B, 1, H, W) with 1 = hole (the diffusers / PConv-file convention), their
+latent-cell version, mask files, and the random irregular masks used for FDM training."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from fdm.errors import InputError
+
+__all__ = ["latent_mask", "load_mask", "random_irregular_mask", "DEFAULT_HOLE_RATIO"]
+
+DEFAULT_HOLE_RATIO = (0.2, 0.6)
+"""Hole-area range of the official FDM training recipe (hyudsl/FDM configs, ``use_provided_mask_ratio``)."""
+
+
+def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """Turn a pixel hole mask into a latent-cell mask: a cell is generated if its patch has any hole pixel.
+
+    Args:
+        mask: (B, 1, H, W) binary, 1 = hole; H and W multiples of ``factor``.
+        factor: the model's downsampling factor.
+
+    Returns:
+        (B, 1, H / factor, W / factor) float mask, 1 = generated cell.
+
+    Example:
+        >>> m = torch.zeros(1, 1, 32, 32); m[..., 3, 20] = 1
+        >>> latent_mask(m, 16)[0, 0].tolist()
+        [[0.0, 1.0], [0.0, 0.0]]
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputError(f"mask must have shape (B, 1, H, W); got {got}.")
+    h, w = mask.shape[-2:]
+    if h % factor or w % factor:
+        raise InputError(f"mask size {h}x{w} is not a multiple of the downsampling factor {factor}.")
+    if mask.dtype != torch.bool and not torch.all((mask == 0) | (mask == 1)):
+        raise InputError("mask must be binary (0 or 1, 1 = hole); threshold it first, e.g. (mask > 0.5).float().")
+    dtype = mask.dtype if mask.is_floating_point() else torch.float32
+    return F.max_pool2d(mask.to(dtype), kernel_size=factor, stride=factor)
+
+
+def load_mask(path: str | Path, size: tuple[int, int] | None = None, *, white_is_hole: bool = True) -> torch.Tensor:
+    """Read a mask image as a (1, 1, H, W) float tensor with 1 = hole.
+
+    Args:
+        path: image file; read as grayscale and thresholded at 128.
+        size: optional (H, W); the mask is resized with nearest neighbour when given.
+        white_is_hole: True for the PConv / diffusers convention (white = hole, the default);
+            False for files where white = known, such as PUT's own sample masks.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Mask file not found: {path}")
+    img = Image.open(path).convert("L")
+    if size is not None:
+        img = img.resize((size[1], size[0]), Image.NEAREST)
+    white = torch.from_numpy(np.asarray(img) >= 128)
+    hole = white if white_is_hole else ~white
+    return hole.float()[None, None]
+
+
+def random_irregular_mask(
+    height: int,
+    width: int,
+    hole_ratio: tuple[float, float] = DEFAULT_HOLE_RATIO,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw a random free-form hole mask (brush strokes and boxes) whose hole area is within ``hole_ratio``.
+
+    Strokes of random vertices, lengths and brush widths (scaled to the image size) are added until the hole
+    area reaches a target drawn uniformly from ``hole_ratio``; the result is (1, H, W) float, 1 = hole.
+    """
+    lo, hi = hole_ratio
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise InputError(f"hole_ratio must satisfy 0 <= low <= high <= 1; got {hole_ratio}.")
+
+    def uniform(a: float, b: float) -> float:
+        return a + (b - a) * float(torch.rand((), generator=generator))
+
+    target = uniform(lo, hi)
+    scale = min(height, width) / 256.0
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    area = 0.0
+    for _ in range(200):
+        if area >= target:
+            break
+        if float(torch.rand((), generator=generator)) < 0.2:
+            bw, bh = uniform(0.1, 0.5) * width, uniform(0.1, 0.5) * height
+            x0, y0 = uniform(0, width - bw), uniform(0, height - bh)
+            draw.rectangle([x0, y0, x0 + bw, y0 + bh], fill=255)
+        else:
+            x, y = uniform(0, width), uniform(0, height)
+            brush = max(1, int(uniform(10, 30) * scale))
+            for _ in range(int(uniform(5, 11))):
+                angle = uniform(0, 2 * math.pi)
+                length = uniform(10, 100) * scale
+                nx = min(max(x + length * math.cos(angle), 0), width - 1)
+                ny = min(max(y + length * math.sin(angle), 0), height - 1)
+                draw.line([(x, y), (nx, ny)], fill=255, width=brush)
+                draw.ellipse([nx - brush / 2, ny - brush / 2, nx + brush / 2, ny + brush / 2], fill=255)
+                x, y = nx, ny
+        area = float(np.asarray(canvas).mean()) / 255.0
+    hole = torch.from_numpy(np.asarray(canvas) >= 128).float()[None]
+    if hi < 1.0 and hole.mean() > hi:  # a last stroke overshot: trim rows from the bottom
+        rows = hole[0].mean(dim=1).cumsum(0) / height
+        keep = int(torch.searchsorted(rows, torch.tensor(hi)))
+        hole[:, keep:] = 0
+    return hole

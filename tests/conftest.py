@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny VQ model (tests/toy_vq.py), seeded RNG, and paths to the shared photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from toy_vq import ToyVQ
+
+PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def toy_model() -> ToyVQ:
+    return ToyVQ().eval()
+
+
+@pytest.fixture
+def photos_dir() -> Path:
+    if not (PHOTOS / "train").is_dir():
+        pytest.skip(f"shared photos not found at {PHOTOS}")
+    return PHOTOS
