@@ -1,0 +1,1 @@
+"""Sub-commands of the ``fdm`` command line (see :mod:`fdm.cli`)."""
