@@ -4,4 +4,6 @@ Importing this package registers every built-in adapter; none of them imports it
 (taming, diffusers) until a model of that family is actually used.
 """
 
-__all__: list[str] = []
+from fdm.adapters import diffusers, put, taming  # noqa: F401  (registers the adapters)
+
+__all__ = ["diffusers", "put", "taming"]

@@ -1,0 +1,1 @@
+"""diffusers VQModel with FDM."""
