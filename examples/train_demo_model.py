@@ -1,0 +1,245 @@
+"""Reproduce the demo model embedded in ``fdm.demo``: a small f8 VQGAN in the taming-transformers architecture
+(Esser et al., CVPR 2021) trained on random photo crops, then an FDM for it (Park & Jung, WACV 2025).
+
+Sub-commands (run in this order; each is seeded and runs on CPU, see docs/demo.md for timings):
+
+    python examples/train_demo_model.py vqgan            # stage 1 -> fdm/demo/assets/vqgan.{yaml,safetensors}
+    python examples/train_demo_model.py fdm              # stage 2 -> fdm/demo/assets/fdm/
+    python examples/train_demo_model.py decoder-baseline # baseline: decoder fine-tuned on z_q (same budget)
+    python examples/train_demo_model.py codebook-baseline  # baseline: codebook doubled, fine-tuned (same budget)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+log = logging.getLogger("train_demo_model")
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "fdm" / "demo" / "assets"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "photos" / "train"
+
+# The demo VQGAN: taming's Encoder/Decoder at f8 (three down-samplings), no attention, a small codebook so that
+# the quantization error is visible.
+DDCONFIG = {
+    "double_z": False,
+    "z_channels": 64,
+    "resolution": 64,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 32,
+    "ch_mult": [1, 2, 2, 4],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
+N_EMBED = 256
+EMBED_DIM = 32
+SEED = 0
+
+
+class DemoVQGAN(nn.Module):
+    """Training-time stand-in for taming's ``VQModel``: the same sub-modules under the same attribute names, so the
+    state dict has VQModel's key names (the Lightning and loss parts of VQModel are not needed to train it)."""
+
+    def __init__(self, ddconfig: dict, n_embed: int, embed_dim: int):
+        super().__init__()
+        from taming.modules.diffusionmodules.model import Decoder, Encoder
+        from taming.modules.vqvae.quantize import VectorQuantizer2
+
+        self.encoder = Encoder(**ddconfig)
+        self.decoder = Decoder(**ddconfig)
+        self.quantize = VectorQuantizer2(n_embed, embed_dim, beta=0.25)
+        self.quant_conv = nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+
+    def encode_continuous(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> z (B, embed_dim, H/8, W/8), the feature before quantization."""
+        return self.quant_conv(self.encoder(x))
+
+    def decode(self, z_q: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z_q))
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class CropSampler:
+    """Random square crops of the training photos at a random down-scaling, with horizontal flips, in [-1, 1].
+
+    Each crop covers ``size / s`` source pixels, ``s`` drawn uniformly from ``scale``, resized to ``size`` with
+    antialiasing; so crops show both fine texture (s = 1) and whole-object structure (small s).
+    """
+
+    def __init__(self, folder: Path, size: int = 64, scale: tuple[float, float] = (0.25, 1.0), seed: int = SEED):
+        paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        if not paths:
+            raise FileNotFoundError(f"no .jpg/.png images in {folder}")
+        self.images = [
+            torch.from_numpy(__import__("numpy").asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1).float()
+            / 127.5 - 1
+            for p in paths
+        ]
+        self.size, self.scale = size, scale
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def _uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * torch.rand((), generator=self.gen).item()
+
+    def _randint(self, n: int) -> int:
+        return int(torch.randint(n, (), generator=self.gen))
+
+    def sample(self, batch: int) -> torch.Tensor:
+        """-> (batch, 3, size, size) in [-1, 1]."""
+        out = []
+        for _ in range(batch):
+            img = self.images[self._randint(len(self.images))]
+            h, w = img.shape[-2:]
+            side = min(int(round(self.size / self._uniform(*self.scale))), h, w)
+            top, left = self._randint(h - side + 1), self._randint(w - side + 1)
+            crop = img[None, :, top : top + side, left : left + side]
+            if side != self.size:
+                crop = F.interpolate(crop, size=(self.size, self.size), mode="bicubic", antialias=True,
+                                     align_corners=False)
+            if self._randint(2):
+                crop = crop.flip(-1)
+            out.append(crop.clamp(-1, 1))
+        return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 1e-6) -> float:
+    """Linear warm-up to ``peak`` then cosine decay to ``floor`` (the paper's schedule)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
+
+
+def restart_dead_codes(quantize: nn.Module, usage: torch.Tensor, z: torch.Tensor, gen: torch.Generator) -> int:
+    """Re-seed codes unused since the last call with random encoder features of the batch (avoids codebook collapse).
+
+    Args:
+        quantize: taming ``VectorQuantizer2``.
+        usage: (n_embed,) hit counts since the last call.
+        z: (B, C, h, w) pre-quantization features of the current batch.
+    Returns:
+        the number of codes restarted.
+    """
+    dead = (usage == 0).nonzero().flatten()
+    if dead.numel() == 0:
+        return 0
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    pick = torch.randint(flat.shape[0], (dead.numel(),), generator=gen)
+    with torch.no_grad():
+        quantize.embedding.weight[dead] = flat[pick] + 0.01 * flat.std() * torch.randn(
+            dead.numel(), flat.shape[1], generator=gen)
+    return int(dead.numel())
+
+
+def vqgan_yaml(n_embed: int, embed_dim: int, ddconfig: dict) -> str:
+    """taming's model.yaml layout for a VQModel (the loss is left out: inference only)."""
+    cfg = {
+        "model": {
+            "base_learning_rate": 4.5e-06,
+            "target": "taming.models.vqgan.VQModel",
+            "params": {
+                "embed_dim": embed_dim,
+                "n_embed": n_embed,
+                "ddconfig": ddconfig,
+                "lossconfig": {"target": "torch.nn.Identity"},
+            },
+        }
+    }
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(cfg))
+
+
+def save_vqgan(model: DemoVQGAN, n_embed: int, out_yaml: Path, out_weights: Path, meta: dict) -> None:
+    out_yaml.parent.mkdir(parents=True, exist_ok=True)
+    out_yaml.write_text(vqgan_yaml(n_embed, model.quantize.e_dim, DDCONFIG))
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(out_weights), metadata={k: str(v) for k, v in meta.items()})
+    log.info("wrote %s and %s (%.2f MB)", out_yaml, out_weights, out_weights.stat().st_size / 2**20)
+
+
+# ----------------------------------------------------------------------------------------------- stage 1
+
+
+def train_vqgan(args: argparse.Namespace) -> None:
+    """Stage 1: L1 reconstruction + taming's codebook/commitment loss, Adam, warm-up + cosine, dead-code restarts."""
+    torch.manual_seed(args.seed)
+    data = CropSampler(args.data, size=args.crop, seed=args.seed)
+    model = DemoVQGAN(DDCONFIG, args.n_embed, EMBED_DIM)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    usage = torch.zeros(args.n_embed)
+    start = time.time()
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=args.steps // 50)
+        x = data.sample(args.batch)
+        z = model.encode_continuous(x)
+        z_q, qloss, (_, _, idx) = model.quantize(z)
+        x_rec = model.decode(z_q)
+        rec = (x - x_rec).abs().mean()
+        loss = rec + qloss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        usage += torch.bincount(idx.flatten(), minlength=args.n_embed).float()
+        if (step + 1) % args.restart_every == 0:
+            restarted = restart_dead_codes(model.quantize, usage, z, gen) if step < 0.8 * args.steps else 0
+            psnr = 10 * math.log10(4 / F.mse_loss(x_rec, x).item())
+            log.info("step %d/%d  l1 %.4f  q %.4f  psnr %.2f  used %d/%d  restarted %d  lr %.2e  %.1f s",
+                     step + 1, args.steps, rec.item(), qloss.item(), psnr, int((usage > 0).sum()), args.n_embed,
+                     restarted, opt.param_groups[0]["lr"], time.time() - start)
+            usage.zero_()
+    model.eval()
+    meta = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "crop": args.crop,
+            "data": Path(args.data).name, "script": "examples/train_demo_model.py vqgan"}
+    save_vqgan(model, args.n_embed, args.out / "vqgan.yaml", args.out / "vqgan.safetensors", meta)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("vqgan", help="stage 1: train the demo VQGAN")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=ASSETS)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--n-embed", type=int, default=N_EMBED)
+    p.add_argument("--restart-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=train_vqgan)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

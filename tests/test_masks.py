@@ -1,0 +1,81 @@
+"""Masks: latent-cell masks, mask files in both conventions, random irregular training masks."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fdm
+from fdm.errors import InputError
+
+
+def test_latent_mask_any_hole_pixel_marks_the_cell():
+    mask = torch.zeros(2, 1, 32, 48)
+    mask[0, 0, 17, 47] = 1  # one pixel in cell (1, 2) of image 0
+    cells = fdm.latent_mask(mask, 16)
+    assert cells.shape == (2, 1, 2, 3)
+    assert cells[0, 0].tolist() == [[0, 0, 0], [0, 0, 1]]
+    assert cells[1].sum() == 0
+
+
+def test_latent_mask_accepts_bool_and_keeps_float_dtype():
+    mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    mask[..., 0, 0] = True
+    assert fdm.latent_mask(mask, 4).dtype == torch.float32
+    assert fdm.latent_mask(mask.double(), 4).dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "mask, factor, match",
+    [
+        (torch.zeros(1, 1, 30, 32), 16, "multiple of the downsampling factor 16"),
+        (torch.zeros(1, 32, 32), 16, r"\(B, 1, H, W\)"),
+        (torch.full((1, 1, 32, 32), 0.3), 16, "binary"),
+    ],
+)
+def test_latent_mask_rejects_bad_masks(mask, factor, match):
+    with pytest.raises(InputError, match=match):
+        fdm.latent_mask(mask, factor)
+
+
+@pytest.mark.parametrize("white_is_hole", [True, False])
+def test_load_mask_conventions(tmp_path, white_is_hole):
+    pixels = np.zeros((16, 24), dtype=np.uint8)
+    pixels[4:8, 10:20] = 255
+    path = tmp_path / "mask.png"
+    Image.fromarray(pixels).save(path)
+    mask = fdm.load_mask(path, white_is_hole=white_is_hole)
+    assert mask.shape == (1, 1, 16, 24)
+    white = torch.from_numpy(pixels == 255)
+    assert torch.equal(mask[0, 0].bool(), white if white_is_hole else ~white)
+
+
+def test_load_mask_resizes_with_nearest_neighbour(tmp_path):
+    pixels = np.zeros((8, 8), dtype=np.uint8)
+    pixels[:4] = 255
+    Image.fromarray(pixels).save(tmp_path / "m.png")
+    mask = fdm.load_mask(tmp_path / "m.png", size=(16, 32))
+    assert mask.shape == (1, 1, 16, 32) and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert mask[0, 0, :8].all() and not mask[0, 0, 8:].any()
+
+
+def test_load_mask_missing_file(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        fdm.load_mask(tmp_path / "nope.png")
+
+
+def test_random_irregular_mask_is_seeded_binary_and_in_range():
+    ratios = []
+    for seed in range(12):
+        m = fdm.random_irregular_mask(64, 96, (0.2, 0.6), generator=torch.Generator().manual_seed(seed))
+        assert m.shape == (1, 64, 96) and set(m.unique().tolist()) <= {0.0, 1.0}
+        ratios.append(m.mean().item())
+    assert all(0.15 <= r <= 0.6 + 1e-6 for r in ratios), ratios
+    a = fdm.random_irregular_mask(32, 32, generator=torch.Generator().manual_seed(3))
+    b = fdm.random_irregular_mask(32, 32, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_random_irregular_mask_rejects_bad_ratio():
+    with pytest.raises(InputError, match="hole_ratio"):
+        fdm.random_irregular_mask(32, 32, (0.7, 0.2))
