@@ -117,8 +117,12 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"Could not read {path} as safetensors (truncated or corrupted?): {err}") from err
 
 
-def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
+def load_state_dict_strict(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str, assign: bool = False
+) -> None:
     """Load ``state_dict`` into ``module`` with every key and shape checked.
+
+    ``assign=True`` is passed to ``load_state_dict`` (for modules built on the meta device).
 
     Raises:
         CheckpointError: naming the missing, unexpected and wrongly shaped keys.
@@ -136,4 +140,4 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
             f"The {source} does not fit {type(module).__name__}: missing keys {missing}, unexpected keys "
             f"{unexpected}, wrong shapes {wrong_shape}."
         )
-    module.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(state_dict, strict=True, assign=assign)

@@ -1,0 +1,169 @@
+"""Compatibility layer for importing taming-transformers (Esser et al., CVPR 2021) with current packages.
+
+Three upstream imports break or drag in training-only dependencies:
+
+1. ``taming.models.vqgan`` and ``taming.models.cond_transformer`` import ``instantiate_from_config`` from
+   ``taming.main`` (``main`` in a git clone), a training script that imports torchvision and
+   ``pytorch_lightning.utilities.distributed`` (removed in pytorch-lightning 2).
+2. ``taming.modules.transformer.mingpt`` imports ``transformers.top_k_top_p_filtering`` (removed from
+   transformers, and transformers may not be installed at all).
+3. ``taming.modules.losses`` (the ``lossconfig`` of every released config) imports torchvision and
+   downloads LPIPS weights when the loss is constructed.
+
+:func:`import_taming` handles 1 and 2 without patching anything permanently: while it imports taming's
+model modules it places two small stand-in modules in ``sys.modules`` (a ``taming.main`` / ``main``
+that only provides ``instantiate_from_config``, and a ``transformers`` that only provides
+``top_k_top_p_filtering``), then restores ``sys.modules`` exactly as it was. Modules a user already
+imported are left alone. :func:`inference_config` handles 3: it swaps every ``lossconfig`` for
+``torch.nn.Identity`` (the losses hold no inference weights) and drops ``ckpt_path`` entries, so that
+constructing a model neither downloads nor unpickles anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import logging
+import sys
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["INSTALL_HINT", "import_taming", "inference_config", "instantiate_from_config", "top_k_top_p_filtering"]
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = 'pip install "fdm-vq[taming]"'
+
+#: Modules that make up taming's inference path (imported by :func:`import_taming`).
+MODEL_MODULES = ("taming.models.vqgan", "taming.models.cond_transformer", "taming.modules.transformer.mingpt")
+
+_IDENTITY_LOSS = {"target": "torch.nn.Identity"}
+
+
+def _get_obj_from_str(target: str) -> Any:
+    module, name = target.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def instantiate_from_config(config: Any) -> Any:
+    """Build ``target(**params)`` from a ``{"target": ..., "params": {...}}`` mapping (taming's convention).
+
+    Raises:
+        KeyError: the mapping has no ``target``.
+    """
+    if "target" not in config:
+        raise KeyError(f"Expected key `target` to instantiate; got keys {sorted(config)}.")
+    return _get_obj_from_str(config["target"])(**config.get("params", {}))
+
+
+def top_k_top_p_filtering(
+    logits: torch.Tensor,
+    top_k: int | None = 0,
+    top_p: float | None = 1.0,
+    filter_value: float = -float("inf"),
+    min_tokens_to_keep: int = 1,
+) -> torch.Tensor:
+    """Stand-in for the removed ``transformers.top_k_top_p_filtering`` (same signature and semantics)."""
+    from fdm.adapters.taming.sampling import filter_logits
+
+    return filter_logits(logits, top_k=top_k, top_p=top_p, filter_value=filter_value,
+                         min_tokens_to_keep=min_tokens_to_keep)
+
+
+def _stand_in(name: str, **attributes: Any) -> types.ModuleType:
+    module = types.ModuleType(name, f"fdm-vq stand-in for {name} (see fdm.adapters.taming.compat)")
+    module.__dict__.update(attributes)
+    return module
+
+
+@contextlib.contextmanager
+def _temporary_modules(modules: dict[str, types.ModuleType], *, replace: set[str]) -> Iterator[None]:
+    """Put ``modules`` into ``sys.modules`` (names in ``replace`` even if present), then restore them."""
+    missing = object()
+    saved = {name: sys.modules.get(name, missing) for name in modules}
+    try:
+        for name, module in modules.items():
+            if name in replace or name not in sys.modules:
+                sys.modules[name] = module
+        yield
+    finally:
+        for name, previous in saved.items():
+            if previous is missing:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+
+
+def import_taming() -> None:
+    """Import taming's model modules (VQModel, GumbelVQ, Net2NetTransformer, minGPT) safely.
+
+    Works for the ``taming-transformers-rom1504`` package and for a git clone on ``sys.path``. Neither
+    torchvision, nor transformers, nor taming's training script is imported. Idempotent.
+
+    Raises:
+        ImportError: taming is not installed (naming the extra to install).
+    """
+    if all(name in sys.modules for name in MODEL_MODULES):
+        return
+    try:
+        importlib.import_module("taming")
+    except ImportError as err:
+        raise ImportError(
+            f"taming-transformers is required for taming models: {INSTALL_HINT} (or put a clone of "
+            "CompVis/taming-transformers on sys.path)."
+        ) from err
+    main = _stand_in("main", instantiate_from_config=instantiate_from_config)
+    stand_ins = {
+        "taming.main": main,
+        "main": main,
+        "transformers": _stand_in("transformers", top_k_top_p_filtering=top_k_top_p_filtering),
+    }
+    with _temporary_modules(stand_ins, replace={"transformers"}):
+        for name in MODEL_MODULES:
+            importlib.import_module(name)
+    logger.debug("imported %s with fdm-vq's stand-ins for taming.main and transformers", ", ".join(MODEL_MODULES))
+
+
+def inference_config(config: Any) -> dict[str, Any]:
+    """A copy of a taming model config, made safe to construct for inference.
+
+    Every ``lossconfig`` becomes ``torch.nn.Identity`` (no LPIPS download, no torchvision) and every
+    ``ckpt_path`` / ``ignore_keys`` entry is dropped (weights are loaded afterwards, strictly).
+
+    Args:
+        config: the ``model`` section: a mapping with ``target`` and ``params`` (dict or OmegaConf).
+
+    Returns:
+        A plain nested dict.
+    """
+    plain = _to_container(config)
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key in ("ckpt_path", "ignore_keys"):
+                    continue
+                out[key] = copy.deepcopy(_IDENTITY_LOSS) if key == "lossconfig" else clean(value)
+            return out
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        return node
+
+    return clean(plain)
+
+
+def _to_container(config: Any) -> Any:
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # plain dicts only
+        raise TypeError(f"config must be a dict or an OmegaConf DictConfig; got {type(config).__name__}.") from None
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    raise TypeError(f"config must be a dict or an OmegaConf DictConfig; got {type(config).__name__}.")
