@@ -1,1 +1,230 @@
-"""diffusers VQModel with FDM."""
+"""diffusers' ``VQModel`` (VQ-GAN first stages of latent diffusion, VQ-Diffusion, aMUSEd, Kandinsky's MoVQ) with FDM
+(Park & Jung, WACV 2025).
+
+FDM works in the space of ``post_quant_conv``'s input, where ``z - z_q`` is defined:
+``z = VQModel.encode(x).latents`` (after ``quant_conv``), ``z_q`` = the output of ``VQModel.quantize``.
+Models are matched by class name and module prefix ``diffusers.``; diffusers itself is imported only when
+a model is loaded (``pip install "fdm-vq[diffusers]"``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fdm.adapter import VQAdapter, register_adapter
+from fdm.errors import CheckpointError, InputError
+
+__all__ = ["DiffusersVQAdapter", "import_vqmodel", "load_model"]
+
+logger = logging.getLogger(__name__)
+
+_HUB_SUBFOLDER = re.compile(r"^([\w.-]+/[\w.-]+)/(.+)$")  # owner/name/sub/folder
+
+
+def import_vqmodel() -> type[nn.Module]:
+    """diffusers' ``VQModel`` class.
+
+    Raises:
+        ImportError: diffusers is not installed (names the extra to install).
+    """
+    try:
+        from diffusers import VQModel
+    except ImportError as err:
+        raise ImportError(
+            'diffusers is needed for diffusers VQModels: pip install "fdm-vq[diffusers]"'
+        ) from err
+    return VQModel
+
+
+def _is_diffusers_vqmodel(model: object) -> bool:
+    return any(cls.__name__ == "VQModel" and cls.__module__.startswith("diffusers.") for cls in type(model).__mro__)
+
+
+class _HookHandles:
+    """Removes several hooks at once (the handle returned by :meth:`DiffusersVQAdapter.register_correction_hook`)."""
+
+    def __init__(self, *handles: Any):
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@register_adapter
+class DiffusersVQAdapter(VQAdapter):
+    """diffusers' ``VQModel``.
+
+    - ``encode(x)`` = ``model.encode(x).latents`` (``quant_conv(encoder(x))``), ``(B, C, h, w)`` with
+      ``C = vq_embed_dim``; ``x`` in [-1, 1] is first mapped to the model's ``image_range``.
+    - ``quantize(z)`` returns the model's own quantizer output (``z + (e - z).detach()``, which equals the code
+      vector ``e`` up to float rounding) and the indices reshaped to ``(B, h, w)``, so that decoding it
+      reproduces ``model.decode(z)`` bit for bit.
+    - ``lookup(indices)`` = ``model.quantize.get_codebook_entry`` (exact code vectors).
+    - ``decode(z)`` decodes ``z`` as given: ``model.decode(z, force_not_quantize=True)``. A model with
+      ``lookup_from_codebook=True`` (aMUSEd) reads indices, not features, in that call, so its features go
+      through ``decoder(post_quant_conv(z), ...)``, the same layers.
+    - ``norm_type="spatial"`` (MoVQ): the decoder reads the quantized map twice, through ``post_quant_conv``
+      and as the spatial-normalisation condition ``decoder(post_quant_conv(z_q), z_q)``. FDM replaces
+      ``z_q`` by ``z_dq`` in **both** places (the corrected map stands in for the continuous feature
+      everywhere), explicitly and when attached.
+
+    Args:
+        model: the ``VQModel``.
+        image_range: (low, high) pixel range the model was trained on. None: (0, 1) for models with
+            ``lookup_from_codebook=True`` (aMUSEd, whose pipelines feed [0, 1] images), else (-1, 1)
+            (latent diffusion, VQ-Diffusion, MoVQ). Images in and out of the adapter are always in [-1, 1].
+    """
+
+    def __init__(self, model: nn.Module, image_range: tuple[float, float] | None = None):
+        super().__init__(model)
+        if image_range is None:
+            image_range = (0.0, 1.0) if model.config.lookup_from_codebook else (-1.0, 1.0)
+        low, high = (float(v) for v in image_range)
+        if not high > low:
+            raise ValueError(f"image_range must be (low, high) with high > low; got {tuple(image_range)}.")
+        self.image_range = (low, high)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return _is_diffusers_vqmodel(model)
+
+    @property
+    def factor(self) -> int:
+        return 2 ** sum(block.downsamplers is not None for block in self.model.encoder.down_blocks)
+
+    @property
+    def channels(self) -> int:
+        return self.model.quantize.vq_embed_dim
+
+    @property
+    def spatial_norm(self) -> bool:
+        """True when the decoder takes the quantized map for spatial normalisation (MoVQ)."""
+        return self.model.config.norm_type == "spatial"
+
+    def codebook(self) -> torch.Tensor:
+        return self.model.quantize.embedding.weight
+
+    def encode(self, x: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C_in, H, W) image in [-1, 1] -> (B, C, H/f, W/f) ``quant_conv(encoder(x))``."""
+        low, high = self.image_range
+        if (low, high) != (-1.0, 1.0):
+            x = (x + 1) * ((high - low) / 2) + low  # [-1, 1] -> [low, high]
+        return self.model.encode(x).latents
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = z.shape
+        z_q, _, (_, _, indices) = self.model.quantize(z)  # indices flat (B*h*w,) or (B*h*w, 1)
+        return z_q, indices.reshape(b, h, w)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        if indices.dim() != 3:
+            raise InputError(f"indices must have shape (B, h, w); got {tuple(indices.shape)}.")
+        b, h, w = indices.shape
+        return self.model.quantize.get_codebook_entry(indices.reshape(-1), (b, h, w, self.channels))  # (B, C, h, w)
+
+    def decode(self, z: torch.Tensor, pixel_mask: torch.Tensor | None = None, **model_kwargs: Any) -> torch.Tensor:
+        """(B, C, h, w) features -> (B, C_out, H, W) image in [-1, 1], decoded without quantization."""
+        if model_kwargs:
+            raise TypeError(f"diffusers' VQModel decoder takes no extra inputs; got {sorted(model_kwargs)}.")
+        if not self.model.config.lookup_from_codebook:
+            image = self.model.decode(z, force_not_quantize=True).sample
+        else:  # decode(h, force_not_quantize=True) would read h as code indices
+            image = self.model.decoder(self.model.post_quant_conv(z), z if self.spatial_norm else None)
+        low, high = self.image_range
+        if (low, high) != (-1.0, 1.0):
+            image = (image - low) * (2 / (high - low)) - 1  # [low, high] -> [-1, 1]
+        return image
+
+    def hook_module(self) -> nn.Module:
+        return self.model.post_quant_conv
+
+    def decoder_modules(self) -> dict[str, nn.Module]:
+        return {"post_quant_conv": self.model.post_quant_conv, "decoder": self.model.decoder}
+
+    def register_correction_hook(self, correct: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        """Correct ``post_quant_conv``'s input; for a spatially normalised decoder also its ``latent_embeds``.
+
+        ``VQModel.decode`` passes the same ``quant`` tensor to ``post_quant_conv`` and then to the decoder:
+        the decoder hook reuses the correction computed for that tensor instead of running FDM twice.
+        """
+        if not self.spatial_norm:
+            return super().register_correction_hook(correct)
+        last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # post_quant_conv's input -> its correction
+
+        def post_quant_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            z_dq = correct(args[0])
+            last["pair"] = (args[0], z_dq)
+            return (z_dq, *args[1:])
+
+        def decoder_pre_hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+            positional = len(args) > 1
+            z_q = args[1] if positional else kwargs.get("latent_embeds")
+            if z_q is None:
+                return None
+            seen, z_dq = last.pop("pair", (None, None))
+            if seen is not z_q:
+                z_dq = correct(z_q)
+            if positional:
+                return (args[0], z_dq, *args[2:]), kwargs
+            return args, {**kwargs, "latent_embeds": z_dq}
+
+        return _HookHandles(
+            self.model.post_quant_conv.register_forward_pre_hook(post_quant_pre_hook),
+            self.model.decoder.register_forward_pre_hook(decoder_pre_hook, with_kwargs=True),
+        )
+
+
+def _vqmodel_subfolder(folder: Path) -> str:
+    """The sub-folder holding the VQModel of a saved diffusers pipeline (``model_index.json``)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    names = [name for name, spec in index.items() if isinstance(spec, list) and list(spec) == ["diffusers", "VQModel"]]
+    if len(names) != 1:
+        found = ", ".join(names) or "none"
+        raise CheckpointError(
+            f"{folder} is a diffusers pipeline folder; expected exactly one VQModel component in model_index.json, "
+            f"found {found}. Pass subfolder='<component>' to load_model."
+        )
+    return names[0]
+
+
+def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
+    """Load a diffusers ``VQModel`` with ``VQModel.from_pretrained``, in eval mode.
+
+    Args:
+        path_or_repo_id: a folder written by ``VQModel.save_pretrained``, a saved pipeline folder (its
+            VQModel component is found through ``model_index.json``), a Hub repo id, or
+            ``owner/name/subfolder`` for the VQModel inside a Hub pipeline repo (``amused/amused-256/vqvae``).
+        **kwargs: passed to ``VQModel.from_pretrained`` (``subfolder``, ``revision``, ``torch_dtype``,
+            ``cache_dir``, ``local_files_only``...).
+
+    Returns:
+        The ``VQModel`` in eval mode.
+
+    Raises:
+        ImportError: diffusers is not installed.
+        CheckpointError: a pipeline folder without exactly one VQModel component.
+    """
+    vqmodel_class = import_vqmodel()
+    source = str(path_or_repo_id)
+    folder = Path(source)
+    if "subfolder" not in kwargs:
+        if folder.is_dir():
+            if not (folder / "config.json").is_file() and (folder / "model_index.json").is_file():
+                kwargs["subfolder"] = _vqmodel_subfolder(folder)
+        elif not folder.is_absolute() and (match := _HUB_SUBFOLDER.match(source)):
+            source, kwargs["subfolder"] = match.groups()
+    logger.info("loading diffusers VQModel from %s%s", source,
+                f" (subfolder {kwargs['subfolder']})" if kwargs.get("subfolder") else "")
+    model = vqmodel_class.from_pretrained(source, **kwargs)
+    return model.eval()

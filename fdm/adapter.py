@@ -8,6 +8,7 @@ themselves with :func:`register_adapter`; the core imports that package only whe
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,6 +77,22 @@ class VQAdapter:
     def decoder_modules(self) -> dict[str, nn.Module]:
         """Modules fine-tuned in phase 3 (the hook module and the decoder), by stable name."""
         raise NotImplementedError
+
+    def register_correction_hook(self, correct: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        """Make the model's own decode path use ``correct(z_q)`` wherever it reads the quantized map ``z_q``.
+
+        The default is a forward pre-hook on :meth:`hook_module` replacing its first positional input.
+        Adapters whose decoder reads the quantized map in more places (diffusers' spatially normalised
+        MoVQ decoder) override this.
+
+        Returns:
+            A handle whose ``remove()`` uninstalls everything this call installed.
+        """
+
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            return (correct(args[0]), *args[1:]) if args else None
+
+        return self.hook_module().register_forward_pre_hook(pre_hook)
 
     def fingerprint(self) -> str:
         """Fingerprint of this model's codebook (see :func:`fdm.fingerprint.codebook_fingerprint`)."""
