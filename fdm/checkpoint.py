@@ -41,16 +41,38 @@ _TORCH_ALLOWED = {
 class OpaqueObject:
     """Stands in for a pickled object of a class that is not allowed (a Lightning callback, say).
 
-    It records the class name and the constructor arguments / state it was given, and does nothing else.
+    It records the class name and the constructor arguments / state / items it was given, and does nothing
+    else. Pickles also call, fill or extend the objects they rebuild (``getattr(cls, name)(...)`` for methods,
+    SETITEMS for dict subclasses such as Lightning's AttributeDict): a placeholder records those too.
     """
 
     qualified_name = "?"
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> OpaqueObject:  # pickle's NEWOBJ calls __new__ without __init__
+        obj = super().__new__(cls)
+        obj.args, obj.kwargs = args, kwargs
+        obj.mapping, obj.sequence = {}, []
+        return obj
+
     def __init__(self, *args: Any, **kwargs: Any):
-        self.args, self.kwargs = args, kwargs
+        pass  # recorded by __new__
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> OpaqueObject:
+        result = OpaqueObject(*args, **kwargs)
+        result.qualified_name = f"{self.qualified_name}(...)"
+        return result
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.mapping[key] = value
+
+    def append(self, value: Any) -> None:
+        self.sequence.append(value)
+
+    def extend(self, values: Any) -> None:
+        self.sequence.extend(values)
 
     def __repr__(self) -> str:
         return f"<opaque {self.qualified_name}>"

@@ -27,3 +27,12 @@ def photos_dir() -> Path:
     if not (PHOTOS / "train").is_dir():
         pytest.skip(f"shared photos not found at {PHOTOS}")
     return PHOTOS
+
+
+@pytest.fixture
+def local_hub():
+    """A Hugging Face Hub stand-in on 127.0.0.1 (tests/hub_server.py), stopped after the test."""
+    from hub_server import LocalHub
+
+    with LocalHub() as hub:
+        yield hub

@@ -1,0 +1,305 @@
+"""Hugging Face Hub layout of an FDM (Park & Jung, WACV 2025): ``model.safetensors`` with an integrity digest,
+``config.json``, and a ``README.md`` model card built from a template and the FDM's config.
+
+:class:`fdm.FDM` uses these through ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``
+(huggingface_hub's ``PyTorchModelHubMixin``); see ``docs/hub.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub.errors import RemoteEntryNotFoundError
+
+from fdm.checkpoint import read_safetensors
+from fdm.errors import CheckpointError
+
+__all__ = [
+    "CITATION",
+    "DIGEST_KEY",
+    "MODEL_CARD_MARKER",
+    "MODEL_CARD_TEMPLATE",
+    "WEIGHTS_NAME",
+    "build_model_card",
+    "is_generated_model_card",
+    "read_weights",
+    "resolve_file",
+    "state_dict_digest",
+    "write_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+#: safetensors metadata key holding :func:`state_dict_digest` of the tensors, checked on every load.
+DIGEST_KEY = "fdm_vq.sha256"
+#: First line of the body of every card fdm-vq writes; ``save_pretrained`` regenerates a README.md carrying it
+#: and keeps any other README.md.
+MODEL_CARD_MARKER = "<!-- fdm-vq model card: save_pretrained regenerates it; delete this line to keep edits -->"
+
+CITATION = """@inproceedings{park2025fdm,
+  title         = {Improving Detail in Pluralistic Image Inpainting with Feature Dequantization},
+  author        = {Park, Kyungri and Jung, Woohwan},
+  booktitle     = {IEEE/CVF Winter Conference on Applications of Computer Vision (WACV)},
+  year          = {2025},
+  eprint        = {2412.01046},
+  archivePrefix = {arXiv},
+}"""
+
+MODEL_CARD_TEMPLATE = """---
+{card_data}
+---
+
+{marker}
+
+# FDM for {base_model_name}
+
+A Feature Dequantization Module ([FDM]({paper_url}); Park & Jung, WACV 2025) for **{base_model_name}**,
+made with [fdm-vq]({repo_url}). It predicts the quantization residual `z - z_q` of the base model from its
+quantized feature map and adds it back before decoding, `z_dq = z_q + F([z_q, m]) * m`, restoring detail and
+colour fidelity that the codebook throws away.
+
+## Base model
+
+| | |
+|---|---|
+| Base model | {base_model_cell} |
+| Codebook fingerprint | {fingerprint_cell} |
+| Feature channels | {channels} |
+| Decoder | {decoder_cell} |
+
+`fdm.Dequantizer` compares the fingerprint with the codebook of the model it is given and refuses another
+model (`FingerprintMismatchError`) unless `check_fingerprint=False` is passed; a model whose quantized map has
+a different channel count is always refused.
+{decoder_section}
+## Architecture
+
+| channels | mask channels | hidden channels | residual blocks | parameters |
+|---|---|---|---|---|
+| {channels} | {mask_channels} | {hidden_channels} | {num_blocks} | {num_parameters} |
+
+{mask_sentence}
+
+## Training
+
+{training_section}
+
+## Usage
+
+```python
+import fdm
+
+model = ...  # the base model named above, e.g. fdm.adapters.taming.load_model(config, checkpoint)
+dequantizer = fdm.Dequantizer(model, fdm.FDM.from_pretrained("{repo_id}"))
+{usage_call}
+```
+
+Inside a model's own sampling code, `with dequantizer.attached({attach_args}): ...` applies the FDM to every
+decode of the model. Details: {docs_url}.
+
+## Citation
+
+```bibtex
+{citation}
+```
+"""
+
+_DECODER_SECTION = """
+## Fine-tuned decoder
+
+This FDM was trained jointly with the base model's decoder (phase 3 of the paper). `decoder.safetensors` in
+this repository holds that decoder; `fdm.Dequantizer` loads it into the base model and refuses to run this FDM
+without it.
+"""
+
+_TRAINING_LABELS = {
+    "phase": "Phase",
+    "steps": "Optimizer steps",
+    "data": "Training data",
+    "views": "Training views",
+    "crop_size": "Crop size",
+    "hole_ratio": "Hole ratio of the random masks",
+    "batch_size": "Batch size (per process)",
+    "world_size": "Processes",
+    "lr": "Peak learning rate",
+    "warmup_steps": "Warm-up steps",
+    "seed": "Seed",
+    "final_loss": "Final qe loss",
+}
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in key order (recorded under DIGEST_KEY)."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write ``state_dict`` as safetensors with :func:`state_dict_digest` in its metadata; returns the path."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(path), metadata={"format": "pt", DIGEST_KEY: state_dict_digest(tensors)})
+    return Path(path)
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a weight file written by :func:`write_weights` (or any safetensors file) into a CPU state dict.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or not safetensors, or its tensors do not match the
+            digest recorded when it was written (corrupted bytes).
+    """
+    from safetensors import safe_open
+
+    state_dict = read_safetensors(path)
+    with safe_open(str(path), framework="pt") as handle:
+        recorded = (handle.metadata() or {}).get(DIGEST_KEY)
+    if recorded is not None and recorded != (actual := state_dict_digest(state_dict)):
+        raise CheckpointError(
+            f"{path} is corrupted: its tensors hash to sha256 {actual}, but {recorded} was recorded when the "
+            "file was written. Download or copy it again."
+        )
+    return state_dict
+
+
+def resolve_file(
+    model_id: str | Path,
+    filename: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> Path:
+    """The local path of ``filename`` from a folder written by ``save_pretrained`` or from a Hub repo.
+
+    Hub files go through :func:`huggingface_hub.hf_hub_download` (cache, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``).
+
+    Raises:
+        CheckpointError: the folder or repo has no ``filename``. Other Hub errors (repo not found, offline
+            without a cached copy) are huggingface_hub's own.
+    """
+    folder = Path(model_id)
+    if folder.is_dir():
+        path = folder / filename
+        if not path.is_file():
+            raise CheckpointError(f"{folder} holds no {filename}; expected the layout FDM.save_pretrained "
+                                  "writes.")
+        return path
+    try:
+        return Path(hf_hub_download(
+            repo_id=str(model_id), filename=filename, revision=revision, cache_dir=cache_dir,
+            force_download=force_download, local_files_only=local_files_only, token=token,
+        ))
+    except RemoteEntryNotFoundError as err:
+        raise CheckpointError(
+            f"Hub repo {model_id} (revision {revision or 'main'}) has no {filename}; expected the layout "
+            f"FDM.save_pretrained / push_to_hub writes. ({err})"
+        ) from err
+
+
+def is_generated_model_card(path: str | Path) -> bool:
+    """True if ``path`` is a README.md that fdm-vq wrote (it carries :data:`MODEL_CARD_MARKER`)."""
+    path = Path(path)
+    return path.is_file() and MODEL_CARD_MARKER in path.read_text(encoding="utf-8", errors="replace")
+
+
+def build_model_card(
+    config: dict[str, Any],
+    *,
+    num_parameters: int,
+    card_data: ModelCardData,
+    paper_url: str,
+    repo_url: str,
+    docs_url: str,
+    repo_id: str | None = None,
+) -> ModelCard:
+    """The model card of an FDM: :data:`MODEL_CARD_TEMPLATE` filled from its config.
+
+    Args:
+        config: :attr:`fdm.FDM.config` (``base_model``, ``base_model_fingerprint``, ``training``,
+            ``finetuned_decoder`` and the architecture).
+        num_parameters: parameter count of the FDM.
+        card_data: the library's card metadata (``library_name``, ``license``, ``tags``); copied, and
+            ``base_model`` is added when it is a Hub repo id (the Hub only accepts repo ids there).
+        paper_url, repo_url, docs_url: links written into the card.
+        repo_id: where the FDM is published, for the usage snippet (a placeholder when None).
+    """
+    data = ModelCardData(**card_data.to_dict())
+    base_model = config.get("base_model")
+    if base_model and _REPO_ID.match(base_model):
+        data.base_model = base_model
+    fingerprint = config.get("base_model_fingerprint")
+    finetuned = bool(config.get("finetuned_decoder"))
+    masked = bool(config["mask_channels"])
+    fields = {
+        "card_data": data.to_yaml(),
+        "marker": MODEL_CARD_MARKER,
+        "base_model_name": f"`{base_model}`" if base_model else "an unnamed VQ model",
+        "base_model_cell": f"`{base_model}`" if base_model else "not recorded",
+        "fingerprint_cell": f"`{fingerprint}`" if fingerprint else "not recorded (nothing to check)",
+        "decoder_cell": "fine-tuned with this FDM (decoder.safetensors)" if finetuned else "the model's own",
+        "decoder_section": _DECODER_SECTION if finetuned else "",
+        "channels": config["channels"],
+        "mask_channels": config["mask_channels"],
+        "hidden_channels": config["hidden_channels"],
+        "num_blocks": config["num_blocks"],
+        "num_parameters": f"{num_parameters:,}",
+        "mask_sentence": (
+            "Mask-conditioned (inpainting): the FDM gets a latent-cell mask, 1 where the cell was generated, "
+            "and corrects only those cells." if masked else
+            "Mask-free (unconditional / class-conditional generation): every latent cell is corrected."
+        ),
+        "training_section": _training_section(config.get("training")),
+        "repo_id": repo_id or "<namespace>/<this-repo>",
+        "usage_call": (
+            "image = dequantizer.reconstruct(x, mask)  # x: (B, 3, H, W) in [-1, 1]; mask: (B, 1, H, W) holes"
+            if masked else "image = dequantizer.decode_indices(indices)  # indices: (B, h, w) sampled codes"
+        ),
+        "attach_args": "mask" if masked else "",
+        "paper_url": paper_url,
+        "repo_url": repo_url,
+        "docs_url": docs_url,
+        "citation": CITATION,
+    }
+    return ModelCard(MODEL_CARD_TEMPLATE.format(**fields))
+
+
+def _training_section(training: dict[str, Any] | None) -> str:
+    if not training:
+        return "No training record: an untrained FDM (an exact identity) or weights imported from elsewhere."
+    rows = [f"| {_TRAINING_LABELS.get(key, key)} | {_cell(value)} |" for key, value in _flatten(training)]
+    return "| | |\n|---|---|\n" + "\n".join(rows)
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in record.items():
+        if isinstance(value, dict):
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return " - ".join(_cell(v) for v in value)
+    return str(value).replace("|", "\\|")
