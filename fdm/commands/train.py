@@ -1,0 +1,113 @@
+"""Train an FDM for a base VQ model on a folder of images (phase 2: the paper's sampler-free qe loss).
+
+The base model stays frozen; its features of every training view are computed once and cached. The result
+is written to --out in the save_pretrained layout (load it with fdm.FDM.from_pretrained or --fdm DIR).
+Runs unchanged under `torchrun --nproc_per_node N -m fdm.cli train ...` and `accelerate launch`.
+
+Examples:
+  fdm train --model taming --config vqgan.yaml --checkpoint vqgan.ckpt --data photos/ --out fdm-vqgan --epochs 20
+  fdm train --model diffusers --checkpoint ./vqmodel --data faces/ --out fdm-faces --steps 5000 --no-mask
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from torch import nn
+
+from fdm.adapter import find_adapter
+from fdm.commands.model_options import add_model_arguments, load_base_model
+from fdm.masks import DEFAULT_HOLE_RATIO
+from fdm.module import FDM
+from fdm.training import (
+    CACHE_MODES,
+    ImageFolderViews,
+    Phase2Config,
+    Phase2Trainer,
+    latest_checkpoint,
+    shutdown_distributed,
+)
+from fdm.training.schedule import PAPER_LR, PAPER_WARMUP_STEPS
+
+__all__ = ["add_arguments", "run", "train"]
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, fdm=False)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="folder of training images (searched recursively)")
+    data.add_argument("--crop-size", type=int, default=256, help="side of the square training crops (default 256)")
+    data.add_argument("--views-per-image", type=int, default=1, help="fixed random crops per image (default 1)")
+    run_group = parser.add_argument_group("training")
+    run_group.add_argument("--out", required=True, help="output folder: the trained FDM and its checkpoints")
+    length = run_group.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, help="number of optimizer steps")
+    length.add_argument("--epochs", type=int, help="number of passes over the training views")
+    run_group.add_argument("--batch-size", type=int, default=16, help="views per step and process (default 16)")
+    run_group.add_argument("--lr", type=float, default=PAPER_LR, help=f"peak learning rate (default {PAPER_LR})")
+    run_group.add_argument("--warmup-steps", type=int, default=PAPER_WARMUP_STEPS,
+                           help=f"linear warm-up steps (default {PAPER_WARMUP_STEPS})")
+    masks = run_group.add_mutually_exclusive_group()
+    masks.add_argument("--hole-ratio", type=float, nargs=2, metavar=("LO", "HI"), default=list(DEFAULT_HOLE_RATIO),
+                       help="hole-area range of the random training masks (default %(default)s, the official recipe)")
+    masks.add_argument("--no-mask", action="store_true",
+                       help="mask-free training (every cell generated): unconditional / class-conditional models")
+    run_group.add_argument("--cache", choices=CACHE_MODES, default="memory",
+                           help="where the frozen model's features live: memory (default), disk, or none "
+                                "(re-encode every step)")
+    run_group.add_argument("--cache-dir", help="disk cache folder (default OUT/feature-cache)")
+    run_group.add_argument("--num-workers", type=int, default=0, help="data-loading workers while caching")
+    run_group.add_argument("--hidden-channels", type=int, help="FDM trunk width (default: the model's channels)")
+    run_group.add_argument("--num-blocks", type=int, default=8, help="FDM residual blocks (default 8)")
+    run_group.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (0: none)")
+    run_group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    run_group.add_argument("--seed", type=int, default=0)
+    run_group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        train(load_base_model(args), args)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def train(model: nn.Module, args: argparse.Namespace) -> FDM:
+    """Train an FDM for ``model`` as the parsed ``fdm train`` options say; returns the trained FDM."""
+    adapter = find_adapter(model)
+    config = Phase2Config(
+        steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        hole_ratio=None if args.no_mask else tuple(args.hole_ratio),
+        cache=args.cache,
+        cache_dir=args.cache_dir,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+        checkpoint_every=args.checkpoint_every,
+        output_dir=args.out,
+        hidden_channels=args.hidden_channels,
+        num_blocks=args.num_blocks,
+        base_model=_base_model_name(args),
+    )
+    views = ImageFolderViews(args.data, crop_size=args.crop_size, views_per_image=args.views_per_image, seed=args.seed)
+    trainer = Phase2Trainer(model, views, config, adapter=adapter)
+    resume_from = None
+    if args.resume:
+        resume_from = latest_checkpoint(trainer.checkpoint_dir)
+        if resume_from is None:
+            logger.info("--resume: no checkpoint in %s yet, starting from scratch", trainer.checkpoint_dir)
+    return trainer.train(resume_from)
+
+
+def _base_model_name(args: argparse.Namespace) -> str:
+    source = args.checkpoint or args.config
+    return f"{args.model}:{source}" if source else args.model

@@ -1,0 +1,159 @@
+"""Training checkpoints that resume without losing or repeating a step: module weights as safetensors, the
+rest (optimizer and scheduler states, step counter, every RNG state) as a plain-tensor file read back with
+``torch.load(weights_only=True)``. Shared by the phase-2 and phase-3 trainers.
+
+Layout of one checkpoint folder (written to a temporary name and renamed, so a crash never leaves a
+half-written checkpoint under the final name)::
+
+    <root>/step-00001000/
+        <name>.safetensors      one file per module passed to save_checkpoint (fdm, decoder, ...)
+        training_state.pt       optimizers, schedulers, step, RNG states, config: plain dicts and tensors
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from fdm.checkpoint import load_state_dict_strict, read_safetensors
+from fdm.errors import CheckpointError
+
+__all__ = [
+    "STATE_FILE",
+    "capture_rng_state",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every random-number state a training step may consume, as plain tensors / numbers.
+
+    Args:
+        generators: extra named ``torch.Generator`` objects (a mask generator, say).
+
+    Returns:
+        ``{"torch", "cuda" (list, one per device; empty without CUDA), "python", "numpy", "generators"}``.
+    """
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+
+
+def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    """Restore what :func:`capture_rng_state` captured (into ``generators`` for the named generators)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
+    for name, generator in (generators or {}).items():
+        if name not in state["generators"]:
+            raise CheckpointError(f"checkpoint has no state for the random generator {name!r}")
+        generator.set_state(state["generators"][name])
+
+
+def save_checkpoint(
+    root: str | Path, step: int, modules: dict[str, nn.Module], state: dict[str, Any], *, keep: int | None = 2
+) -> Path:
+    """Write the checkpoint of ``step`` under ``root`` and prune old ones.
+
+    Args:
+        root: folder holding the ``step-*`` checkpoint folders.
+        step: number of optimizer steps done.
+        modules: modules whose weights are saved as ``<name>.safetensors`` (unwrap DDP first).
+        state: everything else (optimizer / scheduler ``state_dict()``, RNG states, config): dicts, lists,
+            numbers, strings and tensors only, so that it loads with ``weights_only=True``.
+        keep: number of most recent checkpoints to keep (None: keep all).
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = Path(root)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, module in modules.items():
+        tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(tensors, str(tmp / f"{name}.safetensors"))
+    torch.save({"step": step, **state}, tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    logger.info("saved checkpoint %s", final)
+    if keep is not None:
+        for old in _checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: str | Path, modules: dict[str, nn.Module], *, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Load the module weights of a checkpoint folder in place and return its training state.
+
+    Args:
+        path: a ``step-*`` folder written by :func:`save_checkpoint`.
+        modules: the modules to fill, by the names they were saved under (every key and shape checked).
+        map_location: device for the tensors of the returned state.
+
+    Returns:
+        The ``state`` dict given to :func:`save_checkpoint`, plus ``"step"``.
+
+    Raises:
+        CheckpointError: a file is missing, unreadable or does not fit the modules.
+    """
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a training checkpoint: {STATE_FILE} is missing.")
+    for name, module in modules.items():
+        weights = path / f"{name}.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"training checkpoint {path} has no weights for {name!r} ({weights.name}).")
+        load_state_dict_strict(module, read_safetensors(weights), source=str(weights))
+    try:
+        state = torch.load(state_file, map_location=map_location, weights_only=True)
+    except Exception as err:  # unpickling errors of every kind mean the same thing here
+        raise CheckpointError(f"cannot read {state_file}: {err}") from err
+    logger.info("resuming from %s (step %d)", path, state["step"])
+    return state
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The most recent ``step-*`` folder under ``root``, or None when there is none."""
+    found = _checkpoints(Path(root))
+    return found[-1] if found else None
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
