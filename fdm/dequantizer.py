@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from fdm.adapter import VQAdapter, find_adapter
-from fdm.errors import FingerprintMismatchError, InputError
+from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
+from fdm.finetuned_decoder import apply_decoder_state
 from fdm.masks import latent_mask
 from fdm.module import FDM
 from fdm.validation import check_image, check_latent, check_pixel_mask
@@ -33,6 +34,11 @@ class Dequantizer(nn.Module):
         adapter: an adapter instance; chosen from the model's type when None.
         check_fingerprint: refuse an FDM whose recorded base-model fingerprint differs from this model's
             codebook. Set False only when you know the FDM suits the model (e.g. a codebook you re-saved).
+
+    A phase-3 FDM (``fdm_module.finetuned_decoder``) carries the decoder fine-tuned with it
+    (``fdm_module.decoder_state``, read by ``FDM.from_pretrained``): it is loaded into the model's decoder
+    modules in place, so every decode of ``model`` (with or without FDM) uses it from then on. Such an FDM
+    without its decoder weights raises :class:`~fdm.errors.CheckpointError`.
 
     Example:
         >>> deq = fdm.Dequantizer(vqgan, fdm.FDM.from_pretrained("user/fdm-vqgan"))  # doctest: +SKIP
@@ -68,7 +74,15 @@ class Dequantizer(nn.Module):
                     f"fingerprint {fdm_module.base_model_fingerprint}, but the model given has {actual}. "
                     "Load the matching FDM, or pass check_fingerprint=False if you are sure it fits."
                 )
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        if fdm_module.finetuned_decoder:  # phase 3: the FDM is only valid with the decoder trained with it
+            if fdm_module.decoder_state is None:
+                raise CheckpointError(
+                    "This FDM was fine-tuned jointly with the decoder (phase 3) and is not valid with the model's "
+                    "original decoder, but it carries no decoder weights. Load it with FDM.from_pretrained(...), "
+                    "which reads decoder.safetensors from the same folder or repo."
+                )
+            apply_decoder_state(self.adapter, fdm_module.decoder_state, source="fine-tuned decoder of this FDM")
+        self._hook: Any = None  # handle from adapter.register_correction_hook
         self._attached_mask: torch.Tensor | None = None
         self._bypass_hook = False
 
@@ -167,7 +181,7 @@ class Dequantizer(nn.Module):
         """
         self._attached_mask = mask
         if self._hook is None:
-            self._hook = self.adapter.hook_module().register_forward_pre_hook(self._pre_hook)
+            self._hook = self.adapter.register_correction_hook(self._hooked_correction)
         return self
 
     def detach(self) -> Dequantizer:
@@ -191,8 +205,7 @@ class Dequantizer(nn.Module):
         finally:
             self.detach()
 
-    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if self._bypass_hook or not args:
-            return None
-        z_q = args[0]
-        return (self.correct(z_q, self._attached_mask), *args[1:])
+    def _hooked_correction(self, z_q: torch.Tensor) -> torch.Tensor:
+        if self._bypass_hook:
+            return z_q
+        return self.correct(z_q, self._attached_mask)

@@ -7,16 +7,25 @@ latent-cell mask, so that ``z_dq = z_q + F([z_q, m]) * m`` is closer to the enco
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from fdm.checkpoint import load_state_dict_strict
 from fdm.errors import CheckpointError
+from fdm.hub import (
+    WEIGHTS_NAME,
+    build_model_card,
+    is_generated_model_card,
+    read_weights,
+    resolve_file,
+    write_weights,
+)
 from fdm.validation import check_latent, check_latent_mask
 
 __all__ = ["FDM", "ResidualBlock"]
@@ -103,6 +112,9 @@ class FDM(
         self.base_model_fingerprint = base_model_fingerprint
         self.training_info = dict(training or {})
         self.finetuned_decoder = finetuned_decoder
+        #: Phase 3: weights of the decoder fine-tuned with this FDM (``decoder.safetensors``, see
+        #: :mod:`fdm.finetuned_decoder`); the Dequantizer loads them into the base model's decoder.
+        self.decoder_state: dict[str, torch.Tensor] | None = None
 
         self.stem = nn.Conv2d(channels + mask_channels, hidden, 3, padding=1)
         self.blocks = nn.Sequential(*(ResidualBlock(hidden, hidden // 2) for _ in range(num_blocks)))
@@ -177,11 +189,157 @@ class FDM(
         return module.eval()
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, strict: bool = True, **kwargs: Any) -> FDM:
-        """Hub-mixin hook: load strictly (the mixin's default is ``strict=False``) and return eval mode."""
-        try:
-            module = super()._from_pretrained(model_id=model_id, strict=strict, **kwargs)
-        except RuntimeError as err:  # safetensors / load_state_dict mismatches
-            raise CheckpointError(f"Weights in {model_id!r} do not match their config.json: {err}") from err
-        return module.eval()
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> FDM:
+        """Load an FDM from a folder written by :meth:`save_pretrained` or from a Hub repo.
 
+        Args:
+            pretrained_model_name_or_path: a folder, or a Hub repo id ``namespace/name`` (downloaded through the
+                huggingface_hub cache; ``HF_HUB_OFFLINE=1`` loads a cached copy without network).
+            **kwargs: ``revision``, ``cache_dir``, ``force_download``, ``local_files_only``, ``token`` (Hub
+                options); ``map_location`` (device of the loaded module, default ``"cpu"``); any other keyword
+                overrides the config.json entry of that name.
+
+        Returns:
+            The FDM in eval mode; every weight key and shape was checked against config.json.
+
+        Raises:
+            CheckpointError: config.json or model.safetensors is missing, unreadable, truncated or corrupted, or
+                config.json does not describe the weights (names the missing / unexpected / mis-shaped keys).
+            FileNotFoundError: a local path that does not exist.
+        """
+        source = str(pretrained_model_name_or_path)
+        if not Path(source).is_dir() and _looks_like_path(source):
+            raise FileNotFoundError(f"No FDM folder at {source} (and it is not a Hub repo id 'namespace/name').")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        config: dict[str, Any] | None = None,
+        map_location: str | torch.device = "cpu",
+        strict: bool = True,
+        **model_kwargs: Any,
+    ) -> FDM:
+        """Hub-mixin hook behind :meth:`from_pretrained`; the mixin passes config.json as ``config`` and its
+        entries (plus the caller's overrides) as ``model_kwargs``.
+
+        Replaces the mixin's loader, which prints and loads with ``strict=False``. A phase-3 FDM
+        (``finetuned_decoder=True``) also reads ``decoder.safetensors`` into :attr:`decoder_state`.
+        """
+        if not strict:
+            raise ValueError("FDM.from_pretrained checks every key and shape; strict=False is not supported.")
+        hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "force_download": force_download,
+                      "local_files_only": local_files_only, "token": token}
+        weights_path = resolve_file(model_id, WEIGHTS_NAME, **hub_kwargs)
+        if config is None:
+            raise CheckpointError(f"{model_id} has no config.json next to {WEIGHTS_NAME}; it is needed to "
+                                  "build the FDM (FDM.save_pretrained writes both).")
+        known = list(cls._hub_mixin_init_parameters)[1:]  # [1:]: self
+        unknown = sorted(set(config) - set(known))
+        if unknown:
+            raise CheckpointError(f"config.json of {model_id} has unknown entries {unknown}; an FDM config "
+                                  f"has {known}.")
+        try:
+            module = cls(**model_kwargs)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"config.json of {model_id} (with the keyword arguments given) does not "
+                                  f"describe a valid FDM: {err}") from err
+        try:
+            load_state_dict_strict(module, read_weights(weights_path), source=f"weight file {weights_path}")
+        except CheckpointError as err:
+            arch = {k: module.config[k] for k in ("channels", "mask_channels", "hidden_channels", "num_blocks")}
+            message = f"config.json of {model_id} ({arch}) does not match its weights. {err}"
+            raise CheckpointError(message) from err
+        if module.finetuned_decoder:
+            from fdm.finetuned_decoder import read_decoder_weights
+
+            module.decoder_state = read_decoder_weights(model_id, **hub_kwargs)
+        return module.to(map_location).eval()
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        config: dict[str, Any] | None = None,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        model_card_kwargs: dict[str, Any] | None = None,
+        **push_to_hub_kwargs: Any,
+    ) -> str | None:
+        """Write ``model.safetensors``, ``config.json`` and a ``README.md`` model card to ``save_directory``.
+
+        config.json is always the current :attr:`config` (the mixin would write the constructor arguments,
+        missing fields set later such as ``base_model_fingerprint`` or ``training``). A README.md that fdm-vq
+        generated is regenerated; a hand-written one (without :data:`fdm.hub.MODEL_CARD_MARKER`) is kept.
+
+        Args:
+            save_directory: folder to write (created if needed).
+            config: None, or equal to :attr:`config` (the config is derived from the module).
+            repo_id, push_to_hub, **push_to_hub_kwargs: also push to the Hub (see :meth:`push_to_hub`).
+            model_card_kwargs: ``{"repo_id": ...}`` for the card's usage snippet.
+
+        Returns:
+            The commit URL when pushing, else None.
+        """
+        if config is not None and json.loads(json.dumps(config)) != json.loads(json.dumps(self.config)):
+            raise ValueError(f"config is derived from the module and cannot be overridden; got {config}, the "
+                             f"module's is {self.config}. Set the attributes (e.g. base_model) instead.")
+        card_path = Path(save_directory) / "README.md"
+        if is_generated_model_card(card_path):
+            card_path.unlink()  # the mixin writes README.md only when absent
+        elif card_path.exists():
+            logger.info("keeping the hand-written model card %s", card_path)
+        return super().save_pretrained(save_directory, config=self.config, repo_id=repo_id,
+                                       push_to_hub=push_to_hub, model_card_kwargs=model_card_kwargs,
+                                       **push_to_hub_kwargs)
+
+    def push_to_hub(
+        self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> str:
+        """Upload the :meth:`save_pretrained` files to the Hub repo ``repo_id`` (created if needed).
+
+        Same options as :meth:`huggingface_hub.PyTorchModelHubMixin.push_to_hub` (``private``, ``token``,
+        ``branch``, ``commit_message``...); the model card's usage snippet names ``repo_id``.
+
+        Returns:
+            The commit URL.
+        """
+        card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
+        return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Hub-mixin hook: ``model.safetensors`` (with its digest), and ``decoder.safetensors`` in phase 3."""
+        if self.finetuned_decoder != (self.decoder_state is not None):
+            raise CheckpointError(
+                "finetuned_decoder=True needs decoder_state (the fine-tuned decoder weights) and decoder_state "
+                f"needs finetuned_decoder=True; got finetuned_decoder={self.finetuned_decoder}, decoder_state "
+                f"{'set' if self.decoder_state is not None else 'None'}."
+            )
+        write_weights(self.state_dict(), save_directory / WEIGHTS_NAME)
+        if self.decoder_state is not None:
+            from fdm.finetuned_decoder import save_decoder_weights
+
+            save_decoder_weights(save_directory, self.decoder_state)
+
+    def generate_model_card(self, *, repo_id: str | None = None) -> ModelCard:
+        """The README.md model card (:func:`fdm.hub.build_model_card`): base model and fingerprint, training
+        record, fine-tuned decoder, parameter count, usage and citation; ``repo_id`` names the repo in the
+        usage snippet."""
+        info = self._hub_mixin_info
+        return build_model_card(
+            self.config, num_parameters=sum(p.numel() for p in self.parameters()),
+            card_data=info.model_card_data, paper_url=info.paper_url, repo_url=info.repo_url,
+            docs_url=info.docs_url, repo_id=repo_id,
+        )
+
+
+def _looks_like_path(source: str) -> bool:
+    """True for strings that can only be local paths (Hub repo ids are ``name`` or ``namespace/name``)."""
+    return Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") > 1 or "\\" in source

@@ -1,5 +1,5 @@
-"""Training FDM: phase 2 (sampler-free qe loss, FDM WACV 2025 sec. 3.3) and the reusable pieces of the
-trainers (training views, feature cache, the paper's optimiser schedule, checkpoints, data parallelism)."""
+"""Training FDM: phase 2 (sampler-free qe loss, FDM WACV 2025 sec. 3.3), phase 3 (joint fine-tuning with the
+decoder) and the reusable pieces of the trainers (training views, feature cache, the paper's optimiser schedule, checkpoints, data parallelism)."""
 
 from fdm.training.checkpointing import (
     capture_rng_state,
@@ -12,6 +12,7 @@ from fdm.training.data import IMAGE_EXTENSIONS, ImageFolderViews, TensorViews, l
 from fdm.training.distributed import DistContext, init_distributed, shutdown_distributed
 from fdm.training.feature_cache import CACHE_MODES, FeatureCache, encode_views
 from fdm.training.phase2 import Phase2Config, Phase2Trainer, train_phase2
+from fdm.training.phase3 import Phase3Config, Phase3Trainer, finetune
 from fdm.training.schedule import WarmupCosineLR, paper_optimizer
 
 __all__ = [
@@ -22,10 +23,13 @@ __all__ = [
     "ImageFolderViews",
     "Phase2Config",
     "Phase2Trainer",
+    "Phase3Config",
+    "Phase3Trainer",
     "TensorViews",
     "WarmupCosineLR",
     "capture_rng_state",
     "encode_views",
+    "finetune",
     "init_distributed",
     "latest_checkpoint",
     "list_images",

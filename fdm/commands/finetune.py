@@ -1,0 +1,141 @@
+"""Fine-tune an FDM together with the base model's decoder (phase 3: L_qe + L1 + gradient + GAN + VGG losses).
+
+Starts from an FDM trained by `fdm train` (--fdm) and writes the fine-tuned FDM and decoder to OUT/fdm
+(model.safetensors + decoder.safetensors; load with fdm.FDM.from_pretrained, push with `fdm push`).
+The perceptual and style losses need torchvision's ImageNet VGG19 weights (vgg19-dcbac81d.pth): from
+--vgg-weights or torch's cache; nothing is downloaded. Without them, pass --no-perceptual.
+Runs unchanged under `torchrun --nproc_per_node N -m fdm.cli finetune ...` and `accelerate launch`.
+
+Examples:
+  fdm finetune --model taming --config vqgan.yaml --checkpoint vqgan.ckpt --fdm fdm-vqgan \\
+      --data photos/train --val-data photos/val --out fdm-vqgan-ft --steps 20000 --vgg-weights vgg19-dcbac81d.pth
+  fdm finetune --model diffusers --checkpoint ./vqmodel --fdm fdm-faces --data faces/ --out ft --steps 5000 \\
+      --no-mask --no-perceptual
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+
+from torch import nn
+
+from fdm.commands.model_options import add_model_arguments, load_base_model, load_fdm
+from fdm.losses import TERMS
+from fdm.masks import DEFAULT_HOLE_RATIO
+from fdm.module import FDM
+from fdm.training import ImageFolderViews, latest_checkpoint, shutdown_distributed
+from fdm.training.phase3 import Phase3Config, Phase3Trainer
+
+__all__ = ["add_arguments", "finetune", "run"]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULTS = Phase3Config()
+
+
+def _term_value(kind: type) -> Callable[[str], tuple[str, float | int]]:
+    def parse(text: str) -> tuple[str, float | int]:
+        name, sep, value = text.partition("=")
+        if not sep or name not in TERMS:
+            raise argparse.ArgumentTypeError(f"expected TERM=VALUE with TERM in {', '.join(TERMS)}; got {text!r}")
+        try:
+            return name, kind(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a valid {kind.__name__}") from err
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="folder of training images (searched recursively)")
+    data.add_argument("--val-data", help="folder of validation images (PNG grids and metrics every --val-every steps)")
+    data.add_argument("--crop-size", type=int, default=256, help="side of the square training crops (default 256)")
+    data.add_argument("--views-per-image", type=int, default=1, help="fixed random crops per image (default 1)")
+    group = parser.add_argument_group("fine-tuning")
+    group.add_argument("--out", required=True, help="output folder: checkpoints, validation grids, metrics, OUT/fdm")
+    group.add_argument("--steps", type=int, required=True, help="number of optimizer steps")
+    group.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size,
+                       help=f"images per step and process (default {_DEFAULTS.batch_size})")
+    group.add_argument("--lr", type=float, default=_DEFAULTS.lr, help=f"peak learning rate (default {_DEFAULTS.lr})")
+    group.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps,
+                       help=f"linear warm-up steps (default {_DEFAULTS.warmup_steps})")
+    group.add_argument("--disc-lr", type=float, default=_DEFAULTS.disc_lr,
+                       help=f"discriminator peak learning rate (default {_DEFAULTS.disc_lr})")
+    group.add_argument("--grad-clip", type=float, default=_DEFAULTS.grad_clip,
+                       help=f"max gradient norm, 0 for none (default {_DEFAULTS.grad_clip})")
+    masks = group.add_mutually_exclusive_group()
+    masks.add_argument("--hole-ratio", type=float, nargs=2, metavar=("LO", "HI"), default=list(DEFAULT_HOLE_RATIO),
+                       help="hole-area range of the random training masks (default %(default)s)")
+    masks.add_argument("--no-mask", action="store_true",
+                       help="mask-free fine-tuning (every cell quantized): unconditional / class-conditional models")
+    group.add_argument("--vgg-weights", help="torchvision's vgg19-dcbac81d.pth (default: torch's cache)")
+    group.add_argument("--no-perceptual", action="store_true",
+                       help="drop the perceptual and style losses (no VGG19 weights needed)")
+    group.add_argument("--no-adversarial", action="store_true", help="drop the adversarial loss and discriminator")
+    group.add_argument("--loss-weight", type=_term_value(float), action="append", default=[], metavar="TERM=W",
+                       help=f"override a loss weight (terms: {', '.join(TERMS)}); repeatable")
+    group.add_argument("--start-step", type=_term_value(int), action="append", default=[], metavar="TERM=STEP",
+                       help="override the step from which a loss term counts; repeatable")
+    group.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    group.add_argument("--val-every", type=int, default=_DEFAULTS.val_every, help="steps between validations")
+    group.add_argument("--num-val-images", type=int, default=_DEFAULTS.num_val_images)
+    group.add_argument("--fid", action="store_true", help="also compute FID on the validation images (slow on CPU)")
+    group.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every,
+                       help="steps between checkpoints (0: only the last)")
+    group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    group.add_argument("--num-workers", type=int, default=0, help="data-loading workers")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        finetune(load_base_model(args), load_fdm(args), args)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def finetune(model: nn.Module, fdm_module: FDM, args: argparse.Namespace) -> FDM:
+    """Fine-tune ``fdm_module`` and ``model``'s decoder as the parsed ``fdm finetune`` options say."""
+    weights = dict(args.loss_weight)
+    if args.no_adversarial:
+        weights["adversarial"] = 0.0
+    config = Phase3Config(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        disc_lr=args.disc_lr,
+        grad_clip=args.grad_clip or None,
+        hole_ratio=None if args.no_mask else tuple(args.hole_ratio),
+        weights=weights,
+        start_steps=dict(args.start_step),
+        vgg_weights=args.vgg_weights,
+        drop_vgg_terms=args.no_perceptual,
+        mixed_precision=not args.no_amp,
+        seed=args.seed,
+        device=args.device,
+        output_dir=args.out,
+        val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every,
+        num_val_images=args.num_val_images,
+        fid=args.fid,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+    views = ImageFolderViews(args.data, crop_size=args.crop_size, views_per_image=args.views_per_image, seed=args.seed)
+    val_views = None
+    if args.val_data:
+        val_views = ImageFolderViews(args.val_data, crop_size=args.crop_size, seed=args.seed, flip=False)
+    trainer = Phase3Trainer(model, fdm_module, views, config, val_views=val_views)
+    resume_from = None
+    if args.resume:
+        resume_from = latest_checkpoint(trainer.checkpoint_dir)
+        if resume_from is None:
+            logger.info("--resume: no checkpoint in %s yet, starting from scratch", trainer.checkpoint_dir)
+    return trainer.train(resume_from)

