@@ -14,9 +14,9 @@ import argparse
 import time
 
 import torch
-from fdm.adapters.put import PUT, PVQVAE, UQTransformer
 
 import fdm
+from fdm.adapters.put import PUT, PVQVAE, UQTransformer
 
 
 def timed(fn, repeats: int) -> float:

@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from fdm.adapters.put import PVQVAE, UQTransformer, sample_codes
 from fdm.adapters.put.transformer import _SelfAttention
 

@@ -15,10 +15,10 @@ import platform
 import time
 
 import torch
-from fdm.adapters.taming import build_model
-from fdm.adapters.taming.sampling import KVCache, gpt_forward
 
 import fdm
+from fdm.adapters.taming import build_model
+from fdm.adapters.taming.sampling import KVCache, gpt_forward
 
 F16 = {"double_z": False, "z_channels": 256, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
        "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "attn_resolutions": [16], "dropout": 0.0}

@@ -13,11 +13,11 @@ import argparse
 from pathlib import Path
 
 import torch
+
+import fdm
 from fdm.adapters.taming import load_model
 from fdm.adapters.taming.images import save_grid
 from fdm.adapters.taming.sampling import decode_indices, sample_unconditional
-
-import fdm
 
 
 def main(argv: list[str] | None = None) -> Path:

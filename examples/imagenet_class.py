@@ -12,11 +12,11 @@ import argparse
 from pathlib import Path
 
 import torch
+
+import fdm
 from fdm.adapters.taming import load_model
 from fdm.adapters.taming.images import save_grid
 from fdm.adapters.taming.sampling import decode_indices, sample_class
-
-import fdm
 
 
 def main(argv: list[str] | None = None) -> Path:

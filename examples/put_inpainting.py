@@ -15,9 +15,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from fdm.adapters.put import inpaint, load_model, split_checkpoint
 
 import fdm
+from fdm.adapters.put import inpaint, load_model, split_checkpoint
 from fdm.commands.inpaint import read_image, save_image
 
 

@@ -12,6 +12,15 @@ from toy_vq import ToyVQ
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    """The tiny test models run fastest on one thread (thread sync dominates their small convolutions)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -12,7 +12,6 @@ import sys
 import types
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -120,11 +119,3 @@ def save_lightning_ckpt(state_dict: dict, path: Path, *, loss_keys: bool = False
         del sys.modules[module.__name__]
     return path
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread (thread sync dominates on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

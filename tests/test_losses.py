@@ -28,15 +28,6 @@ from fdm.training.backbones import VGG19Features, VGG19WeightsMissing, load_vgg1
 from fdm.training.discriminator import PatchDiscriminator
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vgg() -> VGG19Features:
     torch.manual_seed(0)

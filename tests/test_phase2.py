@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_training_data import single_thread, write_images
+from test_training_data import write_images
 
 import fdm
 from fdm.commands import train as train_command
@@ -21,8 +21,6 @@ from fdm.training import (
     train_phase2,
 )
 from toy_vq import ToyVQ
-
-pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 
 
 @pytest.fixture(scope="module")

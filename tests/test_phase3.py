@@ -21,15 +21,6 @@ from fdm.training.phase3 import Phase3Config, Phase3Trainer
 from toy_vq import ToyVQ
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     """(n, 3, size, size) smooth random images in [-1, 1] (upsampled noise: something a decoder can learn)."""
     g = torch.Generator().manual_seed(seed)

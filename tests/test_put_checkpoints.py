@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import fdm
 from fdm.adapters.put import (
     PUT,
     PVQVAE,
@@ -17,8 +19,6 @@ from fdm.adapters.put import (
     put_to_fdm_layout,
     split_checkpoint,
 )
-
-import fdm
 from fdm.errors import CheckpointError
 
 DATA = Path(__file__).parent / "data" / "put"

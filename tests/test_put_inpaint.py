@@ -9,22 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fdm.adapters.put import PUT, PUTAdapter, fdm_authors_state_dict, inpaint, load_model
 from PIL import Image
 
 import fdm
+from fdm.adapters.put import PUT, PUTAdapter, fdm_authors_state_dict, inpaint, load_model
 from fdm.errors import InputError
 
 DATA = Path(__file__).parent / "data" / "put"
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model is fastest on one thread (and CI machines are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

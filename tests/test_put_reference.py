@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fdm.adapters.put import PUT, PVQVAE, UQTransformer, inpaint, load_model, put_to_fdm_layout
 from safetensors.torch import load_file
+
+from fdm.adapters.put import PUT, PVQVAE, UQTransformer, inpaint, load_model, put_to_fdm_layout
 
 DATA = Path(__file__).parent / "data" / "put"
 

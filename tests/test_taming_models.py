@@ -10,6 +10,9 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
+import fdm
 from fdm.adapters.taming import (
     GumbelVQAdapter,
     Net2NetTransformerAdapter,
@@ -17,9 +20,6 @@ from fdm.adapters.taming import (
     build_model,
     load_model,
 )
-from safetensors.torch import save_file
-
-import fdm
 from fdm.errors import CheckpointError
 
 pytest.importorskip("taming")
@@ -29,7 +29,6 @@ from taming_tiny import (  # noqa: E402
     random_model,
     save_lightning_ckpt,
     semantic_config,
-    single_thread,  # noqa: F401  (autouse fixture)
     unconditional_config,
     vqgan_config,
     write_config,

@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+import fdm
 from fdm.adapters.taming.sampling import (
     KVCache,
     decode_indices,
@@ -20,9 +23,6 @@ from fdm.adapters.taming.sampling import (
     sample_semantic,
     sample_unconditional,
 )
-from PIL import Image
-
-import fdm
 from fdm.errors import InputError
 
 pytest.importorskip("taming")
@@ -32,7 +32,6 @@ from taming_tiny import (  # noqa: E402
     random_model,
     save_lightning_ckpt,
     semantic_config,
-    single_thread,  # noqa: F401  (autouse fixture)
     unconditional_config,
     write_config,
 )

@@ -11,12 +11,11 @@ import torch
 import fdm
 
 pytest.importorskip("taming")
-from taming_tiny import random_model, save_lightning_ckpt, single_thread, vqgan_config, write_config  # noqa: E402,F401
+from taming_tiny import random_model, save_lightning_ckpt, vqgan_config, write_config  # noqa: E402,F401
 
 
 def test_fdm_train_taming_mask_free(tmp_path, photos_dir):
     from fdm.adapters.taming import load_model
-
     from fdm.commands import train
 
     vqgan = random_model(vqgan_config())

@@ -28,15 +28,6 @@ from fdm.training import (
 from toy_vq import ToyVQ
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread (and a busy 2-core machine stalls OpenMP's spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_images(folder, sizes, seed=0):
     """Smooth random colour images (gradients plus a little noise) of the given (h, w) sizes as PNG files."""
     folder.mkdir(parents=True, exist_ok=True)

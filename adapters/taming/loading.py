@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fdm.adapters.taming.compat import import_taming, inference_config, instantiate_from_config
 from torch import nn
 
+from fdm.adapters.taming.compat import import_taming, inference_config, instantiate_from_config
 from fdm.checkpoint import load_state_dict_strict, read_checkpoint, read_safetensors
 from fdm.errors import CheckpointError
 

@@ -16,11 +16,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from fdm.adapters.taming.adapter import Net2NetTransformerAdapter, first_stage_adapter
 from torch import nn
 from tqdm.auto import tqdm
 
 from fdm.adapter import find_adapter
+from fdm.adapters.taming.adapter import Net2NetTransformerAdapter, first_stage_adapter
 from fdm.dequantizer import Dequantizer
 from fdm.errors import InputError
 from fdm.module import FDM

@@ -1,5 +1,6 @@
 """Training FDM: phase 2 (sampler-free qe loss, FDM WACV 2025 sec. 3.3), phase 3 (joint fine-tuning with the
-decoder) and the reusable pieces of the trainers (training views, feature cache, the paper's optimiser schedule, checkpoints, data parallelism)."""
+decoder) and the reusable pieces of the trainers (training views, feature cache, the paper's optimiser
+schedule, checkpoints, data parallelism)."""
 
 from fdm.training.checkpointing import (
     capture_rng_state,
