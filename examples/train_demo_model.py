@@ -12,12 +12,12 @@ Sub-commands (run in this order; each is seeded and runs on CPU, see docs/demo.m
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -39,7 +39,7 @@ DDCONFIG = {
     "in_channels": 3,
     "out_ch": 3,
     "ch": 32,
-    "ch_mult": [1, 2, 2, 4],
+    "ch_mult": [1, 2, 2, 2],
     "num_res_blocks": 1,
     "attn_resolutions": [],
     "dropout": 0.0,
@@ -87,8 +87,7 @@ class CropSampler:
         if not paths:
             raise FileNotFoundError(f"no .jpg/.png images in {folder}")
         self.images = [
-            torch.from_numpy(__import__("numpy").asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1).float()
-            / 127.5 - 1
+            torch.from_numpy(np.array(Image.open(p).convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
             for p in paths
         ]
         self.size, self.scale = size, scale
@@ -169,7 +168,7 @@ def vqgan_yaml(n_embed: int, embed_dim: int, ddconfig: dict) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(cfg))
 
 
-def save_vqgan(model: DemoVQGAN, n_embed: int, out_yaml: Path, out_weights: Path, meta: dict) -> None:
+def save_vqgan(model: nn.Module, n_embed: int, out_yaml: Path, out_weights: Path, meta: dict) -> None:
     out_yaml.parent.mkdir(parents=True, exist_ok=True)
     out_yaml.write_text(vqgan_yaml(n_embed, model.quantize.e_dim, DDCONFIG))
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -184,6 +183,8 @@ def train_vqgan(args: argparse.Namespace) -> None:
     """Stage 1: L1 reconstruction + taming's codebook/commitment loss, Adam, warm-up + cosine, dead-code restarts."""
     torch.manual_seed(args.seed)
     data = CropSampler(args.data, size=args.crop, seed=args.seed)
+    warm = CropSampler(args.data, size=args.warm_crop, seed=args.seed + 2)
+    warm_steps = int(args.warm_fraction * args.steps)
     model = DemoVQGAN(DDCONFIG, args.n_embed, EMBED_DIM)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -192,7 +193,7 @@ def train_vqgan(args: argparse.Namespace) -> None:
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=args.steps // 50)
-        x = data.sample(args.batch)
+        x = (warm if step < warm_steps else data).sample(args.batch)
         z = model.encode_continuous(x)
         z_q, qloss, (_, _, idx) = model.quantize(z)
         x_rec = model.decode(z_q)
@@ -211,8 +212,104 @@ def train_vqgan(args: argparse.Namespace) -> None:
             usage.zero_()
     model.eval()
     meta = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "crop": args.crop,
+            "warm_crop": args.warm_crop, "warm_fraction": args.warm_fraction,
             "data": Path(args.data).name, "script": "examples/train_demo_model.py vqgan"}
     save_vqgan(model, args.n_embed, args.out / "vqgan.yaml", args.out / "vqgan.safetensors", meta)
+
+
+# ----------------------------------------------------------------------------------------------- stage 2
+
+
+def load_base(args: argparse.Namespace) -> nn.Module:
+    """The stage-1 VQGAN through the library's taming loader (the path `fdm demo` uses)."""
+    from fdm.adapters.taming import load_model
+
+    return load_model(args.vqgan_dir / "vqgan.yaml", args.vqgan_dir / "vqgan.safetensors")
+
+
+def training_views(args: argparse.Namespace) -> torch.Tensor:
+    """``args.views`` fixed random 64 px crops of the training photos (seeded): (N, 3, 64, 64) in [-1, 1]."""
+    sampler = CropSampler(args.data, size=args.crop, seed=args.seed + 10)
+    return torch.cat([sampler.sample(256) for _ in range(math.ceil(args.views / 256))])[: args.views]
+
+
+def train_fdm(args: argparse.Namespace) -> None:
+    """Stage 2: the project's phase-2 trainer (qe loss) on cached features of fixed crops.
+
+    Masks: random irregular holes covering 30 % to 90 % of the pixels, so the FDM sees everything from partly
+    known maps to all-ones cell masks (plain reconstruction, the case `fdm demo` and `fdm eval` measure).
+    """
+    from fdm.training import Phase2Config, TensorViews, train_phase2
+
+    model = load_base(args)
+    views = TensorViews(training_views(args))
+    config = Phase2Config(
+        steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.steps // 20, hole_ratio=(0.3, 0.9),
+        seed=args.seed, hidden_channels=args.hidden, num_blocks=args.blocks, checkpoint_every=0,
+        output_dir=str(args.out), base_model="fdm-vq demo VQGAN (fdm/demo/assets/vqgan.yaml)", log_every=250,
+    )
+    module = train_phase2(model, views, config)
+    log.info("FDM: %d parameters, saved to %s", sum(p.numel() for p in module.parameters()), args.out)
+
+
+# ----------------------------------------------------------------------------------------------- baselines
+
+
+def train_baseline(args: argparse.Namespace) -> None:
+    """Baselines a user could train instead of FDM, on the FDM's crops with the encoder frozen (its features are
+    computed once, as for FDM), L1 reconstruction, Adam, warm-up + cosine:
+
+    - ``decoder-baseline``: ``post_quant_conv`` + decoder fine-tuned on the quantized features ``z_q``;
+    - ``decoder-mix`` (stage 1b of the demo model, not a baseline): the same, with half of each batch decoding
+      the continuous features ``z``, so that the decoder can use the detail that quantization removes (stage 1
+      alone gives a decoder for which decode(z) is no better than decode(z_q), leaving nothing for FDM to
+      restore); the encoder and codebook, hence the FDM's training data, are unchanged;
+    - ``codebook-baseline``: the codebook doubled (every code split in two: the copy gets a small random offset),
+      then codebook (taming's codebook loss) + ``post_quant_conv`` + decoder fine-tuned together.
+
+    Writes a VQGAN folder (``vqgan.yaml`` + ``vqgan.safetensors``) to ``--out`` for benchmarks/quality.py.
+    """
+    torch.manual_seed(args.seed)
+    model = load_base(args)
+    double = args.command == "codebook-baseline"
+    n_embed = model.quantize.n_e * (2 if double else 1)
+    if double:
+        from taming.modules.vqvae.quantize import VectorQuantizer2
+
+        old = model.quantize.embedding.weight.detach()
+        model.quantize = VectorQuantizer2(n_embed, old.shape[1], beta=0.25)
+        with torch.no_grad():
+            model.quantize.embedding.weight.copy_(torch.cat([old, old + 0.1 * old.std() * torch.randn_like(old)]))
+    images = training_views(args)
+    with torch.no_grad():
+        z = torch.cat([model.quant_conv(model.encoder(images[i:i + 64])) for i in range(0, len(images), 64)])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [*model.post_quant_conv.parameters(), *model.decoder.parameters()]
+    params += [model.quantize.embedding.weight] if double else []
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.9))
+    gen = torch.Generator().manual_seed(args.seed)
+    model.train()
+    start = time.time()
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=args.steps // 20)
+        idx = torch.randint(len(images), (args.batch,), generator=gen)
+        z_q, qloss, _ = model.quantize(z[idx])
+        if args.command == "decoder-mix":  # half of the batch decodes the continuous features
+            z_q = torch.where(torch.rand(len(idx), 1, 1, 1, generator=gen) < 0.5, z[idx], z_q)
+        loss = (model.decode(z_q) - images[idx]).abs().mean() + (qloss if double else 0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0:
+            log.info("step %d/%d  loss %.4f  %.1f s", step + 1, args.steps, loss.item(), time.time() - start)
+    model.eval()
+    meta = {"command": args.command, "steps": args.steps, "batch": args.batch, "seed": args.seed,
+            "script": f"examples/train_demo_model.py {args.command}"}
+    save_vqgan(model, n_embed, args.out / "vqgan.yaml", args.out / "vqgan.safetensors", meta)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -225,15 +322,48 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("vqgan", help="stage 1: train the demo VQGAN")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--out", type=Path, default=ASSETS)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warm-crop", type=int, default=32, help="smaller crops for the first steps (4x cheaper)")
+    p.add_argument("--warm-fraction", type=float, default=0.67, help="fraction of steps on --warm-crop crops")
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--n-embed", type=int, default=N_EMBED)
     p.add_argument("--restart-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=train_vqgan)
+
+    p = sub.add_parser("fdm", help="stage 2: train the demo FDM with the phase-2 trainer")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--vqgan-dir", type=Path, default=ASSETS)
+    p.add_argument("--out", type=Path, default=ASSETS / "fdm")
+    p.add_argument("--views", type=int, default=2048)
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--blocks", type=int, default=6)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=train_fdm)
+
+    for name, what in (("decoder-mix", "stage 1b: fine-tune the decoder on z and z_q (writes the shipped VQGAN)"),
+                       ("decoder-baseline", "fine-tune the decoder on z_q instead of adding FDM"),
+                       ("codebook-baseline", "double the codebook and fine-tune it with the decoder")):
+        p = sub.add_parser(name, help=f"baseline: {what}")
+        p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+        p.add_argument("--vqgan-dir", type=Path, default=ASSETS)
+        p.add_argument("--out", type=Path, default=ASSETS if name == "decoder-mix" else ROOT / "runs" / name)
+        p.add_argument("--views", type=int, default=2048)
+        p.add_argument("--crop", type=int, default=64)
+        p.add_argument("--steps", type=int, default=300)
+        p.add_argument("--batch", type=int, default=16)
+        p.add_argument("--lr", type=float, default=5e-4)
+        p.add_argument("--seed", type=int, default=SEED)
+        p.add_argument("--threads", type=int, default=2)
+        p.set_defaults(func=train_baseline)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

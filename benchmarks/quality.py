@@ -1,0 +1,100 @@
+"""Quality benchmark: FDM (Park & Jung, WACV 2025) against the plain VQ reconstruction and against what a user could
+do instead with the same data and budget (a decoder fine-tuned on quantized features, a doubled codebook), on
+fixed random crops of a folder of photos. Prints one table (optionally writes JSON).
+
+    python benchmarks/quality.py ../shared/data/photos/val \
+        --decoder-baseline runs/decoder-baseline --codebook-baseline runs/codebook-baseline
+
+Baselines are VQGAN folders (``vqgan.yaml`` + ``vqgan.safetensors``) written by examples/train_demo_model.py;
+each is skipped when its folder is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from fdm import FDM, Dequantizer
+from fdm.adapters.taming import load_model
+from fdm.demo.evaluation import evaluate_views
+from fdm.demo.model import load_demo_fdm, load_demo_vqgan
+from fdm.training.data import ImageFolderViews
+
+
+def _plain(model: torch.nn.Module, views, args) -> dict:
+    """Metrics of a model's plain reconstruction: a fresh FDM is an exact identity (zero-initialised head), so the
+    evaluation's "fdm" column equals its "vq" column; the "vq" column is used."""
+    identity = FDM(model.post_quant_conv.in_channels, hidden_channels=2, num_blocks=0)
+    return evaluate_views(Dequantizer(model, identity), views, batch_size=args.batch_size, extras=not args.no_extras,
+                          progress=not args.no_progress)
+
+
+def _row(name: str, metrics: dict, column: str, added: int, base_psnr: float, note: str = "") -> dict:
+    row = {"method": name, "added_params": added, "note": note}
+    for key in ("psnr", "ssim", "stlpips", "fid"):
+        if key in metrics:
+            row[key] = metrics[key][column]
+    row["feature_ratio"] = metrics["feature_ratio"] if column == "fdm" else 1.0
+    row["psnr_gain"] = row["psnr"] - base_psnr
+    row["gain_per_100k_params"] = row["psnr_gain"] / added * 1e5 if added else None
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--views-per-image", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--decoder-baseline", type=Path, default=Path("runs/decoder-baseline"))
+    parser.add_argument("--codebook-baseline", type=Path, default=Path("runs/codebook-baseline"))
+    parser.add_argument("--no-extras", action="store_true", help="skip FID and ST-LPIPS")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    views = ImageFolderViews(args.folder, crop_size=args.crop, views_per_image=args.views_per_image, seed=args.seed,
+                             scale_range=(1.0, 2.0))
+    base, fdm_module = load_demo_vqgan(), load_demo_fdm()
+    report = evaluate_views(Dequantizer(base, fdm_module), views, batch_size=args.batch_size,
+                            extras=not args.no_extras, progress=not args.no_progress)
+    recon = report["settings"]["reconstruction"]
+    base_psnr = recon["psnr"]["vq"]
+    rows = [_row("VQGAN (plain)", recon, "vq", 0, base_psnr),
+            _row("VQGAN + FDM (shipped)", recon, "fdm", sum(p.numel() for p in fdm_module.parameters()), base_psnr)]
+    if (args.decoder_baseline / "vqgan.safetensors").is_file():
+        model = load_model(args.decoder_baseline / "vqgan.yaml", args.decoder_baseline / "vqgan.safetensors")
+        rows.append(_row("decoder fine-tuned on z_q", _plain(model, views, args)["settings"]["reconstruction"], "vq",
+                         0, base_psnr, note="same size; replaces the decoder"))
+    if (args.codebook_baseline / "vqgan.safetensors").is_file():
+        model = load_model(args.codebook_baseline / "vqgan.yaml", args.codebook_baseline / "vqgan.safetensors")
+        added = model.quantize.embedding.weight.numel() - base.quantize.embedding.weight.numel()
+        rows.append(_row("codebook doubled", _plain(model, views, args)["settings"]["reconstruction"], "vq", added,
+                         base_psnr, note="new codes: the transformer must be retrained"))
+    cols = [("method", 28, "s"), ("added_params", 13, "d"), ("psnr", 8, ".2f"), ("psnr_gain", 10, "+.2f"),
+            ("gain_per_100k_params", 12, ".2f"), ("ssim", 7, ".3f"), ("feature_ratio", 14, ".3f"),
+            ("stlpips", 9, ".4f"), ("fid", 9, ".2f")]
+    print(f"{report['views']} views ({args.crop} px crops of {args.folder}, seed {args.seed})")
+    print("".join(f"{name:>{w}}" if fmt != "s" else f"{name:<{w}}" for name, w, fmt in cols))
+    for row in rows:
+        cells = []
+        for name, w, fmt in cols:
+            value = row.get(name)
+            text = "-" if value is None else format(value, fmt)
+            cells.append(f"{text:<{w}}" if fmt == "s" else f"{text:>{w}}")
+        print("".join(cells) + (f"  ({row['note']})" if row["note"] else ""))
+    for note in report["notes"]:
+        print(f"note: {note}")
+    if args.json:
+        args.json.write_text(json.dumps({"views": report["views"], "rows": rows, "notes": report["notes"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""`fdm demo` and the embedded demo model (fdm/demo): end to end into a temporary folder, strict loading of the
+shipped weights, FDM's gain on the bundled images, and the comparison against the Dequantizer's own path."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fdm import FDM, Dequantizer
+from fdm.cli import main
+from fdm.demo.compare import compare
+from fdm.demo.figures import error_map, grid_figure
+from fdm.demo.model import DEMO_FDM_DIR, DEMO_VQGAN_WEIGHTS, load_demo_fdm, load_demo_vqgan
+from fdm.demo.run import (
+    INPAINTING_FIGURE,
+    METRICS_FILE,
+    RECONSTRUCTION_FIGURE,
+    SAMPLE_IMAGES,
+    box_mask,
+    load_sample,
+)
+
+pytest.importorskip("taming")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(["demo", "--out", str(out), "--no-progress"])
+    return code, out, buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dequantizer():
+    return Dequantizer(load_demo_vqgan(), load_demo_fdm())
+
+
+def test_demo_writes_figures_and_table(demo_run):
+    code, out, printed = demo_run
+    assert code == 0
+    for name in (RECONSTRUCTION_FIGURE, INPAINTING_FIGURE):
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and img.width > 5 * 128 and img.height > 3 * 128
+    assert "PSNR VQ" in printed and "feat. error" in printed
+    for image in SAMPLE_IMAGES:
+        assert image in printed
+
+
+def test_demo_fdm_moves_features_towards_z(demo_run):
+    _, out, _ = demo_run
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert set(metrics) == {"reconstruction", "inpainting"}
+    for setting, rows in metrics.items():
+        assert [r["image"] for r in rows] == [*SAMPLE_IMAGES, "mean"]
+        for row in rows:
+            assert row["feature_ratio"] < 0.95, (setting, row)
+
+
+@pytest.mark.xfail(reason="the shipped demo VQGAN decodes z no better than z_q (docs/quality.md), so FDM's "
+                          "feature correction does not raise PSNR yet; remove this mark with better demo weights",
+                   strict=False)
+def test_demo_fdm_improves_psnr(demo_run):
+    _, out, _ = demo_run
+    rows = json.loads((out / METRICS_FILE).read_text())["reconstruction"]
+    assert all(row["psnr_fdm"] > row["psnr_vq"] + 0.1 for row in rows), rows
+
+
+def test_shipped_weights_load_strictly():
+    model = load_demo_vqgan()
+    assert type(model).__name__ == "VQModel" and not model.training
+    shipped = load_file(str(DEMO_VQGAN_WEIGHTS))
+    state = model.state_dict()
+    assert sorted(shipped) == sorted(state)
+    for key, value in shipped.items():
+        assert torch.equal(state[key], value), key
+    module = load_demo_fdm()
+    assert isinstance(module, FDM) and module.mask_channels == 1 and not module.training
+    shipped_fdm = load_file(str(DEMO_FDM_DIR / "model.safetensors"))
+    assert sorted(shipped_fdm) == sorted(module.state_dict())
+    # the recorded fingerprint matches the shipped codebook (Dequantizer checks it)
+    Dequantizer(model, module)
+
+
+def test_compare_matches_dequantizer_reconstruct(dequantizer):
+    x = load_sample("chelsea")
+    mask = box_mask(*x.shape[-2:])
+    for m in (None, mask):
+        result = compare(dequantizer, x, m)
+        with torch.no_grad():
+            plain = dequantizer.reconstruct(x, m, use_fdm=False).clamp(-1, 1)
+            corrected = dequantizer.reconstruct(x, m).clamp(-1, 1)
+        torch.testing.assert_close(result.vq, plain)
+        torch.testing.assert_close(result.fdm, corrected)
+
+
+def test_oracle_inpainting_corrects_the_hole(dequantizer):
+    """FDM changes the hole cells only: the decodes differ much more inside the hole than far from it (the
+    decoder's receptive field lets a little of the correction reach nearby known pixels)."""
+    x = load_sample("coffee")  # 128 x 192, hole rows 38-89, columns 57-134
+    result = compare(dequantizer, x, box_mask(*x.shape[-2:]))
+    diff = (result.vq - result.fdm).abs().mean(dim=1)  # (1, H, W)
+    inside, corner = diff[:, 48:80, 64:128].mean(), diff[:, :16, :24].mean()
+    assert inside > 0 and corner < 0.25 * inside
+
+
+def test_error_map_and_grid():
+    x = torch.zeros(3, 8, 8)
+    assert error_map(x, x).getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert error_map(x, x + 2).getextrema() == ((255, 255), (255, 255), (255, 255))
+    tile = Image.new("RGB", (8, 8))
+    fig = grid_figure([[tile, tile]], ["a", "b"], title="t", caption="a long caption " * 10, row_labels=["r"])
+    assert fig.width == 2 * 8 + 3 * 4
