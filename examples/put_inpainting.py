@@ -18,7 +18,7 @@ import torch
 
 import fdm
 from fdm.adapters.put import inpaint, load_model, split_checkpoint
-from fdm.commands.inpaint import read_image, save_image
+from fdm.images import read_image, save_image
 
 
 def main() -> None:

@@ -151,7 +151,7 @@ def test_adapter_and_dequantizer(model, image, hole):
 
 
 def _write_inputs(tmp_path: Path, image: torch.Tensor, hole: torch.Tensor) -> tuple[Path, Path]:
-    from fdm.commands.inpaint import save_image
+    from fdm.images import save_image
 
     save_image(image[0], tmp_path / "photo.png")
     Image.fromarray(((1 - hole[0, 0].numpy()) * 255).astype(np.uint8)).save(tmp_path / "mask.png")  # white = known

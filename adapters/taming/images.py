@@ -5,19 +5,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
+from fdm.images import to_pil
 from fdm.validation import check_image
 
-__all__ = ["image_grid", "save_grid", "save_images", "to_pil"]
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) tensor in [-1, 1] -> RGB PIL image (values clamped)."""
-    array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(np.ascontiguousarray(array.permute(1, 2, 0).numpy()))
+__all__ = ["image_grid", "save_grid", "save_images"]
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Image.Image:

@@ -12,16 +12,14 @@ import argparse
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from fdm.commands.model_options import add_model_arguments, load_base_model
-from fdm.errors import InputError
+from fdm.images import read_image, save_image
 from fdm.masks import load_mask
 from fdm.module import FDM
 
-__all__ = ["add_arguments", "read_image", "run", "save_image"]
+__all__ = ["add_arguments", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,23 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--seed", type=int, default=0)
     io.add_argument("--no-paste", action="store_true", help="do not paste the known pixels back")
     io.add_argument("--no-progress", action="store_true")
-
-
-def read_image(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Read an RGB image file as a (1, 3, H, W) tensor in [-1, 1] (bicubic resize to ``size`` = (H, W))."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"Image file not found: {path}")
-    img = Image.open(path).convert("RGB")
-    if size is not None:
-        img = img.resize((size[1], size[0]), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
-
-
-def save_image(image: torch.Tensor, path: str | Path) -> None:
-    """Write a (3, H, W) tensor in [-1, 1] as an 8-bit PNG."""
-    array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(array).save(path)
 
 
 def _fdm_for(args: argparse.Namespace) -> FDM | None:

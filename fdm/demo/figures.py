@@ -6,7 +6,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["error_map", "grid_figure", "masked_input", "to_pil"]
+from fdm.images import to_pil
+
+__all__ = ["error_map", "grid_figure", "masked_input"]
 
 _PAD = 4
 _BACKGROUND = (255, 255, 255)
@@ -15,12 +17,6 @@ _TEXT = (20, 20, 20)
 
 def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
-
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) image in [-1, 1] -> RGB PIL image."""
-    array = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
 
 
 def error_map(x: torch.Tensor, y: torch.Tensor, *, vmax: float = 0.25) -> Image.Image:

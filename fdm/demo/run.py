@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from fdm.demo.compare import Comparison, compare
-from fdm.demo.figures import error_map, grid_figure, masked_input, to_pil
+from fdm.demo.figures import error_map, grid_figure, masked_input
 from fdm.demo.model import ASSETS, load_demo_fdm, load_demo_vqgan
 from fdm.dequantizer import Dequantizer
+from fdm.images import read_image, to_pil
 
 __all__ = ["SAMPLE_IMAGES", "DemoResult", "box_mask", "format_table", "load_sample", "run_demo"]
 
@@ -46,9 +46,7 @@ class DemoResult:
 
 def load_sample(name: str) -> torch.Tensor:
     """A bundled sample image as a (1, 3, H, W) tensor in [-1, 1]."""
-    with Image.open(ASSETS / f"{name}.png") as img:
-        array = np.asarray(img.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1)[None].div(127.5).sub(1.0)
+    return read_image(ASSETS / f"{name}.png")
 
 
 def box_mask(height: int, width: int) -> torch.Tensor:

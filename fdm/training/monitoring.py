@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fdm.images import to_pil
 from fdm.metrics import psnr, ssim
 
 __all__ = ["ImageMetrics", "save_image_grid"]
@@ -35,10 +36,9 @@ def save_image_grid(columns: Sequence[torch.Tensor], path: str | Path, *, paddin
     n = len(columns)
     canvas = np.full((b * (h + padding) + padding, n * (w + padding) + padding, 3), 255, dtype=np.uint8)
     for j, col in enumerate(columns):
-        pixels = ((col.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         for i in range(b):
             top, left = padding + i * (h + padding), padding + j * (w + padding)
-            canvas[top:top + h, left:left + w] = pixels[i].permute(1, 2, 0).numpy()
+            canvas[top:top + h, left:left + w] = np.asarray(to_pil(col[i]))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(canvas).save(path)
