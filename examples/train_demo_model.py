@@ -4,7 +4,8 @@
 Sub-commands (run in this order; each is seeded and runs on CPU, see docs/demo.md for timings):
 
     python examples/train_demo_model.py vqgan            # stage 1 -> fdm/demo/assets/vqgan.{yaml,safetensors}
-    python examples/train_demo_model.py fdm              # stage 2 -> fdm/demo/assets/fdm/
+    python examples/train_demo_model.py fdm              # stage 2 (phase 2) -> runs/fdm-phase2/
+    python examples/train_demo_model.py fdm-image        # stage 3 (phase 3, decoder frozen) -> fdm/demo/assets/fdm/
     python examples/train_demo_model.py decoder-baseline # baseline: decoder fine-tuned on z_q (same budget)
     python examples/train_demo_model.py codebook-baseline  # baseline: codebook doubled, fine-tuned (same budget)
 """
@@ -29,23 +30,29 @@ log = logging.getLogger("train_demo_model")
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "fdm" / "demo" / "assets"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "photos" / "train"
+PHASE2_DIR = ROOT / "runs" / "fdm-phase2"  # stage 2's FDM, the start of stage 3 (not shipped)
 
 # The demo VQGAN: taming's Encoder/Decoder at f8 (three down-samplings), no attention, a small codebook so that
-# the quantization error is visible.
+# the quantization error is visible. 64 channels throughout: taming normalises with GroupNorm(32 groups), and with
+# 32 channels (one per group) the last norms of the encoder and decoder remove each channel's mean over the image,
+# so the absolute colour of the image is lost. It is trained with quantization dropout (most samples decode z itself), so its
+# decoder can use the detail that quantization removes and that FDM restores.
 DDCONFIG = {
     "double_z": False,
     "z_channels": 64,
     "resolution": 64,
     "in_channels": 3,
     "out_ch": 3,
-    "ch": 32,
-    "ch_mult": [1, 2, 2, 2],
+    "ch": 64,
+    "ch_mult": [1, 1, 1, 1],
     "num_res_blocks": 1,
     "attn_resolutions": [],
     "dropout": 0.0,
 }
-N_EMBED = 256
-EMBED_DIM = 32
+N_EMBED = 64
+EMBED_DIM = 16
+BETA = 0.05
+CONTINUOUS_FRACTION = 0.9
 SEED = 0
 
 
@@ -53,14 +60,14 @@ class DemoVQGAN(nn.Module):
     """Training-time stand-in for taming's ``VQModel``: the same sub-modules under the same attribute names, so the
     state dict has VQModel's key names (the Lightning and loss parts of VQModel are not needed to train it)."""
 
-    def __init__(self, ddconfig: dict, n_embed: int, embed_dim: int):
+    def __init__(self, ddconfig: dict, n_embed: int, embed_dim: int, beta: float = BETA):
         super().__init__()
         from taming.modules.diffusionmodules.model import Decoder, Encoder
         from taming.modules.vqvae.quantize import VectorQuantizer2
 
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
-        self.quantize = VectorQuantizer2(n_embed, embed_dim, beta=0.25)
+        self.quantize = VectorQuantizer2(n_embed, embed_dim, beta=beta)
         self.quant_conv = nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
 
@@ -185,7 +192,7 @@ def train_vqgan(args: argparse.Namespace) -> None:
     data = CropSampler(args.data, size=args.crop, seed=args.seed)
     warm = CropSampler(args.data, size=args.warm_crop, seed=args.seed + 2)
     warm_steps = int(args.warm_fraction * args.steps)
-    model = DemoVQGAN(DDCONFIG, args.n_embed, EMBED_DIM)
+    model = DemoVQGAN(DDCONFIG, args.n_embed, args.embed_dim, beta=args.beta)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
     gen = torch.Generator().manual_seed(args.seed + 1)
     usage = torch.zeros(args.n_embed)
@@ -196,6 +203,9 @@ def train_vqgan(args: argparse.Namespace) -> None:
         x = (warm if step < warm_steps else data).sample(args.batch)
         z = model.encode_continuous(x)
         z_q, qloss, (_, _, idx) = model.quantize(z)
+        if args.continuous_fraction > 0:  # these samples decode z itself (quantization dropout)
+            keep = torch.rand(len(x), 1, 1, 1, generator=gen) < args.continuous_fraction
+            z_q = torch.where(keep, z, z_q)
         x_rec = model.decode(z_q)
         rec = (x - x_rec).abs().mean()
         loss = rec + qloss
@@ -211,10 +221,28 @@ def train_vqgan(args: argparse.Namespace) -> None:
                      restarted, opt.param_groups[0]["lr"], time.time() - start)
             usage.zero_()
     model.eval()
+    log_quantization_gap(model, DEFAULT_DATA.parent / "val", args.crop, args.seed)
     meta = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "crop": args.crop,
             "warm_crop": args.warm_crop, "warm_fraction": args.warm_fraction,
             "data": Path(args.data).name, "script": "examples/train_demo_model.py vqgan"}
     save_vqgan(model, args.n_embed, args.out / "vqgan.yaml", args.out / "vqgan.safetensors", meta)
+
+
+@torch.no_grad()
+def log_quantization_gap(model: DemoVQGAN, folder: Path, crop: int, seed: int, views: int = 256) -> None:
+    """Log the PSNR of decode(z_q) and decode(z) on held-out crops: FDM can only raise PSNR up to that gap."""
+    if not folder.is_dir():
+        return
+    x = CropSampler(folder, size=crop, seed=seed + 99).sample(views)
+    z = torch.cat([model.encode_continuous(x[i:i + 64]) for i in range(0, views, 64)])
+    z_q = model.quantize(z)[0]
+
+    def psnr(features: torch.Tensor) -> float:
+        rec = torch.cat([model.decode(features[i:i + 64]) for i in range(0, views, 64)]).clamp(-1, 1)
+        return (10 * torch.log10(4 / ((rec - x) ** 2).mean(dim=(1, 2, 3)))).mean().item()
+
+    log.info("held-out crops (%s): PSNR decode(z_q) %.2f dB, decode(z) %.2f dB, ||z - z_q|| / ||z|| %.3f",
+             folder.name, psnr(z_q), psnr(z), ((z - z_q).norm() / z.norm()).item())
 
 
 # ----------------------------------------------------------------------------------------------- stage 2
@@ -252,6 +280,24 @@ def train_fdm(args: argparse.Namespace) -> None:
     log.info("FDM: %d parameters, saved to %s", sum(p.numel() for p in module.parameters()), args.out)
 
 
+def tune_fdm(args: argparse.Namespace) -> None:
+    """Stage 3: the project's phase-3 trainer with the decoder frozen (``freeze_decoder``): the phase-2 FDM is
+    fine-tuned alone on the paper's qe + L1 + gradient terms through the unchanged decoder, so that its corrected
+    features also decode closer to the image (no GAN, no VGG terms: CPU budget). The VQGAN is not modified."""
+    from fdm import FDM
+    from fdm.training import Phase3Config, Phase3Trainer, TensorViews
+
+    model = load_base(args)
+    config = Phase3Config(
+        steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.steps // 20, hole_ratio=(0.3, 0.9),
+        weights={"adversarial": 0.0}, drop_vgg_terms=True, freeze_decoder=True, seed=args.seed,
+        output_dir=str(args.work), val_every=0, checkpoint_every=0, extra_metrics=False, log_every=50,
+    )
+    module = Phase3Trainer(model, FDM.from_pretrained(args.fdm_dir), TensorViews(training_views(args)), config).train()
+    module.save_pretrained(args.out)
+    log.info("FDM (phase 3, decoder frozen) saved to %s", args.out)
+
+
 # ----------------------------------------------------------------------------------------------- baselines
 
 
@@ -260,10 +306,6 @@ def train_baseline(args: argparse.Namespace) -> None:
     computed once, as for FDM), L1 reconstruction, Adam, warm-up + cosine:
 
     - ``decoder-baseline``: ``post_quant_conv`` + decoder fine-tuned on the quantized features ``z_q``;
-    - ``decoder-mix`` (stage 1b of the demo model, not a baseline): the same, with half of each batch decoding
-      the continuous features ``z``, so that the decoder can use the detail that quantization removes (stage 1
-      alone gives a decoder for which decode(z) is no better than decode(z_q), leaving nothing for FDM to
-      restore); the encoder and codebook, hence the FDM's training data, are unchanged;
     - ``codebook-baseline``: the codebook doubled (every code split in two: the copy gets a small random offset),
       then codebook (taming's codebook loss) + ``post_quant_conv`` + decoder fine-tuned together.
 
@@ -277,7 +319,7 @@ def train_baseline(args: argparse.Namespace) -> None:
         from taming.modules.vqvae.quantize import VectorQuantizer2
 
         old = model.quantize.embedding.weight.detach()
-        model.quantize = VectorQuantizer2(n_embed, old.shape[1], beta=0.25)
+        model.quantize = VectorQuantizer2(n_embed, old.shape[1], beta=BETA)
         with torch.no_grad():
             model.quantize.embedding.weight.copy_(torch.cat([old, old + 0.1 * old.std() * torch.randn_like(old)]))
     images = training_views(args)
@@ -298,8 +340,6 @@ def train_baseline(args: argparse.Namespace) -> None:
             group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=args.steps // 20)
         idx = torch.randint(len(images), (args.batch,), generator=gen)
         z_q, qloss, _ = model.quantize(z[idx])
-        if args.command == "decoder-mix":  # half of the batch decodes the continuous features
-            z_q = torch.where(torch.rand(len(idx), 1, 1, 1, generator=gen) < 0.5, z[idx], z_q)
         loss = (model.decode(z_q) - images[idx]).abs().mean() + (qloss if double else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -329,6 +369,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warm-fraction", type=float, default=0.67, help="fraction of steps on --warm-crop crops")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--n-embed", type=int, default=N_EMBED)
+    p.add_argument("--embed-dim", type=int, default=EMBED_DIM)
+    p.add_argument("--beta", type=float, default=BETA, help="commitment weight of taming's VectorQuantizer2")
+    p.add_argument("--continuous-fraction", type=float, default=CONTINUOUS_FRACTION,
+                   help="fraction of the samples that the decoder sees unquantized (z instead of z_q)")
     p.add_argument("--restart-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--threads", type=int, default=2)
@@ -337,10 +381,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("fdm", help="stage 2: train the demo FDM with the phase-2 trainer")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--vqgan-dir", type=Path, default=ASSETS)
-    p.add_argument("--out", type=Path, default=ASSETS / "fdm")
-    p.add_argument("--views", type=int, default=2048)
+    p.add_argument("--out", type=Path, default=PHASE2_DIR)
+    p.add_argument("--views", type=int, default=4096)
     p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden", type=int, default=64)
@@ -349,14 +393,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=train_fdm)
 
-    for name, what in (("decoder-mix", "stage 1b: fine-tune the decoder on z and z_q (writes the shipped VQGAN)"),
-                       ("decoder-baseline", "fine-tune the decoder on z_q instead of adding FDM"),
+    p = sub.add_parser("fdm-image", help="stage 3: fine-tune the FDM on image losses through the frozen decoder")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--vqgan-dir", type=Path, default=ASSETS)
+    p.add_argument("--fdm-dir", type=Path, default=PHASE2_DIR, help="the phase-2 FDM to start from")
+    p.add_argument("--out", type=Path, default=ASSETS / "fdm")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "fdm-image", help="logs (metrics.jsonl)")
+    p.add_argument("--views", type=int, default=4096)
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=tune_fdm)
+
+    for name, what in (("decoder-baseline", "fine-tune the decoder on z_q instead of adding FDM"),
                        ("codebook-baseline", "double the codebook and fine-tune it with the decoder")):
         p = sub.add_parser(name, help=f"baseline: {what}")
         p.add_argument("--data", type=Path, default=DEFAULT_DATA)
         p.add_argument("--vqgan-dir", type=Path, default=ASSETS)
-        p.add_argument("--out", type=Path, default=ASSETS if name == "decoder-mix" else ROOT / "runs" / name)
-        p.add_argument("--views", type=int, default=2048)
+        p.add_argument("--out", type=Path, default=ROOT / "runs" / name)
+        p.add_argument("--views", type=int, default=4096)
         p.add_argument("--crop", type=int, default=64)
         p.add_argument("--steps", type=int, default=300)
         p.add_argument("--batch", type=int, default=16)

@@ -61,7 +61,10 @@ def test_evaluate_views_matches_direct_psnr():
     report = evaluate_views(deq, TensorViews(x), extras=False, progress=False)
     with torch.no_grad():
         expected = psnr(x, deq.reconstruct(x).clamp(-1, 1))
-    assert report["settings"]["reconstruction"]["psnr"]["fdm"] == pytest.approx(float(expected), abs=1e-4)
+        continuous = psnr(x, deq.adapter.decode(deq.encode(x)).clamp(-1, 1))
+    recon = report["settings"]["reconstruction"]
+    assert recon["psnr"]["fdm"] == pytest.approx(float(expected), abs=1e-4)
+    assert recon["psnr_continuous"] == pytest.approx(float(continuous), abs=1e-4)  # decode(z): the bound
 
 
 @pytest.mark.slow

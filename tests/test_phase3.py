@@ -114,6 +114,32 @@ def test_saved_result_carries_the_decoder_and_the_dequantizer_uses_it(tmp_path):
         fdm.FDM.from_pretrained(folder)
 
 
+def test_frozen_decoder_trains_the_fdm_alone_into_a_drop_in_module(tmp_path):
+    views = TensorViews(smooth_images(8))
+    model = toy_model()
+    untouched = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = config(tmp_path, "run", steps=20, batch_size=8, lr=1e-2, warmup_steps=0, freeze_decoder=True,
+                 weights={"adversarial": 0, "qe": 0}, start_steps={}, hole_ratio=None)
+    module = toy_fdm(mask_channels=0)
+    trainer = Phase3Trainer(model, module, views, cfg)
+    assert not trainer.generator.decoder.training
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    result = trainer.train()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in untouched.items())  # the whole base model
+    assert any(not torch.equal(before[k], v) for k, v in result.state_dict().items())
+    folder = tmp_path / "run" / "fdm"
+    assert not result.finetuned_decoder and result.decoder_state is None
+    assert not (folder / DECODER_WEIGHTS_NAME).exists()
+    assert result.training_info["phase3"]["freeze_decoder"] is True
+    # through the unchanged decoder, the image loss it was trained on went down
+    x = smooth_images(8)
+    deq = fdm.Dequantizer(toy_model(), fdm.FDM.from_pretrained(folder))
+    with torch.no_grad():
+        plain = (deq.reconstruct(x, use_fdm=False) - x).abs().mean()
+        tuned = (deq.reconstruct(x) - x).abs().mean()
+    assert tuned < plain, (tuned, plain)
+
+
 def test_vgg_terms_need_real_weights_or_an_explicit_drop(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     views = TensorViews(smooth_images(2))

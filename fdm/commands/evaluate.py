@@ -36,6 +36,8 @@ def format_report(report: dict) -> str:
         for name, value in metrics.items():
             if name == "feature_ratio":
                 lines.append(f"{setting:<22}{'feature error':<16}{1.0:>12.3f}{value:>10.3f}")
+            elif name == "psnr_continuous":
+                lines.append(f"{setting:<22}{'psnr decode(z)':<16}{value:>12.4f}{'(bound)':>10}")
             else:
                 lines.append(f"{setting:<22}{name:<16}{value['vq']:>12.4f}{value['fdm']:>10.4f}")
     lines += [f"note: {n}" for n in report["notes"]]

@@ -76,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-perceptual", action="store_true",
                        help="drop the perceptual and style losses (no VGG19 weights needed)")
     group.add_argument("--no-adversarial", action="store_true", help="drop the adversarial loss and discriminator")
+    group.add_argument("--freeze-decoder", action="store_true",
+                       help="train the FDM alone through the frozen decoder (no decoder.safetensors; a drop-in FDM)")
     group.add_argument("--loss-weight", type=_term_value(float), action="append", default=[], metavar="TERM=W",
                        help=f"override a loss weight (terms: {', '.join(TERMS)}); repeatable")
     group.add_argument("--start-step", type=_term_value(int), action="append", default=[], metavar="TERM=STEP",
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def finetune(model: nn.Module, fdm_module: FDM, args: argparse.Namespace) -> FDM:
-    """Fine-tune ``fdm_module`` and ``model``'s decoder as the parsed ``fdm finetune`` options say."""
+    """Fine-tune ``fdm_module`` (and ``model``'s decoder unless ``--freeze-decoder``) as the parsed options say."""
     weights = dict(args.loss_weight)
     if args.no_adversarial:
         weights["adversarial"] = 0.0
@@ -117,6 +119,7 @@ def finetune(model: nn.Module, fdm_module: FDM, args: argparse.Namespace) -> FDM
         start_steps=dict(args.start_step),
         vgg_weights=args.vgg_weights,
         drop_vgg_terms=args.no_perceptual,
+        freeze_decoder=args.freeze_decoder,
         mixed_precision=not args.no_amp,
         seed=args.seed,
         device=args.device,

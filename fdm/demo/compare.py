@@ -25,6 +25,8 @@ class Comparison:
         vq: (B, 3, H, W) decoded from the quantized map (known cells continuous when ``mask`` is given).
         fdm: (B, 3, H, W) decoded from the FDM-corrected map.
         psnr_vq, psnr_fdm, ssim_vq, ssim_fdm: (B,) per-image metrics against ``x``.
+        psnr_z: (B,) PSNR of decoding the continuous features ``z`` themselves: the bound that no feature
+            correction can pass (FDM's PSNR gain is at most ``psnr_z - psnr_vq``, up to the decoder's non-linearity).
         feature_ratio: (B,) ``||z - z_dq|| / ||z - z_q||`` over the generated cells of each image.
     """
 
@@ -36,6 +38,7 @@ class Comparison:
     psnr_fdm: torch.Tensor
     ssim_vq: torch.Tensor
     ssim_fdm: torch.Tensor
+    psnr_z: torch.Tensor
     feature_ratio: torch.Tensor
 
 
@@ -62,9 +65,10 @@ def compare(dequantizer: Dequantizer, x: torch.Tensor, mask: torch.Tensor | None
     adapter = dequantizer.adapter
     vq = adapter.decode(z_q, pixel_mask=mask).clamp(-1, 1)
     fdm = adapter.decode(z_dq, pixel_mask=mask).clamp(-1, 1)
+    continuous = adapter.decode(z, pixel_mask=mask).clamp(-1, 1)
     ratio = torch.stack([
         feature_error_ratio(z[i:i + 1], z_q[i:i + 1], z_dq[i:i + 1], None if cells is None else cells[i:i + 1])
         for i in range(x.shape[0])
     ])
     return Comparison(x=x, mask=mask, vq=vq, fdm=fdm, psnr_vq=psnr(x, vq), psnr_fdm=psnr(x, fdm),
-                      ssim_vq=ssim(x, vq), ssim_fdm=ssim(x, fdm), feature_ratio=ratio)
+                      ssim_vq=ssim(x, vq), ssim_fdm=ssim(x, fdm), psnr_z=psnr(x, continuous), feature_ratio=ratio)

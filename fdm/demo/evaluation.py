@@ -108,9 +108,10 @@ def evaluate_views(
         progress: show a tqdm progress bar.
 
     Returns:
-        ``{"views": N, "settings": {name: {metric: {"vq": v, "fdm": v}, "feature_ratio": r}}, "notes": [...]}``;
-        every metric is a mean over views (the feature ratio per view over its generated cells); FID is over
-        the whole set.
+        ``{"views": N, "settings": {name: {metric: {"vq": v, "fdm": v}, "feature_ratio": r, "psnr_continuous": p}},
+        "notes": [...]}``; every metric is a mean over views (the feature ratio per view over its generated cells);
+        ``psnr_continuous`` decodes the encoder's features unquantized, the bound of any feature correction; FID
+        is over the whole set.
     """
     device = next(dequantizer.fdm.parameters()).device
     notes: list[str] = []
@@ -140,6 +141,7 @@ def evaluate_views(
             for key in ("psnr_vq", "psnr_fdm", "ssim_vq", "ssim_fdm"):
                 a.setdefault(key, []).append(getattr(r, key).cpu())
             a.setdefault("ratio", []).append(r.feature_ratio.cpu())
+            a.setdefault("psnr_z", []).append(r.psnr_z.cpu())
             if lpips is not None:
                 a.setdefault("stlpips_vq", []).append(lpips(r.vq, x).flatten().cpu())
                 a.setdefault("stlpips_fdm", []).append(lpips(r.fdm, x).flatten().cpu())
@@ -154,6 +156,7 @@ def evaluate_views(
             if f"{metric}_vq" in a:
                 out[metric] = {k: float(torch.cat(a[f"{metric}_{k}"]).mean()) for k in ("vq", "fdm")}
         out["feature_ratio"] = float(torch.cat(a["ratio"]).mean())
+        out["psnr_continuous"] = float(torch.cat(a["psnr_z"]).mean())
         if fid is not None:
             real = np.stack(a["inception_real"])
             out["fid"] = {k: _fid(fid, real, np.stack(a[f"inception_{k}"])) for k in ("vq", "fdm")}

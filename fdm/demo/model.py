@@ -22,7 +22,7 @@ DEMO_FDM_DIR = ASSETS / "fdm"
 
 
 def load_demo_vqgan() -> nn.Module:
-    """The embedded VQGAN (taming ``VQModel``, f8, 256 codes of 32 channels), on the CPU in eval mode.
+    """The embedded VQGAN (taming ``VQModel``, f8, 64 codes of 16 channels), on the CPU in eval mode.
 
     Raises:
         ImportError: taming-transformers is missing (``pip install "fdm-vq[taming]"``).

@@ -108,7 +108,7 @@ def run_demo(out_dir: str | Path, *, progress: bool = True, device: str | torch.
         [[to_pil(r.x[0]), to_pil(r.vq[0]), to_pil(r.fdm[0]), error_map(r.x[0], r.vq[0]), error_map(r.x[0], r.fdm[0])]
          for r in plain],
         ["original", "VQ reconstruction", "with FDM", "error, VQ", "error, with FDM"],
-        title="FDM on the embedded VQGAN (f8, 256 codes): reconstruction",
+        title=f"FDM on the embedded VQGAN (f8, {dequantizer.adapter.codebook().shape[0]} codes): reconstruction",
         row_labels=[_label(r) for r in plain],
         caption="Every latent cell quantized to its nearest code; FDM predicts the quantization error z - z_q from "
                 "the codes and adds it back. Error maps: mean |difference|, black = 0, white >= 0.25.",

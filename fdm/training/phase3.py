@@ -55,7 +55,8 @@ logger = logging.getLogger(__name__)
 
 # config fields that must not change when a run is resumed (they shape the data order, masks or schedules)
 _RESUME_FIELDS = ("steps", "batch_size", "lr", "min_lr", "warmup_steps", "disc_lr", "disc_warmup_steps",
-                  "hole_ratio", "weights", "start_steps", "drop_vgg_terms", "disc_channels", "seed")
+                  "hole_ratio", "weights", "start_steps", "drop_vgg_terms", "disc_channels", "freeze_decoder",
+                  "seed")
 
 
 @dataclass
@@ -77,6 +78,8 @@ class Phase3Config:
         drop_vgg_terms: train without the perceptual and style terms, instead of stopping with
             :class:`~fdm.training.backbones.VGG19WeightsMissing` when no VGG19 weights are found.
         disc_channels: width of the discriminator's first layer (paper: 64).
+        freeze_decoder: train the FDM alone on the image losses, through the frozen decoder: the result stays a
+            drop-in for the unchanged base model (``finetuned_decoder=False``, no ``decoder.safetensors``).
         mixed_precision: float16 autocast + gradient scaling on CUDA (ignored on CPU).
         seed: seeds the data order, the masks and the discriminator initialisation.
         device: ``"cpu"``, ``"cuda"``...; None keeps the base model's device. Under torchrun, ``"cuda"`` means
@@ -109,6 +112,7 @@ class Phase3Config:
     vgg_weights: str | None = None
     drop_vgg_terms: bool = False
     disc_channels: int = 64
+    freeze_decoder: bool = False
     mixed_precision: bool = True
     seed: int = 0
     device: str | None = None
@@ -218,7 +222,9 @@ class Phase3Trainer:
         self.device = self.ctx.device
         self.output_dir = Path(cfg.output_dir)
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.generator = _Generator(fdm_module.to(self.device), self.adapter).requires_grad_(True).train()
+        self.generator = _Generator(fdm_module.to(self.device), self.adapter).requires_grad_(True)
+        self.generator.decoder.requires_grad_(not cfg.freeze_decoder)
+        self._train_mode()
         self.views, self.val_views = views, val_views
 
         self.schedule = cfg.loss_schedule()
@@ -231,7 +237,7 @@ class Phase3Trainer:
         self.loss = Phase3Loss(self.schedule, backbone=backbone, discriminator=self.discriminator).to(self.device)
 
         self.net = wrap_ddp(self.generator, self.ctx)
-        self.optimizer = paper_optimizer(self.generator.parameters(), cfg.lr)
+        self.optimizer = paper_optimizer([p for p in self.generator.parameters() if p.requires_grad], cfg.lr)
         self.scheduler = WarmupCosineLR(self.optimizer, cfg.steps, cfg.warmup_steps, cfg.min_lr)
         self.amp = cfg.mixed_precision and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -244,6 +250,12 @@ class Phase3Trainer:
         self.step = 0
         self._mask_generator = torch.Generator()
         self._metrics: ImageMetrics | None = None
+
+    def _train_mode(self) -> None:
+        """Training mode for the trained parts; a frozen decoder stays in eval mode."""
+        self.generator.train()
+        if self.config.freeze_decoder:
+            self.generator.decoder.eval()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -333,7 +345,7 @@ class Phase3Trainer:
         try:
             recon = self.generator(inp["z_in"], inp["cells"], hole)[1].float()
         finally:
-            self.generator.train()
+            self._train_mode()
         if self._metrics is None:
             self._metrics = ImageMetrics(lpips=self.config.extra_metrics, fid=self.config.fid, device=self.device)
         metrics = self._metrics(recon, x)
@@ -403,18 +415,21 @@ class Phase3Trainer:
     # --- the result ------------------------------------------------------------------------------------
 
     def result(self) -> FDM:
-        """A copy of the FDM with ``finetuned_decoder=True`` carrying the current decoder weights (CPU, eval)."""
+        """A copy of the FDM (CPU, eval) with ``finetuned_decoder=True`` carrying the current decoder weights, or,
+        with ``freeze_decoder``, a plain FDM for the unchanged decoder."""
         source = self.generator.fdm
-        config = {**source.config, "finetuned_decoder": True}
+        config = {**source.config, "finetuned_decoder": not self.config.freeze_decoder}
         config["base_model_fingerprint"] = config["base_model_fingerprint"] or self.adapter.fingerprint()
         cfg = self.config
         config["training"] = {**source.training_info, "phase3": {
             "steps": self.step, "batch_size": cfg.batch_size, "world_size": self.ctx.world_size,
             "hole_ratio": list(cfg.hole_ratio) if cfg.hole_ratio is not None else None, "lr": cfg.lr,
-            "warmup_steps": cfg.warmup_steps, "seed": cfg.seed, **self.schedule.to_dict()}}
+            "warmup_steps": cfg.warmup_steps, "seed": cfg.seed, "freeze_decoder": cfg.freeze_decoder,
+            **self.schedule.to_dict()}}
         result = FDM(**config)
         result.load_state_dict(source.state_dict())
-        result.decoder_state = decoder_state_dict(self.adapter)
+        if not cfg.freeze_decoder:
+            result.decoder_state = decoder_state_dict(self.adapter)
         return result.cpu().eval()
 
     # --- the loop --------------------------------------------------------------------------------------
@@ -467,7 +482,8 @@ class Phase3Trainer:
         result = self.result()
         if self.ctx.is_main and self.step == cfg.steps:
             result.save_pretrained(self.output_dir / "fdm")
-            logger.info("saved the fine-tuned FDM and its decoder to %s", self.output_dir / "fdm")
+            logger.info("saved the fine-tuned FDM%s to %s", "" if cfg.freeze_decoder else " and its decoder",
+                        self.output_dir / "fdm")
         barrier(self.ctx)
         return result
 
