@@ -355,73 +355,54 @@ def train_baseline(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- CLI
 
 
+def _stage_parser(sub, name: str, what: str, func, *, out: Path, steps: int, batch: int, lr: float,
+                  base: bool = True) -> argparse.ArgumentParser:
+    """A sub-command with the options every stage has; ``base``: it also reads the VQGAN and fixed training views."""
+    p = sub.add_parser(name, help=what)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    if base:
+        p.add_argument("--vqgan-dir", type=Path, default=ASSETS)
+        p.add_argument("--views", type=int, default=4096)
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=func)
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("vqgan", help="stage 1: train the demo VQGAN")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--out", type=Path, default=ASSETS)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--crop", type=int, default=64)
+    p = _stage_parser(sub, "vqgan", "stage 1: train the demo VQGAN", train_vqgan, out=ASSETS, steps=1500, batch=16,
+                      lr=1e-3, base=False)
     p.add_argument("--warm-crop", type=int, default=32, help="smaller crops for the first steps (4x cheaper)")
     p.add_argument("--warm-fraction", type=float, default=0.67, help="fraction of steps on --warm-crop crops")
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--n-embed", type=int, default=N_EMBED)
     p.add_argument("--embed-dim", type=int, default=EMBED_DIM)
     p.add_argument("--beta", type=float, default=BETA, help="commitment weight of taming's VectorQuantizer2")
     p.add_argument("--continuous-fraction", type=float, default=CONTINUOUS_FRACTION,
                    help="fraction of the samples that the decoder sees unquantized (z instead of z_q)")
     p.add_argument("--restart-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(func=train_vqgan)
 
-    p = sub.add_parser("fdm", help="stage 2: train the demo FDM with the phase-2 trainer")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--vqgan-dir", type=Path, default=ASSETS)
-    p.add_argument("--out", type=Path, default=PHASE2_DIR)
-    p.add_argument("--views", type=int, default=4096)
-    p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p = _stage_parser(sub, "fdm", "stage 2: train the demo FDM with the phase-2 trainer", train_fdm, out=PHASE2_DIR,
+                      steps=2000, batch=32, lr=1e-3)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--blocks", type=int, default=6)
-    p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(func=train_fdm)
 
-    p = sub.add_parser("fdm-image", help="stage 3: fine-tune the FDM on image losses through the frozen decoder")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--vqgan-dir", type=Path, default=ASSETS)
+    p = _stage_parser(sub, "fdm-image", "stage 3: fine-tune the FDM on image losses through the frozen decoder",
+                      tune_fdm, out=ASSETS / "fdm", steps=600, batch=16, lr=2e-4)
     p.add_argument("--fdm-dir", type=Path, default=PHASE2_DIR, help="the phase-2 FDM to start from")
-    p.add_argument("--out", type=Path, default=ASSETS / "fdm")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "fdm-image", help="logs (metrics.jsonl)")
-    p.add_argument("--views", type=int, default=4096)
-    p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(func=tune_fdm)
 
     for name, what in (("decoder-baseline", "fine-tune the decoder on z_q instead of adding FDM"),
                        ("codebook-baseline", "double the codebook and fine-tune it with the decoder")):
-        p = sub.add_parser(name, help=f"baseline: {what}")
-        p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-        p.add_argument("--vqgan-dir", type=Path, default=ASSETS)
-        p.add_argument("--out", type=Path, default=ROOT / "runs" / name)
-        p.add_argument("--views", type=int, default=4096)
-        p.add_argument("--crop", type=int, default=64)
-        p.add_argument("--steps", type=int, default=300)
-        p.add_argument("--batch", type=int, default=16)
-        p.add_argument("--lr", type=float, default=5e-4)
-        p.add_argument("--seed", type=int, default=SEED)
-        p.add_argument("--threads", type=int, default=2)
-        p.set_defaults(func=train_baseline)
+        _stage_parser(sub, name, f"baseline: {what}", train_baseline, out=ROOT / "runs" / name, steps=300, batch=16,
+                      lr=5e-4)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
