@@ -5,7 +5,7 @@ Sub-commands (run in this order; each is seeded and runs on CPU, see docs/demo.m
 
     python examples/train_demo_model.py vqgan            # stage 1 -> fdm/demo/assets/vqgan.{yaml,safetensors}
     python examples/train_demo_model.py fdm              # stage 2 (phase 2) -> runs/fdm-phase2/
-    python examples/train_demo_model.py fdm-image        # stage 3 (phase 3, decoder frozen) -> fdm/demo/assets/fdm/
+    python examples/train_demo_model.py fdm-image        # stage 3 (phase 3, decoder frozen) -> runs/fdm-phase3/
     python examples/train_demo_model.py decoder-baseline # baseline: decoder fine-tuned on z_q (same budget)
     python examples/train_demo_model.py codebook-baseline  # baseline: codebook doubled, fine-tuned (same budget)
 """
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--blocks", type=int, default=6)
 
     p = _stage_parser(sub, "fdm-image", "stage 3: fine-tune the FDM on image losses through the frozen decoder",
-                      tune_fdm, out=ASSETS / "fdm", steps=600, batch=16, lr=2e-4)
+                      tune_fdm, out=ROOT / "runs" / "fdm-phase3", steps=600, batch=16, lr=2e-4)
     p.add_argument("--fdm-dir", type=Path, default=PHASE2_DIR, help="the phase-2 FDM to start from")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "fdm-image", help="logs (metrics.jsonl)")
 
