@@ -4,10 +4,11 @@ fixed random crops of a folder of photos. Prints one table (optionally writes JS
 
     python benchmarks/quality.py ../shared/data/photos/val \
         --decoder-baseline runs/decoder-baseline --codebook-baseline runs/codebook-baseline \
-        --fdm-variant "phase 2 only=runs/fdm-phase2"
+        --decoder-control runs/decoder-control --fdm-variant "phase 2 only=runs/fdm-phase2"
 
 Baselines are VQGAN folders (``vqgan.yaml`` + ``vqgan.safetensors``) written by examples/train_demo_model.py;
-each is skipped when its folder is missing.
+each is skipped when its folder is missing. The control (decoder fine-tuned on ``z`` itself, same budget) shows how
+much of the baselines' gain is further training of the decoder rather than a better use of the codes.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--decoder-baseline", type=Path, default=Path("runs/decoder-baseline"))
     parser.add_argument("--codebook-baseline", type=Path, default=Path("runs/codebook-baseline"))
+    parser.add_argument("--decoder-control", type=Path, default=Path("runs/decoder-control"))
     parser.add_argument("--fdm-variant", action="append", default=[], metavar="LABEL=FOLDER",
                         help="another FDM for the embedded VQGAN (save_pretrained folder), one more row")
     parser.add_argument("--no-extras", action="store_true", help="skip FID and ST-LPIPS")
@@ -91,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         added = model.quantize.embedding.weight.numel() - base.quantize.embedding.weight.numel()
         rows.append(_row("codebook doubled", _plain(model, views, args)["settings"]["reconstruction"], "vq", added,
                          base_psnr, note="new codes: the transformer must be retrained"))
+    if (args.decoder_control / "vqgan.safetensors").is_file():
+        model = load_model(args.decoder_control / "vqgan.yaml", args.decoder_control / "vqgan.safetensors")
+        metrics = _plain(model, views, args)["settings"]["reconstruction"]
+        rows.append(_row("decoder fine-tuned on z (control)", metrics, "vq", 0, base_psnr,
+                         note=f"decodes z_q, never trained on it; its decode(z): {metrics['psnr_continuous']:.2f} dB"))
     rows.append({"method": "decoding z unquantized", "added_params": None, "psnr": recon["psnr_continuous"],
                  "psnr_gain": recon["psnr_continuous"] - base_psnr, "feature_ratio": 0.0,
                  "note": "bound of any feature correction"})

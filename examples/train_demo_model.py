@@ -8,6 +8,7 @@ Sub-commands (run in this order; each is seeded and runs on CPU, see docs/demo.m
     python examples/train_demo_model.py fdm-image        # stage 3 (phase 3, decoder frozen) -> runs/fdm-phase3/
     python examples/train_demo_model.py decoder-baseline # baseline: decoder fine-tuned on z_q (same budget)
     python examples/train_demo_model.py codebook-baseline  # baseline: codebook doubled, fine-tuned (same budget)
+    python examples/train_demo_model.py decoder-control  # control: decoder fine-tuned on z itself (same budget)
 """
 
 from __future__ import annotations
@@ -307,7 +308,9 @@ def train_baseline(args: argparse.Namespace) -> None:
 
     - ``decoder-baseline``: ``post_quant_conv`` + decoder fine-tuned on the quantized features ``z_q``;
     - ``codebook-baseline``: the codebook doubled (every code split in two: the copy gets a small random offset),
-      then codebook (taming's codebook loss) + ``post_quant_conv`` + decoder fine-tuned together.
+      then codebook (taming's codebook loss) + ``post_quant_conv`` + decoder fine-tuned together;
+    - ``decoder-control``: ``post_quant_conv`` + decoder fine-tuned on the continuous features ``z`` (never on
+      ``z_q``): how much of the baselines' gain is further training of the decoder alone.
 
     Writes a VQGAN folder (``vqgan.yaml`` + ``vqgan.safetensors``) to ``--out`` for benchmarks/quality.py.
     """
@@ -339,8 +342,11 @@ def train_baseline(args: argparse.Namespace) -> None:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=args.steps // 20)
         idx = torch.randint(len(images), (args.batch,), generator=gen)
-        z_q, qloss, _ = model.quantize(z[idx])
-        loss = (model.decode(z_q) - images[idx]).abs().mean() + (qloss if double else 0.0)
+        if args.command == "decoder-control":
+            features, qloss = z[idx], 0.0
+        else:
+            features, qloss, _ = model.quantize(z[idx])
+        loss = (model.decode(features) - images[idx]).abs().mean() + (qloss if double else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -400,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "fdm-image", help="logs (metrics.jsonl)")
 
     for name, what in (("decoder-baseline", "fine-tune the decoder on z_q instead of adding FDM"),
-                       ("codebook-baseline", "double the codebook and fine-tune it with the decoder")):
+                       ("codebook-baseline", "double the codebook and fine-tune it with the decoder"),
+                       ("decoder-control", "fine-tune the decoder on z itself (further training alone)")):
         _stage_parser(sub, name, f"baseline: {what}", train_baseline, out=ROOT / "runs" / name, steps=300, batch=16,
                       lr=5e-4)
 
