@@ -4,6 +4,7 @@
 Sub-commands (run in this order; each is seeded and runs on CPU, see docs/demo.md for timings):
 
     python examples/train_demo_model.py vqgan            # stage 1 -> fdm/demo/assets/vqgan.{yaml,safetensors}
+    python examples/train_demo_model.py vqgan-decoder    # stage 1b: decoder trained further on z, in place
     python examples/train_demo_model.py fdm              # stage 2 (phase 2) -> runs/fdm-phase2/
     python examples/train_demo_model.py fdm-image        # stage 3 (phase 3, decoder frozen) -> runs/fdm-phase3/
     python examples/train_demo_model.py decoder-baseline # baseline: decoder fine-tuned on z_q (same budget)
@@ -302,10 +303,14 @@ def tune_fdm(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- baselines
 
 
-def train_baseline(args: argparse.Namespace) -> None:
-    """Baselines a user could train instead of FDM, on the FDM's crops with the encoder frozen (its features are
-    computed once, as for FDM), L1 reconstruction, Adam, warm-up + cosine:
+def finetune_decoder(args: argparse.Namespace) -> None:
+    """Stage 1b and the baselines a user could train instead of FDM: the decoder (and for one baseline the codebook)
+    trained on the FDM's crops with the encoder frozen (its features are computed once, as for FDM), L1
+    reconstruction, Adam, warm-up + cosine:
 
+    - ``vqgan-decoder`` (stage 1b): ``post_quant_conv`` + decoder trained further on the continuous features ``z``,
+      so that the decoder uses the detail the codes leave out (codebook and encoder unchanged: an FDM trained
+      for the stage-1 model stays valid);
     - ``decoder-baseline``: ``post_quant_conv`` + decoder fine-tuned on the quantized features ``z_q``;
     - ``codebook-baseline``: the codebook doubled (every code split in two: the copy gets a small random offset),
       then codebook (taming's codebook loss) + ``post_quant_conv`` + decoder fine-tuned together;
@@ -342,7 +347,7 @@ def train_baseline(args: argparse.Namespace) -> None:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=args.steps // 20)
         idx = torch.randint(len(images), (args.batch,), generator=gen)
-        if args.command == "decoder-control":
+        if args.command in ("vqgan-decoder", "decoder-control"):
             features, qloss = z[idx], 0.0
         else:
             features, qloss, _ = model.quantize(z[idx])
@@ -395,6 +400,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="fraction of the samples that the decoder sees unquantized (z instead of z_q)")
     p.add_argument("--restart-every", type=int, default=100)
 
+    _stage_parser(sub, "vqgan-decoder", "stage 1b: train the decoder further on z (encoder and codebook frozen)",
+                  finetune_decoder, out=ASSETS, steps=1500, batch=16, lr=5e-4)
+
     p = _stage_parser(sub, "fdm", "stage 2: train the demo FDM with the phase-2 trainer", train_fdm, out=PHASE2_DIR,
                       steps=2000, batch=32, lr=1e-3)
     p.add_argument("--hidden", type=int, default=64)
@@ -408,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, what in (("decoder-baseline", "fine-tune the decoder on z_q instead of adding FDM"),
                        ("codebook-baseline", "double the codebook and fine-tune it with the decoder"),
                        ("decoder-control", "fine-tune the decoder on z itself (further training alone)")):
-        _stage_parser(sub, name, f"baseline: {what}", train_baseline, out=ROOT / "runs" / name, steps=300, batch=16,
+        _stage_parser(sub, name, f"baseline: {what}", finetune_decoder, out=ROOT / "runs" / name, steps=300, batch=16,
                       lr=5e-4)
 
     args = parser.parse_args(argv)

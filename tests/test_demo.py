@@ -67,7 +67,9 @@ def test_demo_fdm_moves_features_towards_z(demo_run):
 def test_demo_fdm_improves_reconstruction_psnr(demo_run):
     _, out, _ = demo_run
     rows = json.loads((out / METRICS_FILE).read_text())["reconstruction"]
-    assert all(row["psnr_fdm"] > row["psnr_vq"] + 0.02 for row in rows), rows
+    # measured: +0.50 / +0.47 / +0.21 dB on astronaut / coffee / chelsea; margins for other torch builds
+    assert all(row["psnr_fdm"] > row["psnr_vq"] + 0.1 for row in rows), rows
+    assert sum(row["psnr_fdm"] - row["psnr_vq"] for row in rows) / len(rows) > 0.25, rows
     assert all(row["feature_ratio"] < 0.75 for row in rows), rows
 
 
