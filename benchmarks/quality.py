@@ -26,25 +26,35 @@ from fdm.demo.evaluation import evaluate_views
 from fdm.demo.model import load_demo_fdm, load_demo_vqgan
 from fdm.training.data import ImageFolderViews
 
-PLAIN = "VQGAN (plain)"
+# (--option, method, note): VQGAN folders written by examples/train_demo_model.py, evaluated without FDM
+BASELINES = (
+    ("decoder_baseline", "decoder fine-tuned on z_q", "same size; replaces the decoder"),
+    ("codebook_baseline", "codebook doubled", "new codes: the transformer must be retrained"),
+    ("decoder_control", "decoder fine-tuned on z (control)", "decodes z_q, never trained on it"),
+)
 
 
-def _plain(model: torch.nn.Module, views, args) -> dict:
-    """Metrics of a model's plain reconstruction: a fresh FDM is an exact identity (zero-initialised head), so the
-    evaluation's "fdm" column equals its "vq" column; the "vq" column is used."""
-    identity = FDM(model.post_quant_conv.in_channels, hidden_channels=2, num_blocks=0)
-    return evaluate_views(Dequantizer(model, identity), views, batch_size=args.batch_size, extras=not args.no_extras,
+def _evaluate(model: torch.nn.Module, module: FDM, views, args) -> dict:
+    """evaluate_views of ``model`` + ``module`` with the command line's batch size, extras and progress."""
+    return evaluate_views(Dequantizer(model, module), views, batch_size=args.batch_size, extras=not args.no_extras,
                           progress=not args.no_progress)
 
 
-def _row(name: str, metrics: dict, column: str, added: int, base_psnr: float, note: str = "") -> dict:
-    row = {"method": name, "added_params": added, "note": note}
+def _plain(model: torch.nn.Module, views, args) -> dict:
+    """Reconstruction metrics of a model without FDM: a fresh FDM is an exact identity (zero-initialised head), so
+    the evaluation's "fdm" column equals its "vq" column; the "vq" column is used."""
+    identity = FDM(model.post_quant_conv.in_channels, hidden_channels=2, num_blocks=0)
+    return _evaluate(model, identity, views, args)["settings"]["reconstruction"]
+
+
+def _row(name: str, metrics: dict, column: str, added: int, base_psnr: float, feature_ratio: float | None,
+         note: str = "") -> dict:
+    """One table row from ``metrics[...][column]``. ``feature_ratio``: ||z - z_dq|| / ||z - z_q|| against the
+    embedded model's codes (None for a baseline with another codebook or decoder: not comparable)."""
+    row = {"method": name, "added_params": added, "note": note, "feature_ratio": feature_ratio}
     for key in ("psnr", "ssim", "stlpips", "fid"):
         if key in metrics:
             row[key] = metrics[key][column]
-    # ||z - z_dq|| / ||z - z_q|| is defined against the embedded model's own codes: 1 for its plain decode, and not
-    # comparable for a baseline with another codebook or decoder.
-    row["feature_ratio"] = metrics["feature_ratio"] if column == "fdm" else (1.0 if name == PLAIN else None)
     row["psnr_gain"] = row["psnr"] - base_psnr
     row["gain_per_100k_params"] = row["psnr_gain"] / added * 1e5 if added else None
     return row
@@ -71,33 +81,27 @@ def main(argv: list[str] | None = None) -> int:
     views = ImageFolderViews(args.folder, crop_size=args.crop, views_per_image=args.views_per_image, seed=args.seed,
                              scale_range=(1.0, 2.0))
     base, fdm_module = load_demo_vqgan(), load_demo_fdm()
-    report = evaluate_views(Dequantizer(base, fdm_module), views, batch_size=args.batch_size,
-                            extras=not args.no_extras, progress=not args.no_progress)
+    report = _evaluate(base, fdm_module, views, args)
     recon = report["settings"]["reconstruction"]
     base_psnr = recon["psnr"]["vq"]
-    rows = [_row(PLAIN, recon, "vq", 0, base_psnr),
-            _row("VQGAN + FDM (shipped)", recon, "fdm", sum(p.numel() for p in fdm_module.parameters()), base_psnr)]
+    rows = [_row("VQGAN (plain)", recon, "vq", 0, base_psnr, 1.0),
+            _row("VQGAN + FDM (shipped)", recon, "fdm", sum(p.numel() for p in fdm_module.parameters()), base_psnr,
+                 recon["feature_ratio"])]
     for variant in args.fdm_variant:
         label, _, folder = variant.partition("=")
         module = FDM.from_pretrained(folder)
-        metrics = evaluate_views(Dequantizer(base, module), views, batch_size=args.batch_size,
-                                 extras=not args.no_extras, progress=not args.no_progress)
-        rows.append(_row(f"VQGAN + FDM ({label})", metrics["settings"]["reconstruction"], "fdm",
-                         sum(p.numel() for p in module.parameters()), base_psnr))
-    if (args.decoder_baseline / "vqgan.safetensors").is_file():
-        model = load_model(args.decoder_baseline / "vqgan.yaml", args.decoder_baseline / "vqgan.safetensors")
-        rows.append(_row("decoder fine-tuned on z_q", _plain(model, views, args)["settings"]["reconstruction"], "vq",
-                         0, base_psnr, note="same size; replaces the decoder"))
-    if (args.codebook_baseline / "vqgan.safetensors").is_file():
-        model = load_model(args.codebook_baseline / "vqgan.yaml", args.codebook_baseline / "vqgan.safetensors")
+        metrics = _evaluate(base, module, views, args)["settings"]["reconstruction"]
+        rows.append(_row(f"VQGAN + FDM ({label})", metrics, "fdm", sum(p.numel() for p in module.parameters()),
+                         base_psnr, metrics["feature_ratio"]))
+    for option, name, note in BASELINES:
+        folder = getattr(args, option)
+        if not (folder / "vqgan.safetensors").is_file():
+            continue
+        model = load_model(folder / "vqgan.yaml", folder / "vqgan.safetensors")
+        metrics = _plain(model, views, args)
         added = model.quantize.embedding.weight.numel() - base.quantize.embedding.weight.numel()
-        rows.append(_row("codebook doubled", _plain(model, views, args)["settings"]["reconstruction"], "vq", added,
-                         base_psnr, note="new codes: the transformer must be retrained"))
-    if (args.decoder_control / "vqgan.safetensors").is_file():
-        model = load_model(args.decoder_control / "vqgan.yaml", args.decoder_control / "vqgan.safetensors")
-        metrics = _plain(model, views, args)["settings"]["reconstruction"]
-        rows.append(_row("decoder fine-tuned on z (control)", metrics, "vq", 0, base_psnr,
-                         note=f"decodes z_q, never trained on it; its decode(z): {metrics['psnr_continuous']:.2f} dB"))
+        rows.append(_row(name, metrics, "vq", added, base_psnr, None,
+                         note=f"{note}; its decode(z): {metrics['psnr_continuous']:.2f} dB"))
     rows.append({"method": "decoding z unquantized", "added_params": None, "psnr": recon["psnr_continuous"],
                  "psnr_gain": recon["psnr_continuous"] - base_psnr, "feature_ratio": 0.0,
                  "note": "bound of any feature correction"})

@@ -322,6 +322,7 @@ def finetune_decoder(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model = load_base(args)
     double = args.command == "codebook-baseline"
+    on_z = args.command in ("vqgan-decoder", "decoder-control")  # decode z itself, never z_q
     n_embed = model.quantize.n_e * (2 if double else 1)
     if double:
         from taming.modules.vqvae.quantize import VectorQuantizer2
@@ -347,10 +348,7 @@ def finetune_decoder(args: argparse.Namespace) -> None:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=args.steps // 20)
         idx = torch.randint(len(images), (args.batch,), generator=gen)
-        if args.command in ("vqgan-decoder", "decoder-control"):
-            features, qloss = z[idx], 0.0
-        else:
-            features, qloss, _ = model.quantize(z[idx])
+        features, qloss = (z[idx], 0.0) if on_z else model.quantize(z[idx])[:2]
         loss = (model.decode(features) - images[idx]).abs().mean() + (qloss if double else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -413,11 +411,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fdm-dir", type=Path, default=PHASE2_DIR, help="the phase-2 FDM to start from")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "fdm-image", help="logs (metrics.jsonl)")
 
-    for name, what in (("decoder-baseline", "fine-tune the decoder on z_q instead of adding FDM"),
-                       ("codebook-baseline", "double the codebook and fine-tune it with the decoder"),
-                       ("decoder-control", "fine-tune the decoder on z itself (further training alone)")):
-        _stage_parser(sub, name, f"baseline: {what}", finetune_decoder, out=ROOT / "runs" / name, steps=300, batch=16,
-                      lr=5e-4)
+    for name, what in (("decoder-baseline", "baseline: fine-tune the decoder on z_q instead of adding FDM"),
+                       ("codebook-baseline", "baseline: double the codebook and fine-tune it with the decoder"),
+                       ("decoder-control", "control: fine-tune the decoder on z itself (further training alone)")):
+        _stage_parser(sub, name, what, finetune_decoder, out=ROOT / "runs" / name, steps=300, batch=16, lr=5e-4)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
