@@ -1,15 +1,13 @@
-"""Reproduce the demo model embedded in ``fdm.demo``: a small f8 VQGAN in the taming-transformers architecture
+"""Reproduce the demo model embedded in ``fdm.demo``: a small f4 VQGAN in the taming-transformers architecture
 (Esser et al., CVPR 2021) trained on random photo crops, then an FDM for it (Park & Jung, WACV 2025).
 
 Sub-commands (run in this order; each is seeded and runs on CPU, see docs/demo.md for timings):
 
     python examples/train_demo_model.py vqgan            # stage 1 -> fdm/demo/assets/vqgan.{yaml,safetensors}
-    python examples/train_demo_model.py vqgan-decoder    # stage 1b: decoder trained further on z, in place
     python examples/train_demo_model.py fdm              # stage 2 (phase 2) -> runs/fdm-phase2/
-    python examples/train_demo_model.py fdm-image        # stage 3 (phase 3, decoder frozen) -> runs/fdm-phase3/
-    python examples/train_demo_model.py decoder-baseline # baseline: decoder fine-tuned on z_q (same budget)
-    python examples/train_demo_model.py codebook-baseline  # baseline: codebook doubled, fine-tuned (same budget)
-    python examples/train_demo_model.py decoder-control  # control: decoder fine-tuned on z itself (same budget)
+    python examples/train_demo_model.py fdm-addon        # phase 3, decoder frozen: the add-on FDM -> runs/fdm-addon/
+    python examples/train_demo_model.py fdm-joint        # phase 3, FDM + decoder (the paper) -> runs/fdm-joint/
+    python examples/train_demo_model.py decoder-only     # phase 3 ablation, decoder alone -> runs/decoder-only/
 """
 
 from __future__ import annotations
@@ -34,11 +32,12 @@ ASSETS = ROOT / "fdm" / "demo" / "assets"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "photos" / "train"
 PHASE2_DIR = ROOT / "runs" / "fdm-phase2"  # stage 2's FDM, the start of stage 3 (not shipped)
 
-# The demo VQGAN: taming's Encoder/Decoder at f8 (three down-samplings), no attention, a small codebook so that
-# the quantization error is visible. 64 channels throughout: taming normalises with GroupNorm(32 groups), and with
-# 32 channels (one per group) the last norms of the encoder and decoder remove each channel's mean over the image,
-# so the absolute colour of the image is lost. It is trained with quantization dropout (most samples decode z itself), so its
-# decoder can use the detail that quantization removes and that FDM restores.
+# The demo VQGAN: taming's Encoder/Decoder at f4 (two down-samplings), no attention, 512 codes of 16 channels: enough
+# for recognisable reconstructions, coarse enough that the quantization error is visible. At least 64 channels:
+# taming normalises with GroupNorm(32 groups), and with 32 channels (one per group) the last norms of the encoder and
+# decoder remove each channel's mean over the image, so the absolute colour of the image is lost. It is trained with
+# quantization dropout (most samples decode z itself), so its decoder can use the detail that quantization removes
+# and that FDM restores.
 DDCONFIG = {
     "double_z": False,
     "z_channels": 64,
@@ -46,12 +45,12 @@ DDCONFIG = {
     "in_channels": 3,
     "out_ch": 3,
     "ch": 64,
-    "ch_mult": [1, 1, 1, 1],
+    "ch_mult": [1, 1, 2],
     "num_res_blocks": 1,
     "attn_resolutions": [],
     "dropout": 0.0,
 }
-N_EMBED = 64
+N_EMBED = 512
 EMBED_DIM = 16
 BETA = 0.05
 CONTINUOUS_FRACTION = 0.9
@@ -74,7 +73,7 @@ class DemoVQGAN(nn.Module):
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
 
     def encode_continuous(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> z (B, embed_dim, H/8, W/8), the feature before quantization."""
+        """(B, 3, H, W) -> z (B, embed_dim, H/4, W/4), the feature before quantization."""
         return self.quant_conv(self.encoder(x))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
@@ -87,11 +86,11 @@ class DemoVQGAN(nn.Module):
 class CropSampler:
     """Random square crops of the training photos at a random down-scaling, with horizontal flips, in [-1, 1].
 
-    Each crop covers ``size / s`` source pixels, ``s`` drawn uniformly from ``scale``, resized to ``size`` with
-    antialiasing; so crops show both fine texture (s = 1) and whole-object structure (small s).
+    A crop's side in source pixels is log-uniform between ``size`` (native resolution: fine texture) and the
+    photo's shorter side (the whole photo: object structure), resized to ``size`` with antialiasing.
     """
 
-    def __init__(self, folder: Path, size: int = 64, scale: tuple[float, float] = (0.25, 1.0), seed: int = SEED):
+    def __init__(self, folder: Path, size: int = 64, seed: int = SEED):
         paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
         if not paths:
             raise FileNotFoundError(f"no .jpg/.png images in {folder}")
@@ -99,7 +98,7 @@ class CropSampler:
             torch.from_numpy(np.array(Image.open(p).convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
             for p in paths
         ]
-        self.size, self.scale = size, scale
+        self.size = size
         self.gen = torch.Generator().manual_seed(seed)
 
     def _uniform(self, lo: float, hi: float) -> float:
@@ -114,7 +113,8 @@ class CropSampler:
         for _ in range(batch):
             img = self.images[self._randint(len(self.images))]
             h, w = img.shape[-2:]
-            side = min(int(round(self.size / self._uniform(*self.scale))), h, w)
+            short = min(h, w)
+            side = min(short, int(round(math.exp(self._uniform(math.log(self.size), math.log(max(short, self.size)))))))
             top, left = self._randint(h - side + 1), self._randint(w - side + 1)
             crop = img[None, :, top : top + side, left : left + side]
             if side != self.size:
@@ -189,7 +189,14 @@ def save_vqgan(model: nn.Module, n_embed: int, out_yaml: Path, out_weights: Path
 
 
 def train_vqgan(args: argparse.Namespace) -> None:
-    """Stage 1: L1 reconstruction + taming's codebook/commitment loss, Adam, warm-up + cosine, dead-code restarts."""
+    """Stage 1: L1 reconstruction + taming's codebook/commitment loss, Adam, warm-up + cosine, dead-code restarts.
+
+    Resumable: every ``--checkpoint-every`` steps the model, optimizer, code usage and every random state are saved
+    to ``--checkpoint-dir`` (the previous checkpoint is replaced); a later run with the same options continues from
+    the latest one and ends with the same weights as an uninterrupted run.
+    """
+    from fdm.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+
     torch.manual_seed(args.seed)
     data = CropSampler(args.data, size=args.crop, seed=args.seed)
     warm = CropSampler(args.data, size=args.warm_crop, seed=args.seed + 2)
@@ -197,9 +204,19 @@ def train_vqgan(args: argparse.Namespace) -> None:
     model = DemoVQGAN(DDCONFIG, args.n_embed, args.embed_dim, beta=args.beta)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
     gen = torch.Generator().manual_seed(args.seed + 1)
+    generators = {"data": data.gen, "warm": warm.gen, "dropout": gen}
     usage = torch.zeros(args.n_embed)
+    first = 0
+    if (resume := latest_checkpoint(args.checkpoint_dir)) is not None:
+        state = load_checkpoint(resume, {"vqgan": model})
+        opt.load_state_dict(state["optimizer"])
+        for name, g in generators.items():
+            g.set_state(state["generators"][name])
+        torch.set_rng_state(state["torch_rng"])
+        usage, first = state["usage"], state["step"]
+        log.info("resumed from %s", resume)
     start = time.time()
-    for step in range(args.steps):
+    for step in range(first, args.steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=args.steps // 50)
         x = (warm if step < warm_steps else data).sample(args.batch)
@@ -211,6 +228,8 @@ def train_vqgan(args: argparse.Namespace) -> None:
         x_rec = model.decode(z_q)
         rec = (x - x_rec).abs().mean()
         loss = rec + qloss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"stage 1: the loss is {loss.item()} at step {step + 1}; nothing saved")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -222,6 +241,10 @@ def train_vqgan(args: argparse.Namespace) -> None:
                      step + 1, args.steps, rec.item(), qloss.item(), psnr, int((usage > 0).sum()), args.n_embed,
                      restarted, opt.param_groups[0]["lr"], time.time() - start)
             usage.zero_()
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+            state = {"optimizer": opt.state_dict(), "usage": usage, "torch_rng": torch.get_rng_state(),
+                     "generators": {name: g.get_state() for name, g in generators.items()}}
+            save_checkpoint(args.checkpoint_dir, step + 1, {"vqgan": model}, state, keep=1)
     model.eval()
     log_quantization_gap(model, DEFAULT_DATA.parent / "val", args.crop, args.seed)
     meta = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "crop": args.crop,
@@ -282,83 +305,43 @@ def train_fdm(args: argparse.Namespace) -> None:
     log.info("FDM: %d parameters, saved to %s", sum(p.numel() for p in module.parameters()), args.out)
 
 
-def tune_fdm(args: argparse.Namespace) -> None:
-    """Stage 3: the project's phase-3 trainer with the decoder frozen (``freeze_decoder``): the phase-2 FDM is
-    fine-tuned alone on the paper's qe + L1 + gradient terms through the unchanged decoder, so that its corrected
-    features also decode closer to the image (no GAN, no VGG terms: CPU budget). The VQGAN is not modified."""
+# Phase-3 runs compared in docs/quality.md: the same crops, losses (the paper's qe + L1 + gradient + adversarial +
+# perceptual + style, the backbone terms on ST-LPIPS's shift-tolerant VGG16, which ships with the eval extra) and
+# budget; they differ only in what is trained.
+PHASE3_RUNS = {
+    "fdm-addon": ("add-on FDM: the phase-2 FDM trained further through the frozen decoder (base model unchanged)",
+                  {"freeze_decoder": True}),
+    "fdm-joint": ("the paper's phase 3: the phase-2 FDM and the decoder trained jointly", {}),
+    "decoder-only": ("ablation: the decoder alone, with an identity FDM (decoder fine-tuning, no FDM)",
+                     {"freeze_fdm": True}),
+}
+
+
+def train_phase3(args: argparse.Namespace) -> None:
+    """The project's phase-3 trainer on the demo VQGAN, as ``PHASE3_RUNS[args.command]`` says; writes the result
+    (an FDM folder, with ``decoder.safetensors`` when the decoder was trained) to ``--out``. The VQGAN's files are
+    not modified. The loss terms start at 10 % (gradient, perceptual, style) and 20 % (adversarial) of the run,
+    the paper's start steps scaled to this budget."""
     from fdm import FDM
-    from fdm.training import Phase3Config, Phase3Trainer, TensorViews
+    from fdm.training import Phase3Config, Phase3Trainer, TensorViews, latest_checkpoint
 
     model = load_base(args)
+    _, overrides = PHASE3_RUNS[args.command]
+    if overrides.get("freeze_fdm"):  # a fresh FDM is an exact identity (zero-initialised head)
+        module = FDM(model.quantize.e_dim, hidden_channels=2, num_blocks=0)
+    else:
+        module = FDM.from_pretrained(args.fdm_dir)
+    later = max(1, args.steps // 10)
     config = Phase3Config(
         steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.steps // 20, hole_ratio=(0.3, 0.9),
-        weights={"adversarial": 0.0}, drop_vgg_terms=True, freeze_decoder=True, seed=args.seed,
-        output_dir=str(args.work), val_every=0, checkpoint_every=0, extra_metrics=False, log_every=50,
+        start_steps={"gradient": later, "perceptual": later, "style": later, "adversarial": 2 * later},
+        disc_warmup_steps=later, backbone="st-vgg16", seed=args.seed, output_dir=str(args.work / args.command),
+        val_every=0, checkpoint_every=args.checkpoint_every, extra_metrics=False, log_every=50, **overrides,
     )
-    module = Phase3Trainer(model, FDM.from_pretrained(args.fdm_dir), TensorViews(training_views(args)), config).train()
-    module.save_pretrained(args.out)
-    log.info("FDM (phase 3, decoder frozen) saved to %s", args.out)
-
-
-# ----------------------------------------------------------------------------------------------- baselines
-
-
-def finetune_decoder(args: argparse.Namespace) -> None:
-    """Stage 1b and the baselines a user could train instead of FDM: the decoder (and for one baseline the codebook)
-    trained on the FDM's crops with the encoder frozen (its features are computed once, as for FDM), L1
-    reconstruction, Adam, warm-up + cosine:
-
-    - ``vqgan-decoder`` (stage 1b): ``post_quant_conv`` + decoder trained further on the continuous features ``z``,
-      so that the decoder uses the detail the codes leave out (codebook and encoder unchanged: an FDM trained
-      for the stage-1 model stays valid);
-    - ``decoder-baseline``: ``post_quant_conv`` + decoder fine-tuned on the quantized features ``z_q``;
-    - ``codebook-baseline``: the codebook doubled (every code split in two: the copy gets a small random offset),
-      then codebook (taming's codebook loss) + ``post_quant_conv`` + decoder fine-tuned together;
-    - ``decoder-control``: ``post_quant_conv`` + decoder fine-tuned on the continuous features ``z`` (never on
-      ``z_q``): how much of the baselines' gain is further training of the decoder alone.
-
-    Writes a VQGAN folder (``vqgan.yaml`` + ``vqgan.safetensors``) to ``--out`` for benchmarks/quality.py.
-    """
-    torch.manual_seed(args.seed)
-    model = load_base(args)
-    double = args.command == "codebook-baseline"
-    on_z = args.command in ("vqgan-decoder", "decoder-control")  # decode z itself, never z_q
-    n_embed = model.quantize.n_e * (2 if double else 1)
-    if double:
-        from taming.modules.vqvae.quantize import VectorQuantizer2
-
-        old = model.quantize.embedding.weight.detach()
-        model.quantize = VectorQuantizer2(n_embed, old.shape[1], beta=BETA)
-        with torch.no_grad():
-            model.quantize.embedding.weight.copy_(torch.cat([old, old + 0.1 * old.std() * torch.randn_like(old)]))
-    images = training_views(args)
-    with torch.no_grad():
-        z = torch.cat([model.quant_conv(model.encoder(images[i:i + 64])) for i in range(0, len(images), 64)])
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = [*model.post_quant_conv.parameters(), *model.decoder.parameters()]
-    params += [model.quantize.embedding.weight] if double else []
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.9))
-    gen = torch.Generator().manual_seed(args.seed)
-    model.train()
-    start = time.time()
-    for step in range(args.steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=args.steps // 20)
-        idx = torch.randint(len(images), (args.batch,), generator=gen)
-        features, qloss = (z[idx], 0.0) if on_z else model.quantize(z[idx])[:2]
-        loss = (model.decode(features) - images[idx]).abs().mean() + (qloss if double else 0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % 50 == 0:
-            log.info("step %d/%d  loss %.4f  %.1f s", step + 1, args.steps, loss.item(), time.time() - start)
-    model.eval()
-    meta = {"command": args.command, "steps": args.steps, "batch": args.batch, "seed": args.seed,
-            "script": f"examples/train_demo_model.py {args.command}"}
-    save_vqgan(model, n_embed, args.out / "vqgan.yaml", args.out / "vqgan.safetensors", meta)
+    trainer = Phase3Trainer(model, module, TensorViews(training_views(args)), config)
+    resume = latest_checkpoint(trainer.checkpoint_dir)
+    trainer.train(resume_from=resume).save_pretrained(args.out)
+    log.info("%s saved to %s", args.command, args.out)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -387,10 +370,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = _stage_parser(sub, "vqgan", "stage 1: train the demo VQGAN", train_vqgan, out=ASSETS, steps=1500, batch=16,
+    p = _stage_parser(sub, "vqgan", "stage 1: train the demo VQGAN", train_vqgan, out=ASSETS, steps=4000, batch=16,
                       lr=1e-3, base=False)
     p.add_argument("--warm-crop", type=int, default=32, help="smaller crops for the first steps (4x cheaper)")
-    p.add_argument("--warm-fraction", type=float, default=0.67, help="fraction of steps on --warm-crop crops")
+    p.add_argument("--warm-fraction", type=float, default=0.4, help="fraction of steps on --warm-crop crops")
+    p.add_argument("--checkpoint-dir", type=Path, default=ROOT / "training-checkpoints" / "demo-vqgan",
+                   help="resumable checkpoint (one, replaced); a run resumes from it when it exists")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (0: none)")
     p.add_argument("--n-embed", type=int, default=N_EMBED)
     p.add_argument("--embed-dim", type=int, default=EMBED_DIM)
     p.add_argument("--beta", type=float, default=BETA, help="commitment weight of taming's VectorQuantizer2")
@@ -398,23 +384,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="fraction of the samples that the decoder sees unquantized (z instead of z_q)")
     p.add_argument("--restart-every", type=int, default=100)
 
-    _stage_parser(sub, "vqgan-decoder", "stage 1b: train the decoder further on z (encoder and codebook frozen)",
-                  finetune_decoder, out=ASSETS, steps=1500, batch=16, lr=5e-4)
-
     p = _stage_parser(sub, "fdm", "stage 2: train the demo FDM with the phase-2 trainer", train_fdm, out=PHASE2_DIR,
                       steps=2000, batch=32, lr=1e-3)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--blocks", type=int, default=6)
 
-    p = _stage_parser(sub, "fdm-image", "stage 3: fine-tune the FDM on image losses through the frozen decoder",
-                      tune_fdm, out=ROOT / "runs" / "fdm-phase3", steps=600, batch=16, lr=2e-4)
-    p.add_argument("--fdm-dir", type=Path, default=PHASE2_DIR, help="the phase-2 FDM to start from")
-    p.add_argument("--work", type=Path, default=ROOT / "runs" / "fdm-image", help="logs (metrics.jsonl)")
-
-    for name, what in (("decoder-baseline", "baseline: fine-tune the decoder on z_q instead of adding FDM"),
-                       ("codebook-baseline", "baseline: double the codebook and fine-tune it with the decoder"),
-                       ("decoder-control", "control: fine-tune the decoder on z itself (further training alone)")):
-        _stage_parser(sub, name, what, finetune_decoder, out=ROOT / "runs" / name, steps=300, batch=16, lr=5e-4)
+    for name, (what, _) in PHASE3_RUNS.items():
+        p = _stage_parser(sub, name, what, train_phase3, out=ROOT / "runs" / name, steps=600, batch=8, lr=2e-4)
+        p.add_argument("--fdm-dir", type=Path, default=PHASE2_DIR, help="the phase-2 FDM to start from")
+        p.add_argument("--work", type=Path, default=ROOT / "runs" / "phase3-work",
+                       help="checkpoints and metrics.jsonl (in WORK/<command>); a run resumes from its checkpoint")
+        p.add_argument("--checkpoint-every", type=int, default=100)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -102,6 +102,11 @@ class VQAdapter:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the model's floating-point weights (the dtype its inputs must have)."""
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+
 
 def register_adapter(cls: type[VQAdapter]) -> type[VQAdapter]:
     """Class decorator: make :func:`find_adapter` consider ``cls`` (later registrations win)."""

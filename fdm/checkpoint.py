@@ -6,6 +6,7 @@ Nothing here executes code from a checkpoint: unknown pickled classes become ine
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import types
@@ -17,9 +18,21 @@ from torch import nn
 
 from fdm.errors import CheckpointError
 
-__all__ = ["OpaqueObject", "load_state_dict_strict", "read_checkpoint", "read_safetensors"]
+__all__ = [
+    "DIGEST_KEY",
+    "OpaqueObject",
+    "load_state_dict_strict",
+    "read_checkpoint",
+    "file_sha256",
+    "read_safetensors",
+    "state_dict_digest",
+    "write_weights",
+]
 
 logger = logging.getLogger(__name__)
+
+#: safetensors metadata key holding :func:`state_dict_digest` of the tensors, checked on every load.
+DIGEST_KEY = "fdm_vq.sha256"
 
 _TORCH_ALLOWED = {
     ("torch._utils", "_rebuild_tensor"),
@@ -123,20 +136,77 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         raise CheckpointError(f"Could not read {path} as a PyTorch checkpoint (truncated or corrupted?): {err}") from err
 
 
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` file into a CPU state dict.
+def read_safetensors(path: str | Path, *, require_digest: bool = False) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` file into a CPU state dict, checking the digest :func:`write_weights` recorded.
+
+    Args:
+        path: the file.
+        require_digest: refuse a file without a recorded digest (files fdm-vq wrote itself: training
+            checkpoints, fine-tuned decoders). Third-party safetensors files carry none and are read as they are.
 
     Raises:
-        CheckpointError: the file is missing, truncated or not safetensors.
+        CheckpointError: the file is missing, truncated or not safetensors; its tensors do not match the
+            recorded digest (corrupted bytes); no digest where one is required; a tensor is not floating point
+            where weights are expected (see :func:`load_state_dict_strict`).
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get(DIGEST_KEY)
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open API)
     except FileNotFoundError as err:
         raise CheckpointError(f"Weight file not found: {path}") from err
     except Exception as err:
-        raise CheckpointError(f"Could not read {path} as safetensors (truncated or corrupted?): {err}") from err
+        raise CheckpointError(f"Could not read {path} as safetensors (truncated or corrupted?): {err}. "
+                              "Download or copy it again.") from err
+    if recorded is None:
+        if require_digest:
+            raise CheckpointError(f"{path} carries no {DIGEST_KEY} digest, which every file fdm-vq writes has: it "
+                                  "was altered or not written by fdm-vq. Download or copy it again.")
+    elif recorded != (actual := state_dict_digest(state_dict)):
+        raise CheckpointError(
+            f"{path} is corrupted: its tensors hash to sha256 {actual}, but {recorded} was recorded when the "
+            "file was written. Download or copy it again."
+        )
+    return state_dict
+
+
+def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in key order: the one digest of weights in
+    fdm-vq (recorded under :data:`DIGEST_KEY` in every file it writes, and the id of a base model's weights)."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in blocks (integrity of the non-tensor files fdm-vq writes)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_weights(state_dict: dict[str, torch.Tensor], path: str | Path, *,
+                  metadata: dict[str, str] | None = None) -> Path:
+    """Write ``state_dict`` as safetensors with :func:`state_dict_digest` in its metadata; returns the path.
+
+    The file is written under a temporary name and renamed, so an interrupted write never leaves a truncated file
+    under ``path``.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={**(metadata or {}), "format": "pt", DIGEST_KEY: state_dict_digest(tensors)})
+    tmp.replace(path)
+    return path
 
 
 def load_state_dict_strict(

@@ -8,6 +8,7 @@ forward pre-hook (:meth:`Dequantizer.attach`) so third-party sampling code is co
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,8 @@ from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
 from fdm.finetuned_decoder import apply_decoder_state
 from fdm.masks import latent_mask
 from fdm.module import FDM
-from fdm.validation import check_image, check_latent, check_pixel_mask
+from fdm.validation import check_dtype, check_image, check_latent, check_pixel_mask
+from fdm.validation import check_finite as _check_finite
 
 __all__ = ["Dequantizer"]
 
@@ -66,7 +68,14 @@ class Dequantizer(nn.Module):
                 f"The FDM works on {fdm_module.channels}-channel features but the model's quantized map has "
                 f"{self.adapter.channels} channels: this FDM was trained for another base model."
             )
-        if check_fingerprint and fdm_module.base_model_fingerprint:
+        if not fdm_module.base_model_fingerprint:
+            warnings.warn(
+                "This FDM records no base-model fingerprint, so nothing checks that it was trained for this model: it "
+                f"attaches to any model with {fdm_module.channels}-channel features. Use FDMs saved by fdm-vq's "
+                "trainers (they record the codebook fingerprint) or set fdm_module.base_model_fingerprint.",
+                UserWarning, stacklevel=2,
+            )
+        elif check_fingerprint:
             actual = self.adapter.fingerprint()
             if actual != fdm_module.base_model_fingerprint:
                 raise FingerprintMismatchError(
@@ -91,12 +100,20 @@ class Dequantizer(nn.Module):
         """Downsampling factor of the wrapped model."""
         return self.adapter.factor
 
-    def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, check_finite: bool = True) -> torch.Tensor:
         """(B, 3, H, W) image in [-1, 1] -> (B, C, H/f, W/f) continuous feature ``z``.
 
         ``mask`` (B, 1, H, W), 1 = hole, is passed to models that encode the masked image (PUT).
+        ``check_finite=False`` skips the NaN/Inf check of ``x`` (one device sync) in tight loops over trusted data.
+
+        Raises:
+            InputError: wrong shape, an empty batch, a dtype other than the model's (see
+                :func:`fdm.validation.check_dtype`), or NaN/Inf values in ``x``.
         """
         check_image(x, factor=self.factor, name="x")
+        check_dtype(x, self.adapter.dtype, name="x")
+        if check_finite:
+            _check_finite(x, name="x")
         if mask is not None:
             check_pixel_mask(mask, x)
         return self.adapter.encode(x, pixel_mask=mask)
@@ -139,21 +156,33 @@ class Dequantizer(nn.Module):
     def decode_indices(
         self, indices: torch.Tensor, mask: torch.Tensor | None = None, **model_kwargs: Any
     ) -> torch.Tensor:
-        """Look up code ``indices`` (B, h, w) and decode them with FDM applied (see :meth:`decode`)."""
-        if indices.dim() != 3 or indices.is_floating_point():
+        """Look up code ``indices`` (B, h, w) and decode them with FDM applied (see :meth:`decode`).
+
+        Raises:
+            InputError: not an integer (B, h, w) tensor, empty, or ids outside ``[0, codebook size)``.
+        """
+        if indices.dim() != 3 or indices.is_floating_point() or indices.dtype == torch.bool:
             raise InputError(f"indices must be an integer tensor of shape (B, h, w); got {tuple(indices.shape)}, "
                              f"dtype {indices.dtype}.")
+        if indices.numel() == 0:
+            raise InputError(f"indices is empty (shape {tuple(indices.shape)}); expected at least one code.")
+        size = self.adapter.codebook().shape[0]
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= size:
+            raise InputError(f"indices must lie in [0, {size}) (the codebook has {size} codes); got values from "
+                             f"{low} to {high}.")
         return self.decode(self.adapter.lookup(indices), mask, **model_kwargs)
 
-    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, use_fdm: bool = True) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, use_fdm: bool = True,
+                    check_finite: bool = True) -> torch.Tensor:
         """Encode, quantize and decode ``x`` (B, 3, H, W) in [-1, 1].
 
         Without a mask every cell is quantized (plain VQ reconstruction). With a hole mask (B, 1, H, W),
         known cells keep their continuous features and hole cells get their nearest codes: an oracle
         stand-in for a sampler, which shows what FDM does on generated cells next to known ones.
-        ``use_fdm=False`` gives the same without FDM, for comparison.
+        ``use_fdm=False`` gives the same without FDM, for comparison. ``check_finite``: see :meth:`encode`.
         """
-        z = self.encode(x)
+        z = self.encode(x, check_finite=check_finite)
         z_q, _ = self.adapter.quantize(z)
         if mask is not None:
             check_pixel_mask(mask, x)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fdm.adapter import VQAdapter
-from fdm.checkpoint import load_state_dict_strict, read_safetensors
+from fdm.checkpoint import load_state_dict_strict, read_safetensors, write_weights
 from fdm.errors import CheckpointError
 from fdm.hub import resolve_file
 
@@ -41,11 +41,7 @@ def apply_decoder_state(adapter: VQAdapter, state: dict[str, torch.Tensor], *, s
 
 def save_decoder_weights(directory: str | Path, state: dict[str, torch.Tensor]) -> Path:
     """Write ``state`` to ``<directory>/decoder.safetensors`` and return the path."""
-    from safetensors.torch import save_file
-
-    path = Path(directory) / DECODER_WEIGHTS_NAME
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
-    return path
+    return write_weights(state, Path(directory) / DECODER_WEIGHTS_NAME)
 
 
 def read_decoder_weights(model_id: str | Path, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
@@ -63,7 +59,7 @@ def read_decoder_weights(model_id: str | Path, **hub_kwargs: Any) -> dict[str, t
         path = resolve_file(model_id, DECODER_WEIGHTS_NAME, **hub_kwargs)
     except CheckpointError as err:
         raise CheckpointError(f"{_missing_message(str(model_id))} ({err})") from err
-    return read_safetensors(path)
+    return read_safetensors(path, require_digest=True)
 
 
 def _missing_message(model_id: str) -> str:

@@ -7,38 +7,29 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
 
-from fdm.checkpoint import read_safetensors
 from fdm.errors import CheckpointError
 
 __all__ = [
     "CITATION",
-    "DIGEST_KEY",
     "MODEL_CARD_MARKER",
     "MODEL_CARD_TEMPLATE",
     "WEIGHTS_NAME",
     "build_model_card",
     "is_generated_model_card",
-    "read_weights",
     "resolve_file",
-    "state_dict_digest",
-    "write_weights",
 ]
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
-#: safetensors metadata key holding :func:`state_dict_digest` of the tensors, checked on every load.
-DIGEST_KEY = "fdm_vq.sha256"
 #: First line of the body of every card fdm-vq writes; ``save_pretrained`` regenerates a README.md carrying it
 #: and keeps any other README.md.
 MODEL_CARD_MARKER = "<!-- fdm-vq model card: save_pretrained regenerates it; delete this line to keep edits -->"
@@ -131,47 +122,9 @@ _TRAINING_LABELS = {
     "warmup_steps": "Warm-up steps",
     "seed": "Seed",
     "final_loss": "Final qe loss",
+    "seconds": "Training wall time (s)",
 }
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in key order (recorded under DIGEST_KEY)."""
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        tensor = state_dict[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def write_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write ``state_dict`` as safetensors with :func:`state_dict_digest` in its metadata; returns the path."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(path), metadata={"format": "pt", DIGEST_KEY: state_dict_digest(tensors)})
-    return Path(path)
-
-
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a weight file written by :func:`write_weights` (or any safetensors file) into a CPU state dict.
-
-    Raises:
-        CheckpointError: the file is missing, truncated or not safetensors, or its tensors do not match the
-            digest recorded when it was written (corrupted bytes).
-    """
-    from safetensors import safe_open
-
-    state_dict = read_safetensors(path)
-    with safe_open(str(path), framework="pt") as handle:
-        recorded = (handle.metadata() or {}).get(DIGEST_KEY)
-    if recorded is not None and recorded != (actual := state_dict_digest(state_dict)):
-        raise CheckpointError(
-            f"{path} is corrupted: its tensors hash to sha256 {actual}, but {recorded} was recorded when the "
-            "file was written. Download or copy it again."
-        )
-    return state_dict
 
 
 def resolve_file(

@@ -34,9 +34,13 @@ def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
         >>> latent_mask(m, 16)[0, 0].tolist()
         [[0.0, 1.0], [0.0, 0.0]]
     """
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor <= 0:
+        raise InputError(f"factor must be a positive integer (the model's downsampling factor); got {factor!r}.")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1:
         got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise InputError(f"mask must have shape (B, 1, H, W); got {got}.")
+    if mask.numel() == 0:
+        raise InputError(f"mask is empty (shape {tuple(mask.shape)}); expected at least one image and one pixel.")
     h, w = mask.shape[-2:]
     if h % factor or w % factor:
         raise InputError(f"mask size {h}x{w} is not a multiple of the downsampling factor {factor}.")

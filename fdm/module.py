@@ -16,16 +16,9 @@ import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
-from fdm.checkpoint import load_state_dict_strict
+from fdm.checkpoint import load_state_dict_strict, read_safetensors, write_weights
 from fdm.errors import CheckpointError
-from fdm.hub import (
-    WEIGHTS_NAME,
-    build_model_card,
-    is_generated_model_card,
-    read_weights,
-    resolve_file,
-    write_weights,
-)
+from fdm.hub import WEIGHTS_NAME, build_model_card, is_generated_model_card, resolve_file
 from fdm.validation import check_latent, check_latent_mask
 
 __all__ = ["FDM", "ResidualBlock"]
@@ -252,7 +245,7 @@ class FDM(
             raise CheckpointError(f"config.json of {model_id} (with the keyword arguments given) does not "
                                   f"describe a valid FDM: {err}") from err
         try:
-            load_state_dict_strict(module, read_weights(weights_path), source=f"weight file {weights_path}")
+            load_state_dict_strict(module, read_safetensors(weights_path), source=f"weight file {weights_path}")
         except CheckpointError as err:
             arch = {k: module.config[k] for k in ("channels", "mask_channels", "hidden_channels", "num_blocks")}
             message = f"config.json of {model_id} ({arch}) does not match its weights. {err}"

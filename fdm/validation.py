@@ -7,7 +7,7 @@ import torch
 
 from fdm.errors import InputError
 
-__all__ = ["check_finite", "check_image", "check_latent", "check_latent_mask", "check_pixel_mask"]
+__all__ = ["check_dtype", "check_finite", "check_image", "check_latent", "check_latent_mask", "check_pixel_mask"]
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -32,6 +32,7 @@ def check_image(x: torch.Tensor, *, factor: int | None = None, name: str = "imag
         raise InputError(f"{name} must have shape (B, 3, H, W); got {_shape(x)}.{hint}")
     if not x.is_floating_point():
         raise InputError(f"{name} must be a floating-point tensor in [-1, 1]; got dtype {x.dtype}.")
+    _check_not_empty(x, name)
     if factor is not None:
         h, w = x.shape[-2:]
         if h % factor or w % factor:
@@ -50,6 +51,23 @@ def check_latent(z: torch.Tensor, channels: int, *, name: str = "z") -> None:
         raise InputError(f"{name} must have {channels} channels (shape (B, {channels}, h, w)); got {_shape(z)}.")
     if not z.is_floating_point():
         raise InputError(f"{name} must be a floating-point tensor; got dtype {z.dtype}.")
+    _check_not_empty(z, name)
+
+
+def _check_not_empty(x: torch.Tensor, name: str) -> None:
+    if x.numel() == 0:
+        raise InputError(f"{name} is empty (shape {_shape(x)}); expected at least one image and one pixel / cell.")
+
+
+def check_dtype(x: torch.Tensor, expected: torch.dtype, *, name: str = "image") -> None:
+    """Check that ``x`` has the model's dtype (``expected``).
+
+    Models in float16, bfloat16 or float64 are supported by moving them (``model.to(dtype)``) and passing inputs of
+    that dtype; under ``torch.autocast`` any floating-point input is accepted, autocast choosing the precision.
+    """
+    if x.dtype != expected and not torch.is_autocast_enabled(x.device.type):
+        raise InputError(f"{name} has dtype {x.dtype} but the model's weights are {expected}; convert the input "
+                         f"with .to({expected}), move the model with .to({x.dtype}), or run under torch.autocast.")
 
 
 def _check_binary(mask: torch.Tensor, name: str) -> None:

@@ -1,5 +1,5 @@
-"""examples/train_demo_model.py (baselines, control) and benchmarks/quality.py run end to end on tiny budgets and
-write what docs/quality.md reads: VQGAN folders that change only what each method trains, and one table."""
+"""examples/train_demo_model.py (phase 2 and the three phase-3 runs) and benchmarks/quality.py run end to end on tiny
+budgets and write what docs/quality.md reads: FDM folders that change only what each run trains, and one table."""
 
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ import pytest
 import torch
 
 pytest.importorskip("taming")
+pytest.importorskip("stlpips_pytorch")  # the phase-3 runs use its shift-tolerant VGG16
 
-from fdm.adapters.taming import load_model  # noqa: E402
+from fdm import FDM  # noqa: E402
 from fdm.demo.model import load_demo_vqgan  # noqa: E402
+from fdm.finetuned_decoder import DECODER_WEIGHTS_NAME  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 pytestmark = pytest.mark.skipif(not (PHOTOS / "train").is_dir(), reason="needs ../shared/data/photos")
 
-COMMANDS = ("decoder-baseline", "codebook-baseline", "decoder-control")
+PHASE3 = ("fdm-addon", "fdm-joint", "decoder-only")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,57 +41,56 @@ def _script(relative: str):
 
 
 @pytest.fixture(scope="module")
-def baselines(tmp_path_factory) -> dict[str, Path]:
-    """Each baseline trained for 2 steps on 16 views, as the script's CLI does it."""
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Phase 2, then each phase-3 run, for 2 steps on 8 views, as the script's CLI does it."""
     train = _script("examples/train_demo_model.py")
-    out = tmp_path_factory.mktemp("baselines")
-    folders = {}
-    for command in COMMANDS:
-        folders[command] = out / command
-        train.main([command, "--steps", "2", "--views", "16", "--batch", "4", "--threads", "1",
-                    "--out", str(folders[command])])
-    return folders
+    out = tmp_path_factory.mktemp("runs")
+    common = ["--steps", "2", "--views", "8", "--threads", "1"]
+    train.main(["fdm", *common, "--batch", "4", "--out", str(out / "fdm-phase2")])
+    for command in PHASE3:
+        train.main([command, *common, "--batch", "2", "--fdm-dir", str(out / "fdm-phase2"), "--out",
+                    str(out / command), "--work", str(out / "work")])
+    return {"fdm-phase2": out / "fdm-phase2"} | {command: out / command for command in PHASE3}
 
 
-def _tensors(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
-
-
-def test_baselines_train_only_what_they_claim(baselines):
+def test_phase3_runs_train_only_what_they_claim(runs):
+    phase2 = FDM.from_pretrained(runs["fdm-phase2"])
     demo = load_demo_vqgan()
-    for command, folder in baselines.items():
-        model = load_model(folder / "vqgan.yaml", folder / "vqgan.safetensors")
-        for name, value in _tensors(demo, "encoder.").items():  # the encoder is frozen in every baseline
-            assert torch.equal(model.state_dict()[name], value), (command, name)
-        decoder = _tensors(model, "decoder.")
-        assert any(not torch.equal(v, demo.state_dict()[k]) for k, v in decoder.items()), command
-        codes = model.quantize.embedding.weight
-        if command == "codebook-baseline":
-            assert codes.shape == (2 * demo.quantize.n_e, demo.quantize.e_dim)
+    decoder = {k: v for k, v in demo.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    for command in PHASE3:
+        module = FDM.from_pretrained(runs[command])
+        trains_decoder = command != "fdm-addon"
+        assert (runs[command] / DECODER_WEIGHTS_NAME).is_file() == trains_decoder, command
+        assert module.training_info["phase3"]["backbone"] == "st-vgg16"
+        assert module.training_info["phase3"]["seconds"] > 0
+        if trains_decoder:
+            assert set(module.decoder_state) == set(decoder)
+            assert any(not torch.equal(module.decoder_state[k], v) for k, v in decoder.items()), command
+        if command == "decoder-only":  # an identity FDM, never trained
+            z = torch.randn(1, module.channels, 4, 4)
+            assert torch.equal(module(z), z)
         else:
-            assert torch.equal(codes, demo.quantize.embedding.weight), command
+            assert any(not torch.equal(a, b) for a, b in zip(module.state_dict().values(),
+                                                               phase2.state_dict().values())), command
 
 
-def test_quality_benchmark_table(baselines, tmp_path, capsys):
+def test_quality_benchmark_table(runs, tmp_path, capsys):
     quality = _script("benchmarks/quality.py")
     report = tmp_path / "quality.json"
     rc = quality.main([str(PHOTOS / "val"), "--views-per-image", "1", "--no-extras", "--no-progress", "--threads", "1",
-                       "--decoder-baseline", str(baselines["decoder-baseline"]),
-                       "--codebook-baseline", str(baselines["codebook-baseline"]),
-                       "--decoder-control", str(baselines["decoder-control"]),
-                       "--fdm-variant", f"again={ROOT / 'fdm' / 'demo' / 'assets' / 'fdm'}",
+                       "--phase2", str(runs["fdm-phase2"]), "--addon", str(runs["fdm-addon"]),
+                       "--joint", str(runs["fdm-joint"]), "--decoder-only", str(runs["decoder-only"]),
                        "--json", str(report)])
     assert rc == 0
     rows = {row["method"]: row for row in json.loads(report.read_text())["rows"]}
-    assert list(rows) == ["VQGAN (plain)", "VQGAN + FDM (shipped)", "VQGAN + FDM (again)", "decoder fine-tuned on z_q",
-                          "codebook doubled", "decoder fine-tuned on z (control)", "decoding z unquantized"]
-    plain, shipped = rows["VQGAN (plain)"], rows["VQGAN + FDM (shipped)"]
-    assert plain["psnr_gain"] == 0 and plain["feature_ratio"] == 1.0
-    assert rows["VQGAN + FDM (again)"]["psnr"] == pytest.approx(shipped["psnr"])  # same FDM, same views
-    assert 0 < shipped["feature_ratio"] < 1 and shipped["added_params"] > 0
-    assert rows["codebook doubled"]["added_params"] == load_demo_vqgan().quantize.embedding.weight.numel()
-    for name in ("decoder fine-tuned on z_q", "codebook doubled", "decoder fine-tuned on z (control)"):
-        assert rows[name]["feature_ratio"] is None  # not comparable across codebooks and decoders
-    assert rows["decoding z unquantized"]["psnr"] > plain["psnr"]
+    assert list(rows) == ["plain VQ", "phase-2 FDM", "add-on FDM", "FDM + decoder (paper)",
+                          "decoder-only fine-tuning", "decode(z), the bound"]
+    plain = rows["plain VQ"]
+    assert plain["psnr_gain"] == 0 and plain["feature_ratio"] == 1.0 and plain["time_ratio"] == 1.0
+    for name in ("phase-2 FDM", "add-on FDM", "FDM + decoder (paper)"):
+        assert 0 < rows[name]["feature_ratio"] < 1.5 and rows[name]["added_params"] > 0
+        assert rows[name]["time_ratio"] > 0 and rows[name]["train_s"] > 0
+    assert rows["decoder-only fine-tuning"]["added_params"] == 0
+    assert rows["decode(z), the bound"]["psnr"] > plain["psnr"]
     table = capsys.readouterr().out
-    assert "decoder fine-tuned on z (control)" in table and "8 views" in table
+    assert "decoder-only fine-tuning" in table and "8 views" in table

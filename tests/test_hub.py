@@ -27,7 +27,8 @@ from safetensors.torch import save_model
 import fdm
 from fdm.cli import COMMANDS
 from fdm.finetuned_decoder import decoder_state_dict
-from fdm.hub import MODEL_CARD_MARKER, state_dict_digest
+from fdm.checkpoint import state_dict_digest
+from fdm.hub import MODEL_CARD_MARKER
 from toy_vq import ToyVQ
 
 TESTS = Path(__file__).resolve().parent
@@ -173,7 +174,7 @@ PUSH_AND_DOWNLOAD = """
     import hashlib, json, pathlib, sys
     from huggingface_hub import constants, hf_hub_download, snapshot_download
     import fdm
-    from fdm.hub import state_dict_digest
+    from fdm.checkpoint import state_dict_digest
 
     module = fdm.FDM.from_pretrained(sys.argv[1])
     commit_url = module.push_to_hub("tester/fdm-toy", commit_message="first upload")
@@ -197,7 +198,7 @@ LOAD_OFFLINE = """
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
     import fdm
-    from fdm.hub import state_dict_digest
+    from fdm.checkpoint import state_dict_digest
 
     loaded = fdm.FDM.from_pretrained("tester/fdm-toy")
     try:
@@ -260,7 +261,7 @@ FDM_PUSH = """
     import fdm
     from fdm.commands import push
     from fdm.errors import CheckpointError
-    from fdm.hub import state_dict_digest
+    from fdm.checkpoint import state_dict_digest
 
     parser = argparse.ArgumentParser()
     push.add_arguments(parser)

@@ -4,6 +4,7 @@ the paper's weights and start steps, and the refusal to run VGG terms without re
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ def test_generator_gradients_reach_the_reconstruction_only(vgg):
 
 
 def test_vgg_terms_refuse_to_run_without_a_backbone():
-    with pytest.raises(ValueError, match="VGG19 backbone"):
+    with pytest.raises(ValueError, match="need a backbone with real weights.*load_backbone\\('st-vgg16'\\)"):
         Phase3Loss(LossSchedule().without("adversarial"))
     with pytest.raises(ValueError, match="discriminator"):
         Phase3Loss(LossSchedule().without("perceptual", "style"))
@@ -200,3 +201,53 @@ def test_patch_discriminator_shapes_and_spectral_norm():
         assert sigma.item() == pytest.approx(1.0, abs=0.05)
     with pytest.raises(ValueError, match="H, W >= 32"):
         disc(torch.randn(1, 3, 16, 16))
+
+
+# --- the offline backbone: ST-LPIPS's shift-tolerant VGG16 ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def st_vgg16():
+    pytest.importorskip("stlpips_pytorch")
+    from fdm.training.backbones import load_backbone
+
+    return load_backbone("st-vgg16")
+
+
+def test_st_vgg16_reproduces_stlpips_own_network(st_vgg16, monkeypatch):
+    """Ground truth: the activations of stlpips_pytorch's own shift-tolerant VGG16 (its LPIPS 'vgg' trunk)."""
+    import types
+
+    for name, attr in (("IPython", "embed"), ("torchsummary", "summary")):  # imported, never used, by stlpips
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**{attr: None}))
+    from stlpips_pytorch.stlpips import LPIPS
+
+    reference = LPIPS(net="vgg", variant="shift_tolerant", verbose=False).eval()
+    x = torch.rand(2, 3, 48, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        expected = reference.net(reference.scaling_layer(x))
+        ours = st_vgg16(x)
+    assert list(st_vgg16.perceptual_layers) == ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"]
+    for name, want in zip(st_vgg16.perceptual_layers, expected):
+        torch.testing.assert_close(ours[name], want, rtol=0, atol=1e-5)
+
+
+def test_phase3_loss_uses_the_backbones_own_layers(st_vgg16):
+    loss = Phase3Loss(LossSchedule().without("adversarial"), backbone=st_vgg16)
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    recon = (image + 0.1 * torch.randn_like(image)).requires_grad_(True)
+    total, terms = loss.generator(image, recon, 10**6)
+    assert {"perceptual", "style"} <= set(terms) and terms["perceptual"] > 0 and terms["style"] > 0
+    total.backward()
+    assert recon.grad.abs().sum() > 0 and not any(p.requires_grad for p in st_vgg16.parameters())
+    assert loss.generator(image, image.clone(), 10**6)[1]["perceptual"] == 0
+
+
+def test_unknown_backbone_name_is_refused():
+    from fdm.training.backbones import load_backbone
+    from fdm.training.phase3 import Phase3Config
+
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        load_backbone("resnet")
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        Phase3Config(backbone="resnet")

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import fdm
 from fdm.checkpoint import OpaqueObject, read_checkpoint
 from fdm.errors import CheckpointError, FingerprintMismatchError
-from fdm.hub import write_weights
+from fdm.checkpoint import write_weights
 from toy_vq import ToyVQ
 
 

@@ -26,6 +26,7 @@ from fdm.losses import TERMS
 from fdm.masks import DEFAULT_HOLE_RATIO
 from fdm.module import FDM
 from fdm.training import ImageFolderViews, latest_checkpoint, shutdown_distributed
+from fdm.training.backbones import BACKBONES
 from fdm.training.phase3 import Phase3Config, Phase3Trainer
 
 __all__ = ["add_arguments", "finetune", "run"]
@@ -72,12 +73,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="hole-area range of the random training masks (default %(default)s)")
     masks.add_argument("--no-mask", action="store_true",
                        help="mask-free fine-tuning (every cell quantized): unconditional / class-conditional models")
-    group.add_argument("--vgg-weights", help="torchvision's vgg19-dcbac81d.pth (default: torch's cache)")
+    group.add_argument("--backbone", choices=BACKBONES, default=_DEFAULTS.backbone,
+                       help="network of the perceptual and style losses: vgg19 (the paper's; torchvision's weights, "
+                            "see --vgg-weights) or st-vgg16 (ST-LPIPS's shift-tolerant VGG16, shipped with the eval "
+                            "extra: offline) (default %(default)s)")
+    group.add_argument("--vgg-weights", help="the backbone's weight file (default: torch's cache for vgg19, the "
+                                             "stlpips_pytorch package for st-vgg16)")
     group.add_argument("--no-perceptual", action="store_true",
                        help="drop the perceptual and style losses (no VGG19 weights needed)")
     group.add_argument("--no-adversarial", action="store_true", help="drop the adversarial loss and discriminator")
     group.add_argument("--freeze-decoder", action="store_true",
                        help="train the FDM alone through the frozen decoder (no decoder.safetensors; a drop-in FDM)")
+    group.add_argument("--freeze-fdm", action="store_true",
+                       help="train the decoder alone (with an identity FDM: the decoder-only ablation)")
     group.add_argument("--loss-weight", type=_term_value(float), action="append", default=[], metavar="TERM=W",
                        help=f"override a loss weight (terms: {', '.join(TERMS)}); repeatable")
     group.add_argument("--start-step", type=_term_value(int), action="append", default=[], metavar="TERM=STEP",
@@ -117,9 +125,11 @@ def finetune(model: nn.Module, fdm_module: FDM, args: argparse.Namespace) -> FDM
         hole_ratio=None if args.no_mask else tuple(args.hole_ratio),
         weights=weights,
         start_steps=dict(args.start_step),
+        backbone=args.backbone,
         vgg_weights=args.vgg_weights,
         drop_vgg_terms=args.no_perceptual,
         freeze_decoder=args.freeze_decoder,
+        freeze_fdm=args.freeze_fdm,
         mixed_precision=not args.no_amp,
         seed=args.seed,
         device=args.device,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fdm.losses.adversarial import discriminator_loss, generator_loss
-from fdm.losses.perceptual import perceptual_loss, style_loss
+from fdm.losses.perceptual import PERCEPTUAL_LAYERS, STYLE_LAYERS, perceptual_loss, style_loss
 from fdm.losses.pixel import gradient_loss, l1_loss
 from fdm.losses.qe import qe_loss
 
@@ -100,8 +100,9 @@ class Phase3Loss(nn.Module):
     Args:
         schedule: weights and start steps (paper values by default).
         backbone: feature extractor for the perceptual and style terms: a module mapping (B, 3, H, W) images
-            in [-1, 1] to a dict of named activations (:class:`fdm.training.backbones.VGG19Features`).
-            Required when either term has a non-zero weight.
+            in [-1, 1] to a dict of named activations (:func:`fdm.training.backbones.load_backbone`). Its
+            ``perceptual_layers`` / ``style_layers`` attributes name the activations each term compares (VGG19's
+            layers of the paper when it has none). Required when either term has a non-zero weight.
         discriminator: patch discriminator returning logits; required when the adversarial weight is non-zero.
             Pass the plain module (not a DistributedDataParallel wrapper): the generator step runs it with
             its parameters frozen.
@@ -122,14 +123,17 @@ class Phase3Loss(nn.Module):
         needs_backbone = [t for t in BACKBONE_TERMS if self.schedule.uses(t)]
         if needs_backbone and backbone is None:
             raise ValueError(
-                f"The {' and '.join(needs_backbone)} loss(es) need a VGG19 backbone with real weights; none was "
-                "given. Load one with fdm.training.backbones.load_vgg19(path) or drop the terms with "
+                f"The {' and '.join(needs_backbone)} loss(es) need a backbone with real weights; none was "
+                "given. Load one with fdm.training.backbones.load_backbone('st-vgg16') (offline, from the eval "
+                "extra) or load_backbone('vgg19', path), or drop the terms with "
                 "LossSchedule().without('perceptual', 'style')."
             )
         if self.schedule.uses("adversarial") and discriminator is None:
             raise ValueError("The adversarial loss needs a discriminator; pass one or drop the term with "
                              "LossSchedule().without('adversarial').")
         self.backbone = backbone if needs_backbone else None
+        self.perceptual_layers = getattr(backbone, "perceptual_layers", PERCEPTUAL_LAYERS)
+        self.style_layers = getattr(backbone, "style_layers", STYLE_LAYERS)
         if self.backbone is not None:
             self.backbone.requires_grad_(False).eval()
         self.discriminator = discriminator if self.schedule.uses("adversarial") else None
@@ -172,12 +176,12 @@ class Phase3Loss(nn.Module):
         feats = None
         if s.active("perceptual", step):
             feats = self._features(reconstruction, image)
-            terms["perceptual"] = perceptual_loss(*feats)
+            terms["perceptual"] = perceptual_loss(*feats, layers=self.perceptual_layers)
         if s.active("style", step):
             if hole is not None:
                 hole = hole.to(image.dtype)
                 feats = self._features(reconstruction * hole, image * hole)
-            terms["style"] = style_loss(*(feats or self._features(reconstruction, image)))
+            terms["style"] = style_loss(*(feats or self._features(reconstruction, image)), layers=self.style_layers)
         total = sum((s.weights[k] * v for k, v in terms.items()), torch.zeros((), device=image.device))
         return total, {k: v.detach() for k, v in terms.items()}
 

@@ -1,8 +1,14 @@
-"""The VGG19 feature extractor (Simonyan & Zisserman 2015) of FDM's perceptual and style losses, built here
-with torchvision's layer layout so torchvision's ImageNet weights (``vgg19-dcbac81d.pth``) load into it.
+"""Feature extractors of FDM's perceptual and style losses, selected by name (:data:`BACKBONES`):
 
-Weights come only from a file the user names or from torchvision's download cache
-(``<torch.hub.get_dir()>/checkpoints/vgg19-dcbac81d.pth``); nothing is downloaded.
+- ``"vgg19"``: VGG19 (Simonyan & Zisserman 2015), the paper's backbone, built with torchvision's layer layout so
+  torchvision's ImageNet weights (``vgg19-dcbac81d.pth``) load into it. Weights come only from a file the user
+  names or from torchvision's download cache (``<torch.hub.get_dir()>/checkpoints/vgg19-dcbac81d.pth``).
+- ``"st-vgg16"``: the shift-tolerant VGG16 of ST-LPIPS (Ghildyal & Liu, ECCV 2022: max-pool with stride 1, then a
+  3x3 binomial blur with stride 2), whose full weights ship inside the ``stlpips_pytorch`` package: phase 3 runs
+  offline with ``pip install ".[eval]"``. Evaluation uses ST-LPIPS's *AlexNet*, another network.
+
+Nothing is downloaded. Each backbone names the activations its perceptual and style terms compare
+(``perceptual_layers``, ``style_layers``).
 """
 
 from __future__ import annotations
@@ -15,7 +21,17 @@ from torch import nn
 
 from fdm.checkpoint import load_state_dict_strict, read_checkpoint
 
-__all__ = ["VGG19_FILE", "VGG19Features", "VGG19WeightsMissing", "default_vgg19_path", "load_vgg19"]
+__all__ = [
+    "BACKBONES",
+    "VGG19_FILE",
+    "ShiftTolerantVGG16Features",
+    "VGG19Features",
+    "VGG19WeightsMissing",
+    "default_vgg19_path",
+    "load_backbone",
+    "load_st_vgg16",
+    "load_vgg19",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -29,16 +45,26 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+BACKBONES = ("vgg19", "st-vgg16")
+"""Names accepted by :func:`load_backbone` (``Phase3Config.backbone``, ``fdm finetune --backbone``)."""
+
+# ST-LPIPS's VGG16 "D" configuration; "M" = max-pool 2x2 with stride 1, then a blur-pool with stride 2.
+_ST_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+# ImageNet normalisation of LPIPS for images in [-1, 1]: (x - shift) / scale
+_LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+_LPIPS_SCALE = (0.458, 0.448, 0.450)
+
+
 class VGG19WeightsMissing(FileNotFoundError):
     """No VGG19 weight file was given and none is in torchvision's cache."""
 
 
-def _layer_names() -> dict[int, str]:
-    """Index in torchvision's ``vgg19().features`` of each ReLU -> its name (``relu3_4``...)."""
+def _relu_names(config: tuple, pool_size: int) -> dict[int, str]:
+    """Index in the layer list of each ReLU -> its name (``relu3_4``...); a pool takes ``pool_size`` layers."""
     names, index, block, conv = {}, 0, 0, 0
-    for item in _CONFIG:
+    for item in config:
         if item == "M":
-            index, block, conv = index + 1, block + 1, 0
+            index, block, conv = index + pool_size, block + 1, 0
         else:
             conv += 1
             names[index + 1] = f"relu{block + 1}_{conv}"
@@ -46,7 +72,70 @@ def _layer_names() -> dict[int, str]:
     return names
 
 
-class VGG19Features(nn.Module):
+class _NamedActivations(nn.Module):
+    """A layer list whose forward returns the named ReLU activations, after normalising [-1, 1] images."""
+
+    names: dict[int, str]
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self._normalise(x)  # (B, 3, H, W)
+        out = {}
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i in self.names:
+                out[self.names[i]] = h
+        return out
+
+
+class _BlurPool(nn.Module):
+    """Anti-aliased down-sampling: reflect-pad by 2, then a fixed per-channel 3x3 binomial filter, stride 2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (taps[:, None] * taps[None, :]) / 16.0
+        self.register_buffer("filt", kernel.expand(channels, 1, 3, 3).clone())  # (C, 1, 3, 3), saved with weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+        return torch.nn.functional.conv2d(padded, self.filt.to(x.dtype), stride=2, groups=x.shape[1])
+
+
+class ShiftTolerantVGG16Features(_NamedActivations):
+    """The shift-tolerant VGG16 trunk of ST-LPIPS, returning named ReLU activations (``relu1_2`` ... ``relu5_3``).
+
+    Parameter names are ``layers.<i>.weight`` / ``layers.<i>.filt`` with the indices of ST-LPIPS's
+    ``net.slice*`` modules. A freshly constructed instance has random weights: use :func:`load_st_vgg16`.
+
+    Input: (B, 3, H, W) images in [-1, 1] (LPIPS's normalisation inside).
+    """
+
+    perceptual_layers = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+    style_layers = ("relu2_2", "relu3_3", "relu4_3", "relu5_3")
+
+    def __init__(self):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for item in _ST_CONFIG:
+            if item == "M":
+                layers += [nn.MaxPool2d(2, stride=1), _BlurPool(in_ch)]
+            else:
+                layers += [nn.Conv2d(in_ch, item, 3, padding=1), nn.ReLU()]
+                in_ch = item
+        self.layers = nn.Sequential(*layers)
+        self.names = _relu_names(_ST_CONFIG, pool_size=2)
+        self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
+
+
+class VGG19Features(_NamedActivations):
     """VGG19 convolutional trunk returning named ReLU activations.
 
     The parameter names (``layers.<i>.weight``) follow the indices of torchvision's ``vgg19().features``.
@@ -59,9 +148,12 @@ class VGG19Features(nn.Module):
     Output: dict name -> (B, C, H / 2^k, W / 2^k) for every ReLU up to ``last_layer``.
     """
 
+    perceptual_layers = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+    style_layers = ("relu2_2", "relu3_4", "relu4_4", "relu5_2")
+
     def __init__(self, last_layer: str = "relu5_2"):
         super().__init__()
-        names = _layer_names()
+        names = _relu_names(_CONFIG, pool_size=1)
         if last_layer not in names.values():
             raise ValueError(f"last_layer must be one of {sorted(names.values())}; got {last_layer!r}.")
         last_index = next(i for i, n in names.items() if n == last_layer)
@@ -78,14 +170,8 @@ class VGG19Features(nn.Module):
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = ((x + 1) / 2 - self.mean.to(x.dtype)) / self.std.to(x.dtype)  # (B, 3, H, W), ImageNet-normalised
-        out = {}
-        for i, layer in enumerate(self.layers):
-            h = layer(h)
-            if i in self.names:
-                out[self.names[i]] = h
-        return out
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x + 1) / 2 - self.mean.to(x.dtype)) / self.std.to(x.dtype)  # ImageNet-normalised
 
 
 def default_vgg19_path() -> Path:
@@ -123,3 +209,49 @@ def load_vgg19(path: str | Path | None = None, *, last_layer: str = "relu5_2") -
     load_state_dict_strict(module, state, source=f"VGG19 weight file {file}")
     logger.info("Loaded VGG19 weights from %s", file)
     return module.requires_grad_(False).eval()
+
+
+def load_st_vgg16(path: str | Path | None = None) -> ShiftTolerantVGG16Features:
+    """Load ST-LPIPS's shift-tolerant VGG16 trunk into a frozen :class:`ShiftTolerantVGG16Features` in eval mode.
+
+    Args:
+        path: ST-LPIPS's ``vgg_shift_tolerant.pth`` (keys ``net.slice<k>.<i>.*``; the ``lin*`` and scaling keys
+            are ignored). None: the file bundled with the installed ``stlpips_pytorch`` package.
+
+    Raises:
+        ImportError: no ``path`` and ``stlpips_pytorch`` is not installed (names the ``eval`` extra).
+        CheckpointError: the file does not hold the expected weights.
+    """
+    if path is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("stlpips_pytorch")
+        if spec is None or spec.origin is None:
+            raise ImportError('the st-vgg16 backbone ships with stlpips_pytorch: pip install ".[eval]" (from a '
+                              "clone of fdm-vq), or pass the path of vgg_shift_tolerant.pth.")
+        path = Path(spec.origin).parent / "weights" / "vST0.0" / "vgg_shift_tolerant.pth"
+    file = Path(path)
+    state = read_checkpoint(file)
+    trunk = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if len(parts) == 4 and parts[0] == "net" and parts[1].startswith("slice"):
+            trunk[f"layers.{parts[2]}.{parts[3]}"] = value  # net.slice<k>.<i>.<name> -> layers.<i>.<name>
+    module = ShiftTolerantVGG16Features()
+    load_state_dict_strict(module, trunk, source=f"ST-LPIPS VGG16 weight file {file}")
+    logger.info("Loaded the shift-tolerant VGG16 from %s", file)
+    return module.requires_grad_(False).eval()
+
+
+def load_backbone(name: str, path: str | Path | None = None) -> nn.Module:
+    """The perceptual backbone ``name`` (one of :data:`BACKBONES`), frozen, in eval mode.
+
+    Args:
+        name: ``"vgg19"`` (:func:`load_vgg19`) or ``"st-vgg16"`` (:func:`load_st_vgg16`).
+        path: its weight file; None: the default location of each (torchvision's cache, the stlpips package).
+    """
+    if name == "vgg19":
+        return load_vgg19(path)
+    if name == "st-vgg16":
+        return load_st_vgg16(path)
+    raise ValueError(f"backbone must be one of {BACKBONES}; got {name!r}.")

@@ -6,12 +6,14 @@ Layout of one checkpoint folder (written to a temporary name and renamed, so a c
 half-written checkpoint under the final name)::
 
     <root>/step-00001000/
-        <name>.safetensors      one file per module passed to save_checkpoint (fdm, decoder, ...)
+        <name>.safetensors      one file per module passed to save_checkpoint (fdm, decoder, ...), with its digest
         training_state.pt       optimizers, schedulers, step, RNG states, config: plain dicts and tensors
+        manifest.json           the sha256 of every file above, checked before anything is read back
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -21,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from fdm.checkpoint import load_state_dict_strict, read_safetensors
+from fdm.checkpoint import file_sha256, load_state_dict_strict, read_safetensors, write_weights
 from fdm.errors import CheckpointError
 
 __all__ = [
+    "MANIFEST_FILE",
     "STATE_FILE",
     "capture_rng_state",
     "latest_checkpoint",
@@ -39,6 +41,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
+MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -101,9 +104,11 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, module in modules.items():
-        tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        save_file(tensors, str(tmp / f"{name}.safetensors"))
+        write_weights(module.state_dict(), tmp / f"{name}.safetensors")
     torch.save({"step": step, **state}, tmp / STATE_FILE)
+    files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+    (tmp / MANIFEST_FILE).write_text(json.dumps({"format": "fdm-vq training checkpoint", "step": step,
+                                                 "sha256": files}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     logger.info("saved checkpoint %s", final)
@@ -127,23 +132,44 @@ def load_checkpoint(
         The ``state`` dict given to :func:`save_checkpoint`, plus ``"step"``.
 
     Raises:
-        CheckpointError: a file is missing, unreadable or does not fit the modules.
+        CheckpointError: a file is missing, unreadable, differs from the digest in ``manifest.json`` (corrupted
+            or altered), or does not fit the modules.
     """
     path = Path(path)
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
-        raise CheckpointError(f"{path} is not a training checkpoint: {STATE_FILE} is missing.")
+    _verify_manifest(path)
     for name, module in modules.items():
         weights = path / f"{name}.safetensors"
         if not weights.is_file():
             raise CheckpointError(f"training checkpoint {path} has no weights for {name!r} ({weights.name}).")
-        load_state_dict_strict(module, read_safetensors(weights), source=str(weights))
+        load_state_dict_strict(module, read_safetensors(weights, require_digest=True), source=str(weights))
+    state_file = path / STATE_FILE
     try:
         state = torch.load(state_file, map_location=map_location, weights_only=True)
     except Exception as err:  # unpickling errors of every kind mean the same thing here
-        raise CheckpointError(f"cannot read {state_file}: {err}") from err
+        raise CheckpointError(f"cannot read {state_file}: {err}. Delete the checkpoint folder to start over.") from err
     logger.info("resuming from %s (step %d)", path, state["step"])
     return state
+
+
+def _verify_manifest(path: Path) -> None:
+    """Check every file of a checkpoint folder against its manifest (before any byte of it is unpickled)."""
+    remedy = "Delete the checkpoint folder (training restarts from the previous one or from scratch)."
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{path} is not a training checkpoint of fdm-vq: {MANIFEST_FILE} is missing. {remedy}")
+    try:
+        recorded = json.loads(manifest_file.read_text())["sha256"]
+        if not isinstance(recorded, dict) or STATE_FILE not in recorded:
+            raise ValueError(f"no sha256 entry for {STATE_FILE}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{manifest_file} is unreadable ({err}). {remedy}") from err
+    for name, expected in recorded.items():
+        file = path / Path(name).name
+        if not file.is_file():
+            raise CheckpointError(f"training checkpoint {path} lacks {name}, listed in its manifest. {remedy}")
+        if file_sha256(file) != expected:
+            raise CheckpointError(f"{file} does not match the sha256 recorded in {manifest_file}: the file is "
+                                  f"corrupted or was altered. {remedy}")
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

@@ -4,6 +4,10 @@ phase 2 trains FDM against a frozen encoder and codebook, so its inputs and targ
 Modes: ``"memory"`` keeps them in (CPU) memory; ``"disk"`` writes them to ``.npy`` files under a cache folder,
 read back through memory maps, reused by later runs and recomputed when the model or the views change;
 ``"none"`` re-encodes the views at every step, as the official code does (for comparison).
+
+A disk cache is hostile until checked: its ``meta.json`` binds it to the base model's weight digest, the codebook
+fingerprint, the views (files, crops, seed) and the sha256 of each array file; every one is checked before the
+arrays are used, and a mismatch is a :class:`~fdm.errors.CheckpointError` naming the folder and the remedy.
 """
 
 from __future__ import annotations
@@ -18,21 +22,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from fdm.adapter import VQAdapter
-from fdm.errors import InputError
+from fdm.checkpoint import file_sha256, state_dict_digest
+from fdm.errors import CheckpointError, InputError
 from fdm.training.distributed import DistContext, all_gather_tensors, barrier
 from fdm.validation import check_finite, check_image
 
-__all__ = ["CACHE_MODES", "FeatureCache", "encode_views", "model_digest"]
+__all__ = ["CACHE_MODES", "FeatureCache", "encode_views"]
 
 logger = logging.getLogger(__name__)
 
 CACHE_MODES = ("memory", "disk", "none")
-_FORMAT = 1
+_FORMAT = 2
+_ARRAYS = ("z", "z_q")
 
 
 @torch.no_grad()
@@ -53,17 +58,8 @@ def encode_views(adapter: VQAdapter, images: torch.Tensor) -> tuple[torch.Tensor
     check_finite(images, name="training views")
     z = adapter.encode(images)
     z_q, _ = adapter.quantize(z)
+    check_finite(z, name="encoded features z of the training views (the base model's output)")
     return z.float(), z_q.float()
-
-
-def model_digest(model: nn.Module) -> str:
-    """SHA-256 prefix over every parameter and buffer of ``model`` (names, dtypes, shapes and values)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 class FeatureCache:
@@ -119,6 +115,7 @@ class FeatureCache:
         self._z: torch.Tensor | np.ndarray | None = None
         self._z_q: torch.Tensor | np.ndarray | None = None
         self._path: Path | None = None
+        self._binding: dict | None = None
 
     def __len__(self) -> int:
         return len(self.views)
@@ -133,15 +130,20 @@ class FeatureCache:
         return self._path
 
     def key(self) -> str:
-        """Id of the cached content: base model weights and codebook, views, cache format."""
-        spec = {
-            "format": _FORMAT,
-            "model": model_digest(self.adapter.model),
-            "codebook": self.adapter.fingerprint(),
-            "views": self.views.fingerprint(),
-            "num_views": len(self.views),
-        }
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+        """Id of the cached content (the name of its folder): :meth:`binding` hashed."""
+        return hashlib.sha256(json.dumps(self.binding(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def binding(self) -> dict:
+        """What a disk cache belongs to: cache format, base model weight digest and codebook, views."""
+        if self._binding is None:
+            self._binding = {
+                "format": _FORMAT,
+                "model": state_dict_digest(self.adapter.model.state_dict()),
+                "codebook": self.adapter.fingerprint(),
+                "views": self.views.fingerprint(),
+                "num_views": len(self.views),
+            }
+        return self._binding
 
     def prepare(self) -> None:
         """Compute (or, for a valid disk cache, open) the features of every view; no-op for mode ``"none"``."""
@@ -176,10 +178,9 @@ class FeatureCache:
 
     def _prepare_disk(self) -> None:
         folder = self.path
-        meta_file = folder / "meta.json"
         log = logger.info if self.ctx.is_main else logger.debug
-        if not (meta_file.is_file() and json.loads(meta_file.read_text()).get("complete")):
-            log("no complete feature cache at %s: computing it", folder)
+        if not (folder / "meta.json").is_file():
+            log("no feature cache at %s: computing it", folder)
             partial = folder.with_name(folder.name + ".partial")
             self._fill(partial if self.ctx.is_main else None)
             if self.ctx.is_main:
@@ -187,11 +188,40 @@ class FeatureCache:
                 partial.rename(folder)
             barrier(self.ctx)
         else:
-            log("reusing the feature cache at %s", folder)
-        self._z = np.load(folder / "z.npy", mmap_mode="r")
-        self._z_q = np.load(folder / "z_q.npy", mmap_mode="r")
-        if self._z.shape[0] != len(self):
-            raise InputError(f"feature cache {folder} holds {self._z.shape[0]} views, expected {len(self)}; delete it.")
+            log("checking and reusing the feature cache at %s", folder)
+        self._z, self._z_q = self._open_verified(folder)
+
+    def _open_verified(self, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+        """Memory-map the arrays of a disk cache after checking them against its ``meta.json``.
+
+        Raises:
+            CheckpointError: unreadable metadata, another model or other views, a missing, truncated or altered
+                array file.
+        """
+        remedy = f"Delete {folder} (it is recomputed on the next run)."
+        meta_file = folder / "meta.json"
+        try:
+            meta = json.loads(meta_file.read_text())
+            recorded, binding = meta["sha256"], meta["binding"]
+            shape = tuple(int(s) for s in meta["shape"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"feature cache metadata {meta_file} is unreadable ({err}). {remedy}") from err
+        if binding != self.binding():
+            differs = sorted(k for k in self.binding() if binding.get(k) != self.binding()[k])
+            raise CheckpointError(f"feature cache {folder} was built for another {' and '.join(differs)} "
+                                  f"than this run's. {remedy}")
+        arrays = []
+        for name in _ARRAYS:
+            file = folder / f"{name}.npy"
+            if not file.is_file() or file_sha256(file) != recorded.get(name):
+                raise CheckpointError(f"feature cache file {file} is missing, truncated or altered: it does not "
+                                      f"match the sha256 recorded in {meta_file}. {remedy}")
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
+            if array.shape != (len(self), *shape) or array.dtype != np.float32:
+                raise CheckpointError(f"feature cache file {file} holds {array.dtype} {array.shape}, expected "
+                                      f"float32 {(len(self), *shape)}. {remedy}")
+            arrays.append(array)
+        return arrays[0], arrays[1]
 
     def _fill(self, target: str | Path | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Encode every view, the processes sharing the work.
@@ -228,10 +258,15 @@ class FeatureCache:
             return z_all, z_q_all
         z_all.flush()
         z_q_all.flush()
-        meta = {"format": _FORMAT, "complete": True, "num_views": n, "shape": list(z_all.shape[1:]),
-                "codebook": self.adapter.fingerprint()}
-        (Path(target) / "meta.json").write_text(json.dumps(meta, indent=2))
+        folder = Path(target)
+        meta = {"binding": self.binding(), "shape": list(z_all.shape[1:]), "images": self._image_list(),
+                "sha256": {name: file_sha256(folder / f"{name}.npy") for name in _ARRAYS}}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
         return None, None
+
+    def _image_list(self) -> list[str]:
+        """The image files the views come from (for a reader of ``meta.json``), or [] for in-memory views."""
+        return [str(p) for p in getattr(self.views, "files", [])]
 
     @staticmethod
     def _allocate(shape: tuple[int, ...], target: str | Path) -> tuple:

@@ -4,21 +4,38 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from fdm.errors import TrainingError
 from fdm.images import to_pil
 from fdm.metrics import psnr, ssim
 
-__all__ = ["ImageMetrics", "save_image_grid"]
+__all__ = ["ImageMetrics", "check_finite_losses", "save_image_grid"]
 
 logger = logging.getLogger(__name__)
 
 _ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet weights, ST-LPIPS's backbone
+
+
+def check_finite_losses(losses: Mapping[str, float], *, step: int) -> None:
+    """Stop training once a loss term is NaN/Inf: every later step and any saved model would be broken.
+
+    Raises:
+        TrainingError: naming the step and the non-finite terms; the caller has saved nothing for this run yet.
+    """
+    bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+    if bad:
+        raise TrainingError(
+            f"training stopped at step {step}: {', '.join(f'{k} = {v}' for k, v in bad.items())} is not finite, "
+            "and nothing was saved. Check the training data (NaN/Inf pixels) and the cache (delete it to rebuild "
+            "it), or lower the learning rate; resume from the last checkpoint once fixed."
+        )
 
 
 def save_image_grid(columns: Sequence[torch.Tensor], path: str | Path, *, padding: int = 2) -> Path:

@@ -39,6 +39,7 @@ from fdm.training.distributed import (
     wrap_ddp,
 )
 from fdm.training.feature_cache import CACHE_MODES, FeatureCache
+from fdm.training.monitoring import check_finite_losses
 from fdm.training.schedule import (
     PAPER_BETAS,
     PAPER_LR,
@@ -210,6 +211,7 @@ class Phase2Trainer:
             The trained FDM (eval mode), with ``base_model_fingerprint`` and ``training`` filled in.
         """
         cfg = self.config
+        started = time.perf_counter()
         ctx = init_distributed(cfg.device if cfg.device is not None else self.adapter.device)
         device = ctx.device
         self.model.to(device).eval()
@@ -258,7 +260,7 @@ class Phase2Trainer:
                 self._save_checkpoint(ctx, optimizer, scheduler, generators, list(recent))
         bar.close()
         self.final_loss = float(all_reduce_mean(torch.tensor(np.mean(recent) if recent else float("nan")), ctx))
-        return self._finish(ctx, total)
+        return self._finish(ctx, total, seconds=time.perf_counter() - started)
 
     # --- one step ---------------------------------------------------------------------------------------
 
@@ -282,11 +284,13 @@ class Phase2Trainer:
             cells = latent_mask(holes, f).to(z.device)  # (B, 1, h, w), 1 = generated
             x = torch.where(cells.bool(), z_q, z)  # known cells keep z
         loss = F.l1_loss(net(x, cells), z)  # = L1(F([x, m]) * m, (z - z_q) * m)
+        value = loss.item()
+        check_finite_losses({"qe loss": value}, step=self.step + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        return loss.item()
+        return value
 
     def _end_epoch(self, epoch: int, losses: list[float], seconds: float, ctx: DistContext) -> None:
         mean = float(all_reduce_mean(torch.tensor(float(np.mean(losses))), ctx))
@@ -333,7 +337,7 @@ class Phase2Trainer:
 
     # --- the result ---------------------------------------------------------------------------------------
 
-    def _finish(self, ctx: DistContext, total: int) -> FDM:
+    def _finish(self, ctx: DistContext, total: int, seconds: float) -> FDM:
         module = unwrap(self.fdm).eval()
         module.base_model_fingerprint = self.adapter.fingerprint()
         if self.config.base_model is not None:
@@ -352,6 +356,7 @@ class Phase2Trainer:
             "warmup_steps": self.config.warmup_steps,
             "seed": self.config.seed,
             "final_loss": self.final_loss,
+            "seconds": round(seconds, 1),
         }
         if ctx.is_main:
             module.save_pretrained(self.config.output_dir, config=module.config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from fdm.finetuned_decoder import apply_decoder_state, decoder_state_dict
 from fdm.losses import LossSchedule, Phase3Loss
 from fdm.masks import DEFAULT_HOLE_RATIO, latent_mask, random_irregular_mask
 from fdm.module import FDM
-from fdm.training.backbones import load_vgg19
+from fdm.training.backbones import BACKBONES, load_backbone
 from fdm.training.checkpointing import (
     capture_rng_state,
     load_checkpoint,
@@ -45,7 +46,7 @@ from fdm.training.distributed import (
     wrap_ddp,
 )
 from fdm.training.feature_cache import encode_views
-from fdm.training.monitoring import ImageMetrics, save_image_grid
+from fdm.training.monitoring import ImageMetrics, check_finite_losses, save_image_grid
 from fdm.training.schedule import PAPER_LR, PAPER_MIN_LR, WarmupCosineLR, paper_optimizer
 
 __all__ = ["Phase3Config", "Phase3Trainer", "finetune"]
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 # config fields that must not change when a run is resumed (they shape the data order, masks or schedules)
 _RESUME_FIELDS = ("steps", "batch_size", "lr", "min_lr", "warmup_steps", "disc_lr", "disc_warmup_steps",
-                  "hole_ratio", "weights", "start_steps", "drop_vgg_terms", "disc_channels", "freeze_decoder",
+                  "hole_ratio", "weights", "start_steps", "backbone", "drop_vgg_terms", "disc_channels", "freeze_decoder", "freeze_fdm",
                   "seed")
 
 
@@ -74,12 +75,18 @@ class Phase3Config:
             None trains mask-free, every cell quantized (unconditional / class-conditional models).
         weights, start_steps: loss weights and start steps overriding the paper's (see
             :class:`fdm.losses.LossSchedule`; term names ``qe l1 gradient adversarial perceptual style``).
-        vgg_weights: VGG19 weight file (torchvision's ``vgg19-dcbac81d.pth``); None: torchvision's cache.
+        backbone: network of the perceptual and style terms: ``"vgg19"`` (the paper's; torchvision's ImageNet
+            weights, which the user supplies) or ``"st-vgg16"`` (ST-LPIPS's shift-tolerant VGG16, whose weights ship
+            with the ``eval`` extra: runs offline). See :mod:`fdm.training.backbones`.
+        vgg_weights: the backbone's weight file; None: its default location (torchvision's cache for VGG19, the
+            stlpips_pytorch package for st-vgg16).
         drop_vgg_terms: train without the perceptual and style terms, instead of stopping with
             :class:`~fdm.training.backbones.VGG19WeightsMissing` when no VGG19 weights are found.
         disc_channels: width of the discriminator's first layer (paper: 64).
         freeze_decoder: train the FDM alone on the image losses, through the frozen decoder: the result stays a
             drop-in for the unchanged base model (``finetuned_decoder=False``, no ``decoder.safetensors``).
+        freeze_fdm: train the decoder alone, the FDM unchanged (with a new, identity FDM: decoder-only fine-tuning
+            with the same losses, the ablation of the paper's joint training).
         mixed_precision: float16 autocast + gradient scaling on CUDA (ignored on CPU).
         seed: seeds the data order, the masks and the discriminator initialisation.
         device: ``"cpu"``, ``"cuda"``...; None keeps the base model's device. Under torchrun, ``"cuda"`` means
@@ -109,10 +116,12 @@ class Phase3Config:
     hole_ratio: tuple[float, float] | None = DEFAULT_HOLE_RATIO
     weights: dict[str, float] = field(default_factory=dict)
     start_steps: dict[str, int] = field(default_factory=dict)
+    backbone: str = "vgg19"
     vgg_weights: str | None = None
     drop_vgg_terms: bool = False
     disc_channels: int = 64
     freeze_decoder: bool = False
+    freeze_fdm: bool = False
     mixed_precision: bool = True
     seed: int = 0
     device: str | None = None
@@ -135,6 +144,10 @@ class Phase3Config:
             lo, hi = self.hole_ratio
             if not 0.0 <= lo <= hi <= 1.0:
                 raise InputError(f"hole_ratio must satisfy 0 <= low <= high <= 1; got {self.hole_ratio}.")
+        if self.backbone not in BACKBONES:
+            raise InputError(f"backbone must be one of {BACKBONES}; got {self.backbone!r}.")
+        if self.freeze_decoder and self.freeze_fdm:
+            raise InputError("freeze_decoder and freeze_fdm together leave nothing to train; set at most one.")
         self.output_dir = str(self.output_dir)
         self.loss_schedule()  # validates the term names
 
@@ -224,12 +237,13 @@ class Phase3Trainer:
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.generator = _Generator(fdm_module.to(self.device), self.adapter).requires_grad_(True)
         self.generator.decoder.requires_grad_(not cfg.freeze_decoder)
+        self.generator.fdm.requires_grad_(not cfg.freeze_fdm)
         self._train_mode()
         self.views, self.val_views = views, val_views
 
         self.schedule = cfg.loss_schedule()
         if backbone is None and (self.schedule.uses("perceptual") or self.schedule.uses("style")):
-            backbone = load_vgg19(cfg.vgg_weights)
+            backbone = load_backbone(cfg.backbone, cfg.vgg_weights)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # the same discriminator on every process
             disc = PatchDiscriminator(channels=cfg.disc_channels) if self.schedule.uses("adversarial") else None
@@ -248,14 +262,17 @@ class Phase3Trainer:
             self.disc_scheduler = WarmupCosineLR(self.disc_optimizer, disc_steps, cfg.disc_warmup_steps, cfg.min_lr)
             self.disc_scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.step = 0
+        self.seconds = 0.0  # wall time of train() calls in this process (a resumed run counts its own part)
         self._mask_generator = torch.Generator()
         self._metrics: ImageMetrics | None = None
 
     def _train_mode(self) -> None:
-        """Training mode for the trained parts; a frozen decoder stays in eval mode."""
+        """Training mode for the trained parts; a frozen decoder or FDM stays in eval mode."""
         self.generator.train()
         if self.config.freeze_decoder:
             self.generator.decoder.eval()
+        if self.config.freeze_fdm:
+            self.generator.fdm.eval()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -303,13 +320,15 @@ class Phase3Trainer:
             z_dq, recon = self.net(inp["z_in"], inp["cells"], hole)
             total, terms = self.loss.generator(x, recon, step, hole=hole, z_dq=z_dq, z=inp["z"],
                                                cell_mask=inp["cells"])
-        self._update(total, self.optimizer, self.scheduler, self.scaler, self.generator)
         logs = {k: v.item() for k, v in terms.items()} | {"loss": total.item()}
+        check_finite_losses(logs, step=step + 1)
+        self._update(total, self.optimizer, self.scheduler, self.scaler, self.generator)
         if self.discriminator is not None and self.loss.discriminator_step_active(step):
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 d_loss = self.loss.discriminator_loss(self.disc_net, x, recon)
-            self._update(d_loss, self.disc_optimizer, self.disc_scheduler, self.disc_scaler, self.discriminator)
             logs["discriminator"] = d_loss.item()
+            check_finite_losses({"discriminator": logs["discriminator"]}, step=step + 1)
+            self._update(d_loss, self.disc_optimizer, self.disc_scheduler, self.disc_scaler, self.discriminator)
         self.step += 1
         return logs
 
@@ -425,6 +444,7 @@ class Phase3Trainer:
             "steps": self.step, "batch_size": cfg.batch_size, "world_size": self.ctx.world_size,
             "hole_ratio": list(cfg.hole_ratio) if cfg.hole_ratio is not None else None, "lr": cfg.lr,
             "warmup_steps": cfg.warmup_steps, "seed": cfg.seed, "freeze_decoder": cfg.freeze_decoder,
+            "freeze_fdm": cfg.freeze_fdm, "backbone": cfg.backbone, "seconds": round(self.seconds, 1),
             **self.schedule.to_dict()}}
         result = FDM(**config)
         result.load_state_dict(source.state_dict())
@@ -448,6 +468,7 @@ class Phase3Trainer:
             The fine-tuned FDM with its decoder weights (see :meth:`result`).
         """
         cfg = self.config
+        started = time.perf_counter()
         if resume_from is not None:
             self.resume(resume_from)
         stop = cfg.steps if until is None else min(until, cfg.steps)
@@ -479,6 +500,7 @@ class Phase3Trainer:
             if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last:
                 self.save_checkpoint()
         bar.close()
+        self.seconds += time.perf_counter() - started
         result = self.result()
         if self.ctx.is_main and self.step == cfg.steps:
             result.save_pretrained(self.output_dir / "fdm")
