@@ -9,7 +9,6 @@ a model is loaded (``pip install "fdm-vq[diffusers]"``).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable
@@ -20,7 +19,8 @@ import torch
 from torch import nn
 
 from fdm.adapter import VQAdapter, register_adapter
-from fdm.errors import CheckpointError, InputError
+from fdm.config_io import read_json
+from fdm.errors import CheckpointError, FdmError, InputError, MissingExtraError
 
 __all__ = ["DiffusersVQAdapter", "import_vqmodel", "load_model"]
 
@@ -33,12 +33,12 @@ def import_vqmodel() -> type[nn.Module]:
     """diffusers' ``VQModel`` class.
 
     Raises:
-        ImportError: diffusers is not installed (names the extra to install).
+        MissingExtraError: diffusers is not installed (an ImportError naming the extra to install).
     """
     try:
         from diffusers import VQModel
     except ImportError as err:
-        raise ImportError(
+        raise MissingExtraError(
             'diffusers is needed for diffusers VQModels: pip install "fdm-vq[diffusers]"'
         ) from err
     return VQModel
@@ -187,7 +187,7 @@ class DiffusersVQAdapter(VQAdapter):
 
 def _vqmodel_subfolder(folder: Path) -> str:
     """The sub-folder holding the VQModel of a saved diffusers pipeline (``model_index.json``)."""
-    index = json.loads((folder / "model_index.json").read_text())
+    index = read_json(folder / "model_index.json", "diffusers pipeline index")
     names = [name for name, spec in index.items() if isinstance(spec, list) and list(spec) == ["diffusers", "VQModel"]]
     if len(names) != 1:
         found = ", ".join(names) or "none"
@@ -199,7 +199,10 @@ def _vqmodel_subfolder(folder: Path) -> str:
 
 
 def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
-    """Load a diffusers ``VQModel`` with ``VQModel.from_pretrained``, in eval mode.
+    """Load a diffusers ``VQModel`` with ``VQModel.from_pretrained``, in eval mode, every key and shape checked.
+
+    diffusers itself only warns about missing or unexpected keys (and fills missing ones with random values);
+    here they are errors, as are shapes that differ from the config's.
 
     Args:
         path_or_repo_id: a folder written by ``VQModel.save_pretrained``, a saved pipeline folder (its
@@ -212,8 +215,12 @@ def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
         The ``VQModel`` in eval mode.
 
     Raises:
-        ImportError: diffusers is not installed.
-        CheckpointError: a pipeline folder without exactly one VQModel component.
+        MissingExtraError: diffusers is not installed.
+        ConfigError: config.json or model_index.json does not parse (names the file and line).
+        CheckpointError: a pipeline folder without exactly one VQModel component; weights that miss keys of the
+            config's model, have unexpected keys or other shapes (named as the file spells them); a folder
+            diffusers cannot load.
+        HubError: the Hub repo, revision or config.json cannot be had (offline without a cached copy...).
     """
     vqmodel_class = import_vqmodel()
     source = str(path_or_repo_id)
@@ -224,7 +231,41 @@ def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
                 kwargs["subfolder"] = _vqmodel_subfolder(folder)
         elif not folder.is_absolute() and (match := _HUB_SUBFOLDER.match(source)):
             source, kwargs["subfolder"] = match.groups()
-    logger.info("loading diffusers VQModel from %s%s", source,
-                f" (subfolder {kwargs['subfolder']})" if kwargs.get("subfolder") else "")
-    model = vqmodel_class.from_pretrained(source, **kwargs)
+    subfolder = kwargs.get("subfolder")
+    logger.info("loading diffusers VQModel from %s%s", source, f" (subfolder {subfolder})" if subfolder else "")
+    config_name = f"{subfolder}/config.json" if subfolder else "config.json"
+    if folder.is_dir():
+        config_file = folder / config_name
+        if not config_file.is_file():
+            raise CheckpointError(f"{folder} holds no {config_name}: not a folder written by VQModel.save_pretrained.")
+    else:  # fetched here so that Hub errors become fdm errors; diffusers then reads it from the cache
+        from fdm.hub import resolve_file
+
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+        config_file = resolve_file(source, config_name, **hub_kwargs)
+    read_json(config_file, "diffusers VQModel config")
+    kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, all at once, instead of the first only
+    kwargs.pop("output_loading_info", None)  # always asked for: the keys are checked below
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its key warnings become the one CheckpointError below
+    try:
+        model, info = vqmodel_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    except FdmError:
+        raise
+    except OSError as err:  # diffusers reports missing or unreadable files as EnvironmentError
+        raise CheckpointError(f"diffusers could not load a VQModel from {source}"
+                              f"{f' (subfolder {subfolder})' if subfolder else ''}: {err}") from err
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    wrong_shape = [f"{key}: expected {tuple(expected)}, got {tuple(got)}"
+                   for key, got, expected in sorted(info["mismatched_keys"])]
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(
+            f"Cannot load the weights of {source}{f' (subfolder {subfolder})' if subfolder else ''} into the "
+            f"VQModel its config.json describes (keys read in the diffusers VQModel layout): missing keys {missing}, "
+            f"unexpected keys {unexpected}, wrong shapes {wrong_shape}."
+        )
     return model.eval()

@@ -8,7 +8,7 @@ registry, and the exceptions. Training lives in :mod:`fdm.training`, adapters in
 
 from fdm.adapter import VQAdapter, find_adapter, register_adapter
 from fdm.dequantizer import Dequantizer
-from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
+from fdm.errors import CheckpointError, FdmError, FingerprintMismatchError, InputError
 from fdm.fingerprint import codebook_fingerprint
 from fdm.masks import latent_mask, load_mask, random_irregular_mask
 from fdm.module import FDM
@@ -19,6 +19,7 @@ __all__ = [
     "FDM",
     "CheckpointError",
     "Dequantizer",
+    "FdmError",
     "FingerprintMismatchError",
     "InputError",
     "VQAdapter",

@@ -2,6 +2,12 @@
 
 Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; its docstring's first
 line is the command's help text.
+
+Errors the user can fix print one line, ``fdm COMMAND: error: ...``, to stderr and exit with code 2, without a
+traceback (``--debug`` shows it): bad or out-of-range options (argparse, also one line), an ``--out`` folder that
+cannot be created, and the library's :class:`~fdm.errors.FdmError` family (unreadable images, config files that
+do not parse, weights that do not fit, Hub repos or files that cannot be had, missing optional extras) plus the
+file-system errors of the paths given. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,9 +15,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import traceback
+from pathlib import Path
 
-__all__ = ["main"]
+from fdm.errors import FdmError, UsageError
+
+__all__ = ["USER_ERRORS", "ArgumentParser", "build_parser", "is_user_error", "main", "prepare_output_dir"]
 
 COMMANDS = {
     "demo": "fdm.commands.demo",
@@ -23,10 +34,33 @@ COMMANDS = {
     "push": "fdm.commands.push",
 }
 
+#: Exceptions reported as one line with exit code 2 (see also :func:`is_user_error`).
+USER_ERRORS = (FdmError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+EXIT_USER_ERROR = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``fdm train: error: argument --steps: expected an integer >= 1; got 0 (see
+    fdm train --help)``, exit code 2 (argparse's own prints the whole usage block first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--debug`` after the (sub-)command too, without overriding a global ``fdm --debug``."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug(sub)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fdm", description="Feature Dequantization Module (FDM) for VQ image models.")
+    parser = ArgumentParser(prog="fdm", description="Feature Dequantization Module (FDM) for VQ image models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of errors (by default they are one line on stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -35,19 +69,62 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=summary, description=(module.__doc__ or "").strip(),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(cmd)
+        _add_debug(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fdm`` console script; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+def prepare_output_dir(path: str | Path, option: str = "--out") -> Path:
+    """Create the output folder ``path`` (with its parents) and check that it is writable.
+
+    Raises:
+        UsageError: ``path`` is a file, or the folder cannot be created or written (names it).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} exists and is not a folder.")
     try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{option} {path}: cannot create the output folder ({err.strerror or err}).") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: the output folder is not writable.")
+    return path
+
+
+def is_user_error(err: BaseException) -> bool:
+    """True for errors the user can fix (:data:`USER_ERRORS`, and an ImportError whose message says which
+    ``pip install`` brings the missing optional dependency)."""
+    if isinstance(err, USER_ERRORS):
+        return True
+    return isinstance(err, ImportError) and "pip install" in str(err)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fdm`` console script; returns the process exit code (2: a user error)."""
+    args = build_parser().parse_args(argv)
+    # fdm's own progress messages at INFO; other libraries' (httpx requests...) only from WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("fdm").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    name = " ".join(filter(None, ["fdm", args.command, getattr(args, "task", None)]))
+    try:
+        if getattr(args, "out", None) is not None:
+            prepare_output_dir(args.out)
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError, TypeError) as err:
-        print(f"fdm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"{name}: error: {_one_line(str(err)) or type(err).__name__}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

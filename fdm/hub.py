@@ -7,15 +7,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
-from huggingface_hub.errors import RemoteEntryNotFoundError
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import errors as hf_errors
 
-from fdm.errors import CheckpointError
+from fdm.errors import CheckpointError, FdmError, HubEntryNotFoundError, HubError
 
 __all__ = [
     "CITATION",
@@ -23,6 +26,8 @@ __all__ = [
     "MODEL_CARD_TEMPLATE",
     "WEIGHTS_NAME",
     "build_model_card",
+    "convert_hub_error",
+    "hub_errors",
     "is_generated_model_card",
     "resolve_file",
 ]
@@ -142,8 +147,10 @@ def resolve_file(
     Hub files go through :func:`huggingface_hub.hf_hub_download` (cache, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``).
 
     Raises:
-        CheckpointError: the folder or repo has no ``filename``. Other Hub errors (repo not found, offline
-            without a cached copy) are huggingface_hub's own.
+        CheckpointError: the folder has no ``filename``.
+        HubEntryNotFoundError: the Hub repo has no ``filename`` (a :class:`CheckpointError` too).
+        HubError: the repo or revision does not exist or is gated, or offline mode is on without a cached copy
+            (see :func:`convert_hub_error`).
     """
     folder = Path(model_id)
     if folder.is_dir():
@@ -152,16 +159,83 @@ def resolve_file(
             raise CheckpointError(f"{folder} holds no {filename}; expected the layout FDM.save_pretrained "
                                   "writes.")
         return path
-    try:
+    with hub_errors(str(model_id), filename, revision=revision,
+                    hint="expected the layout FDM.save_pretrained / push_to_hub writes"):
         return Path(hf_hub_download(
             repo_id=str(model_id), filename=filename, revision=revision, cache_dir=cache_dir,
             force_download=force_download, local_files_only=local_files_only, token=token,
         ))
-    except RemoteEntryNotFoundError as err:
-        raise CheckpointError(
-            f"Hub repo {model_id} (revision {revision or 'main'}) has no {filename}; expected the layout "
-            f"FDM.save_pretrained / push_to_hub writes. ({err})"
-        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def convert_hub_error(
+    err: BaseException,
+    repo_id: str,
+    filename: str | None = None,
+    *,
+    revision: str | None = None,
+    hint: str | None = None,
+) -> FdmError | None:
+    """The fdm-vq error for a ``huggingface_hub`` error met while getting ``filename`` from ``repo_id``.
+
+    The one place where Hub errors become fdm-vq errors (:func:`resolve_file`, the taming, PUT and diffusers
+    loaders and ``fdm push`` all use it). Returns None for anything that is not a Hub error (re-raise it).
+
+    - repo not found (or private without a token), gated, disabled; revision not found; an invalid repo id;
+      another HTTP error of the Hub -> :class:`~fdm.errors.HubError`
+    - the repo has no such file -> :class:`~fdm.errors.HubEntryNotFoundError` (also a ``CheckpointError``);
+      ``hint`` is appended to its message
+    - no cached copy while offline mode is on (``HF_HUB_OFFLINE=1``), with ``local_files_only``, or when the Hub
+      cannot be reached -> :class:`~fdm.errors.HubError` saying which
+    """
+    what = f"{filename} of Hub repo {repo_id}" if filename else f"Hub repo {repo_id}"
+    at = f" (revision {revision})" if revision else ""
+    endpoint = hf_constants.ENDPOINT.rstrip("/")
+    where = "" if endpoint == "https://huggingface.co" else f" on {endpoint}"
+    if isinstance(err, hf_errors.OfflineModeIsEnabled):
+        return HubError(f"Offline mode is on (HF_HUB_OFFLINE=1): cannot reach {what}{at}.")
+    if isinstance(err, hf_errors.LocalEntryNotFoundError):
+        if hf_constants.HF_HUB_OFFLINE:
+            return HubError(f"{what}{at} is not in the local Hugging Face cache and offline mode is on "
+                            "(HF_HUB_OFFLINE=1): download it once with offline mode off, or give a local path.")
+        return HubError(f"{what}{at} is not in the local Hugging Face cache and could not be downloaded "
+                        f"from {endpoint} (no connection, or local_files_only=True): {_first_line(err)}")
+    if isinstance(err, hf_errors.GatedRepoError):
+        return HubError(f"Hub repo {repo_id}{where} is gated: accept its conditions on its Hub page and log in "
+                        "(hf auth login, or HF_TOKEN).")
+    if isinstance(err, hf_errors.RepositoryNotFoundError):
+        return HubError(f"Hub repo {repo_id} not found{where} (check the id; a private repo needs a token: "
+                        "hf auth login, or HF_TOKEN).")
+    if isinstance(err, hf_errors.RevisionNotFoundError):
+        return HubError(f"Hub repo {repo_id}{where} has no revision {revision or 'main'} (branch, tag or commit).")
+    if isinstance(err, hf_errors.EntryNotFoundError):  # RemoteEntryNotFoundError (local ones are handled above)
+        message = f"Hub repo {repo_id}{where} (revision {revision or 'main'}) has no file {filename}"
+        return HubEntryNotFoundError(f"{message}; {hint}." if hint else f"{message}.")
+    if isinstance(err, hf_errors.DisabledRepoError):
+        return HubError(f"Hub repo {repo_id}{where} has been disabled by its owner or the Hub.")
+    if isinstance(err, hf_errors.HFValidationError):
+        return HubError(f"{repo_id!r} is not a valid Hub repo id (expected 'namespace/name'): {_first_line(err)}")
+    if isinstance(err, (hf_errors.HfHubHTTPError, hf_errors.LocalTokenNotFoundError)):
+        return HubError(f"Hub request for {what}{at} failed: {_first_line(err)}")
+    return None
+
+
+@contextlib.contextmanager
+def hub_errors(
+    repo_id: str, filename: str | None = None, *, revision: str | None = None, hint: str | None = None
+) -> Iterator[None]:
+    """Run a ``huggingface_hub`` call with its errors converted by :func:`convert_hub_error`."""
+    try:
+        yield
+    except Exception as err:
+        converted = convert_hub_error(err, repo_id, filename, revision=revision, hint=hint)
+        if converted is None:
+            raise
+        raise converted from err
 
 
 def is_generated_model_card(path: str | Path) -> bool:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from fdm.errors import InputError
+from fdm.images import read_gray
 
 __all__ = ["latent_mask", "load_mask", "random_irregular_mask", "DEFAULT_HOLE_RATIO"]
 
@@ -54,18 +55,19 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None, *, white_is
     """Read a mask image as a (1, 1, H, W) float tensor with 1 = hole.
 
     Args:
-        path: image file; read as grayscale and thresholded at 128.
+        path: image file; read as grayscale and thresholded at half its range (128 of 255; 32768 of 65535 for
+            16-bit files).
         size: optional (H, W); the mask is resized with nearest neighbour when given.
         white_is_hole: True for the PConv / diffusers convention (white = hole, the default);
             False for files where white = known, such as PUT's own sample masks.
+
+    Raises:
+        InputError: the file is missing or cannot be decoded.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"Mask file not found: {path}")
-    img = Image.open(path).convert("L")
+    white_pixels = read_gray(path, what="mask") >= 0.5
     if size is not None:
-        img = img.resize((size[1], size[0]), Image.NEAREST)
-    white = torch.from_numpy(np.asarray(img) >= 128)
+        white_pixels = np.asarray(Image.fromarray(white_pixels).resize((size[1], size[0]), Image.NEAREST))
+    white = torch.from_numpy(np.array(white_pixels, dtype=bool))
     hole = white if white_is_hole else ~white
     return hole.float()[None, None]
 

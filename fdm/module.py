@@ -17,6 +17,7 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from fdm.checkpoint import load_state_dict_strict, read_safetensors, write_weights
+from fdm.config_io import read_json
 from fdm.errors import CheckpointError
 from fdm.hub import WEIGHTS_NAME, build_model_card, is_generated_model_card, resolve_file
 from fdm.validation import check_latent, check_latent_mask
@@ -174,12 +175,9 @@ class FDM(
         Returns:
             An :class:`FDM` in eval mode whose outputs equal the official module's.
         """
-        from fdm.official_checkpoint import official_to_fdm_state_dict
+        from fdm.official_checkpoint import load_official_fdm
 
-        state_dict, channels = official_to_fdm_state_dict(path_or_state_dict)
-        module = cls(channels=channels, mask_channels=1, hidden_channels=channels, num_blocks=8, **config)
-        load_state_dict_strict(module, state_dict, source="official FDM checkpoint")
-        return module.eval()
+        return load_official_fdm(cls, path_or_state_dict, **config)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> FDM:
@@ -198,11 +196,20 @@ class FDM(
         Raises:
             CheckpointError: config.json or model.safetensors is missing, unreadable, truncated or corrupted, or
                 config.json does not describe the weights (names the missing / unexpected / mis-shaped keys).
+            ConfigError: config.json does not parse (names the file and line).
+            HubError: the Hub repo or revision does not exist, or offline mode is on without a cached copy.
             FileNotFoundError: a local path that does not exist.
         """
         source = str(pretrained_model_name_or_path)
-        if not Path(source).is_dir() and _looks_like_path(source):
+        if Path(source).is_dir():
+            config_file = Path(source) / "config.json"
+        elif _looks_like_path(source):
             raise FileNotFoundError(f"No FDM folder at {source} (and it is not a Hub repo id 'namespace/name').")
+        else:  # fetched here so that Hub errors become fdm errors; the mixin then reads it from the cache
+            hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+            config_file = resolve_file(source, "config.json", **hub_kwargs)
+        if config_file.is_file():
+            read_json(config_file, "FDM config")  # the mixin's json.load names no file
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod

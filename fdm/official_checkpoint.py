@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fdm.checkpoint import read_checkpoint
+from fdm.checkpoint import load_state_dict_strict, read_checkpoint
 from fdm.errors import CheckpointError
 
-__all__ = ["OFFICIAL_PREFIXES", "fdm_to_official_state_dict", "official_to_fdm_state_dict"]
+if TYPE_CHECKING:
+    from fdm.module import FDM
+
+__all__ = [
+    "OFFICIAL_PREFIXES",
+    "fdm_to_official_state_dict",
+    "load_official_fdm",
+    "official_key",
+    "official_to_fdm_state_dict",
+]
 
 OFFICIAL_PREFIXES = ("fdm.mix.", "lip.mix.")
 _NUM_BLOCKS = 8
@@ -24,8 +34,9 @@ _HEAD_INDEX = 2 + _NUM_BLOCKS
 _BLOCK_KEY = re.compile(r"^(\d+)\.conv\.([02])\.(weight|bias)$")
 
 
-def _official_module_dict(source: str | Path | dict) -> dict[str, torch.Tensor]:
-    """The ``mix.*`` tensors of an official checkpoint, keyed without the ``fdm.`` / ``lip.`` prefix."""
+def _official_module_dict(source: str | Path | dict) -> tuple[dict[str, torch.Tensor], str]:
+    """The ``mix.*`` tensors of an official checkpoint keyed without the ``fdm.mix.`` / ``lip.mix.`` prefix, and
+    that prefix."""
     obj = read_checkpoint(source) if isinstance(source, (str, Path)) else source
     if not isinstance(obj, dict):
         raise CheckpointError(f"Expected a state dict or {{'model': state_dict}}; got {type(obj).__name__}.")
@@ -33,7 +44,7 @@ def _official_module_dict(source: str | Path | dict) -> dict[str, torch.Tensor]:
     for prefix in OFFICIAL_PREFIXES:
         found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if found:
-            return found
+            return found, prefix
     sample = sorted(state)[:5]
     raise CheckpointError(
         f"No FDM weights in this checkpoint: expected keys starting with {' or '.join(OFFICIAL_PREFIXES)}; "
@@ -41,21 +52,10 @@ def _official_module_dict(source: str | Path | dict) -> dict[str, torch.Tensor]:
     )
 
 
-def official_to_fdm_state_dict(source: str | Path | dict) -> tuple[dict[str, torch.Tensor], int]:
-    """Map an official FDM checkpoint to :class:`fdm.FDM` keys.
-
-    Args:
-        source: path of a ``{'model': state_dict}`` file, or a (possibly nested) state dict.
-
-    Returns:
-        (state dict with ``stem.* / blocks.N.{reduce,expand}.* / head.*`` keys, channel count C).
-
-    Raises:
-        CheckpointError: keys are missing, unexpected or mis-shaped for the official layout.
-    """
-    mix = _official_module_dict(source)
+def _to_fdm_keys(mix: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], int]:
     if "0.weight" not in mix:
-        raise CheckpointError(f"Official FDM weights lack mix.0.weight; found {sorted(mix)[:6]}...")
+        raise CheckpointError(f"The official FDM weights lack {prefix}0.weight (the first conv); found keys such as "
+                              f"{[prefix + k for k in sorted(mix)[:6]]}.")
     channels = mix["0.weight"].shape[0]
     mapped: dict[str, torch.Tensor] = {}
     unexpected = []
@@ -69,30 +69,68 @@ def official_to_fdm_state_dict(source: str | Path | dict) -> tuple[dict[str, tor
             layer = "reduce" if m.group(2) == "0" else "expand"
             mapped[f"blocks.{int(m.group(1)) - 2}.{layer}.{m.group(3)}"] = tensor
         else:
-            unexpected.append(f"mix.{key}")
+            unexpected.append(prefix + key)
     if unexpected:
-        raise CheckpointError(f"Unexpected keys in the official FDM weights: {unexpected}.")
-    if mix["0.weight"].shape[1] != channels + 1:
+        raise CheckpointError(f"Unexpected keys in the official FDM weights (read as the official {prefix}* "
+                              f"layout: {prefix}0, {prefix}2..9.conv.{{0,2}}, {prefix}10): {sorted(unexpected)}.")
+    if mix["0.weight"].dim() != 4 or mix["0.weight"].shape[1] != channels + 1:
         raise CheckpointError(
-            f"mix.0.weight should take {channels} feature channels + 1 mask channel; got shape "
+            f"{prefix}0.weight should take {channels} feature channels + 1 mask channel; got shape "
             f"{tuple(mix['0.weight'].shape)}."
         )
     return mapped, channels
+
+
+def official_to_fdm_state_dict(source: str | Path | dict) -> tuple[dict[str, torch.Tensor], int]:
+    """Map an official FDM checkpoint to :class:`fdm.FDM` keys.
+
+    Args:
+        source: path of a ``{'model': state_dict}`` file, or a (possibly nested) state dict.
+
+    Returns:
+        (state dict with ``stem.* / blocks.N.{reduce,expand}.* / head.*`` keys, channel count C).
+
+    Raises:
+        CheckpointError: keys are missing, unexpected or mis-shaped for the official layout (named as the file
+            spells them).
+    """
+    return _to_fdm_keys(*_official_module_dict(source))
+
+
+def official_key(key: str, prefix: str = "fdm.") -> str:
+    """How the official layout spells the :class:`fdm.FDM` key ``key`` (``blocks.2.expand.weight`` ->
+    ``fdm.mix.4.conv.2.weight``); keys of no official counterpart are returned unchanged."""
+    layer, _, rest = key.partition(".")
+    if layer == "stem":
+        return f"{prefix}mix.0.{rest}"
+    if layer == "head":
+        return f"{prefix}mix.{_HEAD_INDEX}.{rest}"
+    if layer == "blocks" and (m := re.match(r"^(\d+)\.(reduce|expand)\.(\w+)$", rest)):
+        conv = "0" if m.group(2) == "reduce" else "2"
+        return f"{prefix}mix.{int(m.group(1)) + 2}.conv.{conv}.{m.group(3)}"
+    return key
+
+
+def load_official_fdm(cls: type[FDM], source: str | Path | dict, **config: Any) -> FDM:
+    """Build ``cls`` (:class:`fdm.FDM`) from an official checkpoint: the implementation of
+    :meth:`fdm.FDM.from_official_checkpoint`. Errors name keys as the file spells them (``fdm.mix.4.conv.2.weight``).
+    """
+    mix, prefix = _official_module_dict(source)
+    state_dict, channels = _to_fdm_keys(mix, prefix)
+    module = cls(channels=channels, mask_channels=1, hidden_channels=channels, num_blocks=_NUM_BLOCKS, **config)
+    what = f"official FDM checkpoint {source}" if isinstance(source, (str, Path)) else "official FDM weights"
+    root = prefix.removesuffix("mix.")
+    load_state_dict_strict(module, state_dict, source=what, file_key=lambda key: official_key(key, root),
+                           layout=f"official FDM {prefix}*")
+    return module.eval()
 
 
 def fdm_to_official_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "fdm.") -> dict[str, torch.Tensor]:
     """Inverse of :func:`official_to_fdm_state_dict` for an 8-block FDM: keys ``{prefix}mix.*``."""
     out = {}
     for key, tensor in state_dict.items():
-        layer, _, rest = key.partition(".")
-        if layer == "stem":
-            out[f"{prefix}mix.0.{rest}"] = tensor
-        elif layer == "head":
-            out[f"{prefix}mix.{_HEAD_INDEX}.{rest}"] = tensor
-        elif layer == "blocks":
-            index, name, param = rest.split(".")
-            conv = "0" if name == "reduce" else "2"
-            out[f"{prefix}mix.{int(index) + 2}.conv.{conv}.{param}"] = tensor
-        else:
+        official = official_key(key, prefix)
+        if official == key:
             raise CheckpointError(f"Not an FDM key: {key}")
+        out[official] = tensor
     return out

@@ -25,9 +25,9 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_model
 
 import fdm
+from fdm.checkpoint import state_dict_digest
 from fdm.cli import COMMANDS
 from fdm.finetuned_decoder import decoder_state_dict
-from fdm.checkpoint import state_dict_digest
 from fdm.hub import MODEL_CARD_MARKER
 from toy_vq import ToyVQ
 
@@ -199,13 +199,15 @@ LOAD_OFFLINE = """
     from huggingface_hub.errors import LocalEntryNotFoundError
     import fdm
     from fdm.checkpoint import state_dict_digest
+    from fdm.errors import HubError
 
     loaded = fdm.FDM.from_pretrained("tester/fdm-toy")
     try:
         fdm.FDM.from_pretrained("tester/never-downloaded")
         missing = "loaded"
-    except LocalEntryNotFoundError as err:
-        missing = type(err).__name__
+    except HubError as err:  # huggingface_hub's LocalEntryNotFoundError, converted by fdm.hub.convert_hub_error
+        offline = "offline mode is on" in str(err) and "tester/never-downloaded" in str(err)
+        missing = type(err.__cause__).__name__ if offline else str(err)
     print(json.dumps({"offline": constants.HF_HUB_OFFLINE, "digest": state_dict_digest(loaded.state_dict()),
                       "config": loaded.config, "missing": missing}))
 """

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_phase3 import smooth_images, toy_fdm, toy_model
 from test_phase3 import config as phase3_config
+from test_phase3 import smooth_images, toy_fdm, toy_model
 
 import fdm
 from fdm.errors import CheckpointError, InputError, TrainingError

@@ -247,5 +247,5 @@ def test_save_load_checkpoint(tmp_path):
     (path / "fdm.safetensors").write_bytes((path / "fdm.safetensors").read_bytes()[:100])
     with pytest.raises(CheckpointError):
         load_checkpoint(path, {"fdm": other})
-    with pytest.raises(CheckpointError, match="training_state.pt is missing"):
+    with pytest.raises(CheckpointError, match="manifest.json is missing"):
         load_checkpoint(tmp_path, {"fdm": other})

@@ -13,9 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 import fdm
-from fdm.checkpoint import OpaqueObject, read_checkpoint
+from fdm.checkpoint import OpaqueObject, read_checkpoint, write_weights
 from fdm.errors import CheckpointError, FingerprintMismatchError
-from fdm.checkpoint import write_weights
 from toy_vq import ToyVQ
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +71,42 @@ _TRANSFORMER_ROOTS = {"emb_proj", "pos_emb", "blocks", "layer_norm", "to_logits"
 _CONVERT_LEFTOVERS = re.compile(r"^(encoder|decoder)\._(pre|res|post)_layers\.")
 
 
+def _remap_key(key: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
 def _remap(state_dict: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, tensor in state_dict.items():
-        new = key
-        for pattern, repl in rules:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                break
-        out[new] = tensor
-    return out
+    return {_remap_key(key, rules): tensor for key, tensor in state_dict.items()}
+
+
+@dataclass(frozen=True)
+class _Spelling:
+    """How a checkpoint spells the keys of one part (P-VQVAE or UQ-Transformer): a prefix, and for the P-VQVAE
+    whether the FDM authors' Sequential indices are used. ``key`` maps a PUT-layout key to the file's spelling."""
+
+    prefix: str = ""
+    fdm_layout: bool = False
+    transformer: bool = False
+
+    def key(self, key: str) -> str:
+        return self.prefix + (_remap_key(key, _PUT_TO_FDM) if self.fdm_layout else key)
+
+    @property
+    def layout(self) -> str:
+        """The layout's name in messages."""
+        if self.fdm_layout:
+            return f"FDM authors' (hyudsl/FDM) {self.prefix}*" if self.prefix else "FDM authors' (hyudsl/FDM)"
+        if self.transformer:
+            return f"FDM authors' (hyudsl/FDM) {self.prefix}*" if self.prefix else "PUT transformer"
+        return f"PUT transformer-file {self.prefix}*" if self.prefix else "PUT P-VQVAE"
+
+
+def _source_name(source: Any) -> str:
+    return f"checkpoint {source}" if isinstance(source, (str, Path)) else "checkpoint dict"
 
 
 def put_to_fdm_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -91,64 +119,80 @@ def fdm_to_put_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return _remap(state_dict, _FDM_TO_PUT)
 
 
-def _get(sd: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
+def _get(sd: dict[str, torch.Tensor], key: str, what: str, spell: Callable[[str], str] | None = None) -> torch.Tensor:
     if key not in sd:
-        raise CheckpointError(f"The {what} weights lack {key!r}; found keys such as {sorted(sd)[:6]}.")
+        spell = spell or (lambda k: k)
+        raise CheckpointError(f"The {what} weights lack {spell(key)!r}; found keys such as "
+                              f"{[spell(k) for k in sorted(sd)[:6]]}.")
     return sd[key]
 
 
 def _count(sd: dict[str, torch.Tensor], pattern: str) -> int:
+    """1 + the highest index matching ``pattern`` (a block with a missing key then shows up as that key)."""
     regex = re.compile(pattern)
-    return len({m.group(1) for k in sd if (m := regex.match(k))})
+    return 1 + max((int(m.group(1)) for k in sd if (m := regex.match(k))), default=-1)
 
 
-def pvqvae_config_from_state_dict(sd: dict[str, torch.Tensor], known_codes: int | None = None) -> dict[str, Any]:
+def _dims(sd: dict[str, torch.Tensor], key: str, ndim: int, what: str, spell: Callable[[str], str]) -> torch.Tensor:
+    tensor = _get(sd, key, what, spell)
+    if tensor.dim() != ndim:
+        raise CheckpointError(f"The {what} weight {spell(key)} has shape {tuple(tensor.shape)}; expected {ndim} "
+                              "dimensions.")
+    return tensor
+
+
+def pvqvae_config_from_state_dict(
+    sd: dict[str, torch.Tensor], known_codes: int | None = None, *, file_key: Callable[[str], str] | None = None
+) -> dict[str, Any]:
     """:class:`PVQVAE` constructor arguments read from the shapes of a PUT-layout state dict.
 
     ``known_codes`` (the size of the codebook half for known patches) is not in the weights: it defaults
-    to half the codebook, as in every released model.
+    to half the codebook, as in every released model. ``file_key`` spells keys in messages as the file does.
     """
-    what = "P-VQVAE"
-    pre = _get(sd, "encoder.pre_layers.0.weight", what)
+    what, spell = "P-VQVAE", file_key or (lambda k: k)
+    pre = _dims(sd, "encoder.pre_layers.0.weight", 2, what, spell)
     patch = math.isqrt(pre.shape[1] // 3)
     if 3 * patch * patch != pre.shape[1]:
-        raise CheckpointError(f"encoder.pre_layers.0.weight has {pre.shape[1]} inputs, not 3 x patch^2.")
+        raise CheckpointError(f"{spell('encoder.pre_layers.0.weight')} has {pre.shape[1]} inputs, not 3 x patch^2.")
     enc_blocks = _count(sd, r"^encoder\.res_layers\.(\d+)\.layers\.1\.weight$")
     dec_blocks = _count(sd, r"^decoder\.res_layers\.(\d+)\.conv\.1\.weight$")
-    num_codes = _get(sd, "quantize.embedding", what).shape[0]
-    dec_pre = _get(sd, "decoder.pre_layers.0.weight", what)
+    num_codes = _dims(sd, "quantize.embedding", 2, what, spell).shape[0]
+    dec_pre = _dims(sd, "decoder.pre_layers.0.weight", 4, what, spell)
     return {
         "patch_size": patch,
         "encoder_channels": pre.shape[0],
-        "encoder_out_channels": _get(sd, "encoder.post_layers.1.weight", what).shape[0],
+        "encoder_out_channels": _dims(sd, "encoder.post_layers.1.weight", 2, what, spell).shape[0],
         "encoder_blocks": enc_blocks,
-        "encoder_block_channels": (sd["encoder.res_layers.0.layers.1.weight"].shape[0] if enc_blocks
-                                   else pre.shape[0] // 2),
+        "encoder_block_channels": (_get(sd, "encoder.res_layers.0.layers.1.weight", what, spell).shape[0]
+                                   if enc_blocks else pre.shape[0] // 2),
         "num_codes": num_codes,
-        "embed_dim": _get(sd, "quant_conv.weight", what).shape[0],
+        "embed_dim": _dims(sd, "quant_conv.weight", 4, what, spell).shape[0],
         "known_codes": known_codes or num_codes // 2,
-        "decoder_in_channels": _get(sd, "post_quant_conv.weight", what).shape[0],
+        "decoder_in_channels": _dims(sd, "post_quant_conv.weight", 4, what, spell).shape[0],
         "decoder_channels": dec_pre.shape[0],
         "decoder_blocks": dec_blocks,
-        "decoder_block_channels": (sd["decoder.res_layers.0.conv.1.weight"].shape[0] if dec_blocks
-                                   else dec_pre.shape[0] // 2),
-        "base_channels": _get(sd, "decoder.post_layers.1.weight", what).shape[1],
+        "decoder_block_channels": (_get(sd, "decoder.res_layers.0.conv.1.weight", what, spell).shape[0]
+                                   if dec_blocks else dec_pre.shape[0] // 2),
+        "base_channels": _dims(sd, "decoder.post_layers.1.weight", 4, what, spell).shape[1],
     }
 
 
-def transformer_config_from_state_dict(sd: dict[str, torch.Tensor], **overrides: Any) -> dict[str, Any]:
+def transformer_config_from_state_dict(
+    sd: dict[str, torch.Tensor], *, file_key: Callable[[str], str] | None = None, **overrides: Any
+) -> dict[str, Any]:
     """:class:`UQTransformer` constructor arguments read from a state dict's shapes (``n_head`` and
-    ``activation`` are not in the weights: defaults 8 and ``"gelu2"``, as released; pass ``overrides``)."""
-    what = "UQ-Transformer"
-    proj = _get(sd, "emb_proj.weight", what)
+    ``activation`` are not in the weights: defaults 8 and ``"gelu2"``, as released; pass ``overrides``).
+    ``file_key`` spells keys in messages as the file does."""
+    what, spell = "UQ-Transformer", file_key or (lambda k: k)
+    proj = _dims(sd, "emb_proj.weight", 2, what, spell)
     n_embd = proj.shape[0]
     config = {
         "embed_dim": proj.shape[1],
         "n_embd": n_embd,
         "n_layer": _count(sd, r"^blocks\.(\d+)\.ln1\.weight$"),
-        "num_codes": _get(sd, "to_logits.weight", what).shape[0],
-        "seq_len": _get(sd, "pos_emb", what).shape[1],
-        "mlp_ratio": _get(sd, "blocks.0.mlp.0.weight", what).shape[0] // n_embd,
+        "num_codes": _dims(sd, "to_logits.weight", 2, what, spell).shape[0],
+        "seq_len": _dims(sd, "pos_emb", 3, what, spell).shape[1],
+        "mlp_ratio": _get(sd, "blocks.0.mlp.0.weight", what, spell).shape[0] // n_embd,
     }
     config.update(overrides)
     return config
@@ -166,8 +210,12 @@ def resolve_checkpoint(path_or_id: str | Path, *, revision: str | None = None, c
                               "for a file in a Hugging Face Hub repository).")
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), revision=revision, cache_dir=cache_dir,
-                                local_files_only=local_files_only))
+    from fdm.hub import hub_errors
+
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    with hub_errors(repo_id, filename, revision=revision):
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                    local_files_only=local_files_only))
 
 
 def split_checkpoint(source: str | Path | dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
@@ -185,11 +233,19 @@ def split_checkpoint(source: str | Path | dict[str, Any]) -> dict[str, dict[str,
     Raises:
         CheckpointError: keys that belong to none of the parts.
     """
+    return _split(source)[0]
+
+
+def _split(source: str | Path | dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, _Spelling]]:
+    """:func:`split_checkpoint`, plus how the file spells the keys of the codec and transformer parts."""
     obj = read_checkpoint(source) if isinstance(source, (str, Path)) else source
     if not isinstance(obj, dict):
         raise CheckpointError(f"Expected a state dict or {{'model': state_dict}}; got {type(obj).__name__}.")
     state = obj.get("model", obj.get("state_dict", obj))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"Expected a state dict under 'model'; got {type(state).__name__}.")
     parts: dict[str, dict[str, torch.Tensor]] = {"codec": {}, "transformer": {}, "fdm": {}}
+    prefixes: dict[str, set[str]] = {"codec": set(), "transformer": set()}
     dropped, unknown = [], []
     for key, tensor in state.items():
         root = key.split(".", 1)[0]
@@ -199,12 +255,16 @@ def split_checkpoint(source: str | Path | dict[str, Any]) -> dict[str, dict[str,
             parts["fdm"][key] = tensor
         elif root == "content_codec":
             parts["codec"][key[len("content_codec."):]] = tensor
+            prefixes["codec"].add("content_codec.")
         elif root == "generator":
             parts["transformer"][key[len("generator."):]] = tensor
+            prefixes["transformer"].add("generator.")
         elif root in _CODEC_ROOTS:
             parts["codec"][key] = tensor
+            prefixes["codec"].add("")
         elif root in _TRANSFORMER_ROOTS:
             parts["transformer"][key] = tensor
+            prefixes["transformer"].add("")
         else:
             unknown.append(key)
     if unknown:
@@ -213,11 +273,16 @@ def split_checkpoint(source: str | Path | dict[str, Any]) -> dict[str, dict[str,
     leftovers = [k for k in codec if _CONVERT_LEFTOVERS.match(k)]
     for key in leftovers:
         del codec[key]
-    if any(_FDM_LAYOUT_ONLY.match(k) for k in codec):
+    fdm_layout = any(_FDM_LAYOUT_ONLY.match(k) for k in codec)
+    if fdm_layout:
         parts["codec"] = fdm_to_put_layout(codec)
     if dropped or leftovers:
         logger.debug("checkpoint: dropped %d training-only / conversion keys", len(dropped) + len(leftovers))
-    return parts
+    spellings = {
+        "codec": _Spelling(prefix=max(prefixes["codec"], default=""), fdm_layout=fdm_layout),
+        "transformer": _Spelling(prefix=max(prefixes["transformer"], default=""), transformer=True),
+    }
+    return parts, spellings
 
 
 def load_model(
@@ -246,32 +311,37 @@ def load_model(
     Example:
         >>> model = load_model("p_vqvae_places.pth", "transformer_places.pth")  # doctest: +SKIP
     """
-    def parts_of(source: str | Path | dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
-        if isinstance(source, dict):
-            return split_checkpoint(source)
-        return split_checkpoint(resolve_checkpoint(source, revision=revision, cache_dir=cache_dir,
-                                                   local_files_only=local_files_only))
+    def parts_of(source: str | Path | dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]],
+                                                               dict[str, _Spelling], str]:
+        if not isinstance(source, dict):
+            source = resolve_checkpoint(source, revision=revision, cache_dir=cache_dir,
+                                        local_files_only=local_files_only)
+        return (*_split(source), _source_name(source))
 
-    main = parts_of(checkpoint)
+    main, spelling, name = parts_of(checkpoint)
     if not main["codec"]:
-        raise CheckpointError("No P-VQVAE weights in the checkpoint (expected keys encoder.*, decoder.*, "
+        raise CheckpointError(f"No P-VQVAE weights in {name} (expected keys encoder.*, decoder.*, "
                               "quantize.* ... or content_codec.*).")
-    sampler_sd = main["transformer"]
+    sampler_sd, sampler_spelling, sampler_name = main["transformer"], spelling["transformer"], name
     if transformer is not None:
-        extra = parts_of(transformer)
+        extra, extra_spelling, sampler_name = parts_of(transformer)
         if not extra["transformer"]:
-            raise CheckpointError("No UQ-Transformer weights in the transformer checkpoint (expected emb_proj, "
-                                  "pos_emb, blocks.* ... or generator.*).")
-        sampler_sd = extra["transformer"]
+            raise CheckpointError(f"No UQ-Transformer weights in the transformer {sampler_name} (expected "
+                                  "emb_proj, pos_emb, blocks.* ... or generator.*).")
+        sampler_sd, sampler_spelling = extra["transformer"], extra_spelling["transformer"]
         _check_same_codebook(main["codec"], extra["codec"])
-    t_config = transformer_config_from_state_dict(sampler_sd, n_head=n_head, activation=activation) \
-        if sampler_sd else None
-    codec = PVQVAE(**pvqvae_config_from_state_dict(main["codec"], t_config and t_config["num_codes"]))
-    load_state_dict_strict(codec, main["codec"], source="PUT P-VQVAE checkpoint")
+    t_config = transformer_config_from_state_dict(sampler_sd, file_key=sampler_spelling.key, n_head=n_head,
+                                                  activation=activation) if sampler_sd else None
+    codec_spelling = spelling["codec"]
+    codec = PVQVAE(**pvqvae_config_from_state_dict(main["codec"], t_config and t_config["num_codes"],
+                                                   file_key=codec_spelling.key))
+    load_state_dict_strict(codec, main["codec"], source=f"P-VQVAE weights of {name}", file_key=codec_spelling.key,
+                           layout=codec_spelling.layout)
     sampler = None
     if sampler_sd:
         sampler = UQTransformer(**t_config)
-        load_state_dict_strict(sampler, sampler_sd, source="PUT UQ-Transformer checkpoint")
+        load_state_dict_strict(sampler, sampler_sd, source=f"UQ-Transformer weights of {sampler_name}",
+                               file_key=sampler_spelling.key, layout=sampler_spelling.layout)
     return PUT(codec, sampler).eval()
 
 

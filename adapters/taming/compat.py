@@ -17,11 +17,18 @@ that only provides ``instantiate_from_config``, and a ``transformers`` that only
 imported are left alone. :func:`inference_config` handles 3: it swaps every ``lossconfig`` for
 ``torch.nn.Identity`` (the losses hold no inference weights) and drops ``ckpt_path`` entries, so that
 constructing a model neither downloads nor unpickles anything.
+
+Configs name classes by import path (``target``) at every depth: :func:`check_targets` refuses, before anything
+is imported or built, every ``target`` that is not in :data:`ALLOWED_TARGETS` (taming's own model, quantizer,
+transformer, permuter, conditioning-stage, scheduler and loss classes), unless the user opts in with
+``trust_config=True`` (:func:`trusted_targets`). :func:`instantiate_from_config`, which taming's models call for
+their nested configs, checks again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import importlib
 import logging
@@ -32,7 +39,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["INSTALL_HINT", "import_taming", "inference_config", "instantiate_from_config", "top_k_top_p_filtering"]
+from fdm.errors import ConfigError
+
+__all__ = [
+    "ALLOWED_TARGETS",
+    "INSTALL_HINT",
+    "check_targets",
+    "import_taming",
+    "inference_config",
+    "instantiate_from_config",
+    "top_k_top_p_filtering",
+    "trusted_targets",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +61,84 @@ MODEL_MODULES = ("taming.models.vqgan", "taming.models.cond_transformer", "tamin
 
 _IDENTITY_LOSS = {"target": "torch.nn.Identity"}
 
+#: The classes a taming config may name as ``target`` (at any depth) without ``trust_config=True``: those of
+#: taming-transformers (``taming-transformers-rom1504`` 0.0.6, or a CompVis clone) that released configs use.
+#: Loss classes are only recorded: :func:`inference_config` replaces every ``lossconfig`` by ``torch.nn.Identity``
+#: (the target of the demo model's own ``lossconfig``) before anything is built.
+ALLOWED_TARGETS = frozenset({
+    # models
+    "taming.models.vqgan.VQModel",
+    "taming.models.vqgan.GumbelVQ",
+    "taming.models.vqgan.VQSegmentationModel",
+    "taming.models.vqgan.VQNoDiscModel",
+    "taming.models.cond_transformer.Net2NetTransformer",
+    # quantizers
+    "taming.modules.vqvae.quantize.VectorQuantizer",
+    "taming.modules.vqvae.quantize.VectorQuantizer2",
+    "taming.modules.vqvae.quantize.GumbelQuantize",
+    # transformer and permuters
+    "taming.modules.transformer.mingpt.GPT",
+    *(f"taming.modules.transformer.permuter.{name}" for name in
+      ("Identity", "Subsample", "ZCurve", "SpiralOut", "SpiralIn", "Random", "AlternateParsing")),
+    # conditioning stages
+    "taming.modules.misc.coord.CoordStage",
+    "taming.modules.util.Labelator",
+    "taming.modules.util.SOSProvider",
+    # schedulers
+    "taming.lr_scheduler.LambdaWarmUpCosineScheduler",
+    # losses (recorded, never built)
+    "taming.modules.losses.DummyLoss",
+    "taming.modules.losses.vqperceptual.DummyLoss",
+    "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+    "taming.modules.losses.segmentation.BCELoss",
+    "taming.modules.losses.segmentation.BCELossWithQuant",
+    "torch.nn.Identity",
+})
+
+_TRUSTED: contextvars.ContextVar[bool] = contextvars.ContextVar("fdm_taming_trust_config", default=False)
+
+
+@contextlib.contextmanager
+def trusted_targets(trust: bool = True) -> Iterator[None]:
+    """While active (with ``trust=True``), :func:`instantiate_from_config` builds any ``target``: the
+    ``trust_config=True`` opt-in of :func:`~fdm.adapters.taming.load_model`."""
+    token = _TRUSTED.set(bool(trust))
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def _check_target(target: Any, path: str) -> None:
+    if not isinstance(target, str) or target not in ALLOWED_TARGETS:
+        raise ConfigError(
+            f"{path} = {target!r} is not one of the taming-transformers classes fdm-vq builds from a config (see "
+            "fdm.adapters.taming.compat.ALLOWED_TARGETS); a config names the class it wants imported and run, so "
+            "others are refused. If you trust this config and the code it names, pass trust_config=True "
+            "(fdm: --trust-config)."
+        )
+
+
+def check_targets(config: Any, *, prefix: str = "model") -> None:
+    """Check every ``target`` of ``config`` (dicts and lists, at every depth) against :data:`ALLOWED_TARGETS`.
+
+    Args:
+        config: plain nested dicts / lists (the ``model`` section of a taming config).
+        prefix: key path of ``config`` itself, for messages.
+
+    Raises:
+        ConfigError: naming the key path (``model.params.first_stage_config.target``) and the value.
+    """
+    if isinstance(config, dict):
+        for key, value in config.items():
+            path = f"{prefix}.{key}"
+            if key == "target":
+                _check_target(value, path)
+            check_targets(value, prefix=path)
+    elif isinstance(config, (list, tuple)):
+        for index, value in enumerate(config):
+            check_targets(value, prefix=f"{prefix}[{index}]")
+
 
 def _get_obj_from_str(target: str) -> Any:
     module, name = target.rsplit(".", 1)
@@ -52,11 +148,16 @@ def _get_obj_from_str(target: str) -> Any:
 def instantiate_from_config(config: Any) -> Any:
     """Build ``target(**params)`` from a ``{"target": ..., "params": {...}}`` mapping (taming's convention).
 
+    ``target`` must be in :data:`ALLOWED_TARGETS` unless inside :func:`trusted_targets`.
+
     Raises:
         KeyError: the mapping has no ``target``.
+        ConfigError: ``target`` is not allowed (checked before it is imported).
     """
     if "target" not in config:
         raise KeyError(f"Expected key `target` to instantiate; got keys {sorted(config)}.")
+    if not _TRUSTED.get():
+        _check_target(config["target"], "target")
     return _get_obj_from_str(config["target"])(**config.get("params", {}))
 
 

@@ -3,7 +3,9 @@ Lightning ``.ckpt`` or a ``.safetensors`` file, from local paths or the Hugging 
 
 Checkpoints are read without executing pickled code (:func:`fdm.checkpoint.read_checkpoint`), the model is
 built on the meta device from a config cleaned by :func:`~fdm.adapters.taming.compat.inference_config`
-(no LPIPS download, no ``ckpt_path`` side-loading), and every expected key and shape is checked.
+(no LPIPS download, no ``ckpt_path`` side-loading), and every expected key and shape is checked. Every
+``target`` of the config, at every depth, must name one of taming's own classes unless ``trust_config=True``
+(:func:`~fdm.adapters.taming.compat.check_targets`, before anything is imported).
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from fdm.adapters.taming.compat import import_taming, inference_config, instantiate_from_config
+from fdm.adapters.taming.compat import (
+    _to_container,
+    check_targets,
+    import_taming,
+    inference_config,
+    instantiate_from_config,
+    trusted_targets,
+)
 from fdm.checkpoint import load_state_dict_strict, read_checkpoint, read_safetensors
 from fdm.errors import CheckpointError
 
@@ -38,6 +47,8 @@ def resolve_file(spec: str | Path, *, repo_id: str | None = None, revision: str 
 
     Raises:
         FileNotFoundError: ``spec`` is neither a local file nor a Hub file reference.
+        HubError: the Hub repo, revision or file does not exist, or offline mode is on without a cached copy
+            (:func:`fdm.hub.convert_hub_error`; a ``FileNotFoundError`` too).
     """
     path = Path(spec)
     if repo_id is None:
@@ -54,54 +65,72 @@ def resolve_file(spec: str | Path, *, repo_id: str | None = None, revision: str 
         filename = str(spec)
     from huggingface_hub import hf_hub_download
 
+    from fdm.hub import hub_errors
+
     logger.info("fetching %s from Hub repo %s", filename, repo_id)
-    try:
+    with hub_errors(repo_id, filename, revision=revision):  # HubError (a FileNotFoundError) naming repo and file
         return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision))
-    except Exception as err:  # huggingface_hub raises its own error types (offline, 404, auth)
-        raise FileNotFoundError(f"Could not get {filename!r} from Hub repo {repo_id!r}: {err}") from err
 
 
-def load_config(config: Any, *, repo_id: str | None = None, revision: str | None = None) -> dict[str, Any]:
+def load_config(config: Any, *, repo_id: str | None = None, revision: str | None = None,
+                trust_config: bool = False) -> dict[str, Any]:
     """The ``model`` section (``target`` + ``params``) of a taming config, as a plain dict.
+
+    Only the ``model`` section is read; other sections (``data``, ``lightning``) are dropped unread. YAML files are
+    parsed with ``yaml.safe_load`` (no ``!!python`` tags).
 
     Args:
         config: a path / Hub reference to a ``*-project.yaml`` or ``model.yaml``, or a dict / OmegaConf
             holding either the whole file or its ``model`` section.
+        trust_config: allow any class as a ``target``. By default every ``target`` of the model section, at every
+            depth (``model.target``, ``model.params.first_stage_config.target``, ``lossconfig``...), must be one
+            of taming's own classes (:data:`~fdm.adapters.taming.compat.ALLOWED_TARGETS`), checked before anything
+            is imported or built: a config names code that loading it runs, so pass True only for configs you
+            trust (custom model classes, say).
+
+    Raises:
+        ConfigError: the file does not parse, or a ``target`` is not allowed (naming its key path and value).
+        CheckpointError: there is no ``model`` section with a ``target``.
     """
     if isinstance(config, (str, Path)):
-        import yaml
+        from fdm.config_io import read_yaml
 
         source = resolve_file(config, repo_id=repo_id, revision=revision)
-        with open(source) as f:
-            config = yaml.safe_load(f)
-    model_config = inference_config(config)
-    if "model" in model_config and "target" not in model_config:
+        config = read_yaml(source, "taming config")  # ConfigError naming the file and line if it does not parse
+    model_config = _to_container(config)
+    if isinstance(model_config, dict) and "model" in model_config and "target" not in model_config:
         model_config = model_config["model"]
     if not isinstance(model_config, dict) or "target" not in model_config:
         raise CheckpointError(
             "A taming config needs a `model:` section with `target:` (e.g. taming.models.vqgan.VQModel) and "
             f"`params:`; got keys {sorted(model_config) if isinstance(model_config, dict) else model_config!r}."
         )
-    if not str(model_config["target"]).startswith("taming."):
-        raise CheckpointError(f"Expected a taming model target (taming.models...); got {model_config['target']!r}.")
-    return model_config
+    if not trust_config:
+        check_targets(model_config, prefix="model")  # every depth, before anything is imported
+        if not str(model_config["target"]).startswith("taming."):
+            raise CheckpointError(f"Expected a taming model target (taming.models...); got {model_config['target']!r}.")
+    return inference_config(model_config)
 
 
-def build_model(config: Any, *, device: str | torch.device | None = None) -> nn.Module:
+def build_model(config: Any, *, device: str | torch.device | None = None, trust_config: bool = False) -> nn.Module:
     """Construct the taming model a config describes, without weights.
 
     Args:
         config: as for :func:`load_config` (already cleaned configs are accepted too).
         device: where parameters are allocated; ``"meta"`` builds a full-size model without memory.
+        trust_config: allow any class as a ``target`` (see :func:`load_config`).
 
     Returns:
         The taming model (VQModel, GumbelVQ or Net2NetTransformer) in eval mode.
+
+    Raises:
+        ConfigError: a ``target`` is not allowed (before anything is imported).
     """
+    model_config = load_config(config, trust_config=trust_config)
     import_taming()
-    model_config = load_config(config)
     chatter = io.StringIO()  # taming prints shapes and notices while building: keep them out of stdout
     with torch.device(device) if device is not None else contextlib.nullcontext(), \
-            contextlib.redirect_stdout(chatter):
+            contextlib.redirect_stdout(chatter), trusted_targets(trust_config):
         model = instantiate_from_config(model_config)
     if chatter.getvalue().strip():
         logger.debug("taming: %s", chatter.getvalue().strip())
@@ -135,6 +164,7 @@ def load_model(
     *,
     repo_id: str | None = None,
     revision: str | None = None,
+    trust_config: bool = False,
 ) -> nn.Module:
     """Load a released (or your own) taming model.
 
@@ -146,13 +176,18 @@ def load_model(
             transformer keys (``first_stage_model.*``, ``cond_stage_model.*``, ``transformer.*``).
         repo_id: when given, string ``config`` and ``checkpoint`` are filenames in this Hub repo.
         revision: Hub revision (branch, tag or commit).
+        trust_config: allow any class as a ``target`` of the config. By default only taming's own classes are
+            built (checked at every depth before anything is imported; see :func:`load_config`): pass True only
+            for a config you trust, since the classes it names are imported and run.
 
     Returns:
         The taming model (``VQModel``, ``GumbelVQ`` or ``Net2NetTransformer``, with taming's own attribute and
         method names) on the CPU, in eval mode.
 
     Raises:
-        CheckpointError: the checkpoint misses expected keys, has unexpected ones or wrong shapes (all named).
+        CheckpointError: the checkpoint misses expected keys, has unexpected ones or wrong shapes (all named), or
+            is refused by :func:`fdm.checkpoint.read_checkpoint`.
+        ConfigError: the config does not parse, or names a class that is not allowed (key path and value).
         FileNotFoundError: a file is neither local nor on the Hub.
 
     Example:
@@ -161,13 +196,18 @@ def load_model(
         ...                    "logs/vqgan_imagenet_f16_1024/checkpoints/last.ckpt")   # doctest: +SKIP
     """
     model_config = load_config(config, repo_id=repo_id if isinstance(config, (str, Path)) else None,
-                               revision=revision)
+                               revision=revision, trust_config=trust_config)
     path = resolve_file(checkpoint, repo_id=repo_id, revision=revision)
     raw = read_safetensors(path) if path.suffix == ".safetensors" else read_checkpoint(path)
-    model = build_model(model_config, device="meta")
+    model = build_model(model_config, device="meta", trust_config=trust_config)
     source = f"checkpoint {path.name}"
     state_dict = model_state_dict(raw, model, source=source)
-    load_state_dict_strict(model, state_dict, source=source, assign=True)
+    raw_keys = raw.get("state_dict", raw) if isinstance(raw, dict) else {}
+    if state_dict and not any(k in raw_keys for k in state_dict):  # first_stage_model.* of a transformer file
+        spell, layout = (lambda k: _FIRST_STAGE_PREFIX + k), "taming transformer-checkpoint first_stage_model.*"
+    else:
+        spell, layout = None, "taming"
+    load_state_dict_strict(model, state_dict, source=source, assign=True, file_key=spell, layout=layout)
     leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise CheckpointError(f"{source}: these tensors were not loaded: {leftover}.")

@@ -14,13 +14,14 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fdm.commands.argtypes import positive_int
     from fdm.commands.model_options import add_model_arguments
 
     parser.add_argument("folder", help="folder of images (searched recursively)")
-    parser.add_argument("--crop", type=int, default=128, help="crop side in pixels (default 128)")
-    parser.add_argument("--views-per-image", type=int, default=4, help="random crops per image (default 4)")
+    parser.add_argument("--crop", type=positive_int, default=128, help="crop side in pixels (default 128)")
+    parser.add_argument("--views-per-image", type=positive_int, default=4, help="random crops per image (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the crops and hole masks (default 0)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--holes", action="store_true",
                         help="also evaluate oracle inpainting with random irregular holes")
     parser.add_argument("--no-extras", action="store_true", help="skip FID and ST-LPIPS")
@@ -53,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
+    fdm_module = load_fdm(args)  # first: the cheapest to fail (a Hub id, a config.json)
     views = ImageFolderViews(folder, crop_size=args.crop, views_per_image=args.views_per_image, seed=args.seed,
                              scale_range=(1.0, 2.0))
-    dequantizer = Dequantizer(load_base_model(args), load_fdm(args))
+    dequantizer = Dequantizer(load_base_model(args), fdm_module)
     report = evaluate_views(dequantizer, views, batch_size=args.batch_size, holes=args.holes, seed=args.seed,
                             extras=not args.no_extras, progress=not args.no_progress)
     report.update(folder=str(folder), crop=args.crop, views_per_image=args.views_per_image, seed=args.seed,

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from fdm.commands.argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from fdm.commands.model_options import add_model_arguments, load_base_model, load_fdm
 from fdm.losses import TERMS
 from fdm.masks import DEFAULT_HOLE_RATIO
@@ -36,15 +37,17 @@ logger = logging.getLogger(__name__)
 _DEFAULTS = Phase3Config()
 
 
-def _term_value(kind: type) -> Callable[[str], tuple[str, float | int]]:
+def _term_value(kind: Callable[[str], float | int]) -> Callable[[str], tuple[str, float | int]]:
+    """TERM=VALUE with a loss term name and ``kind`` (an argparse type function) for the value."""
+
     def parse(text: str) -> tuple[str, float | int]:
         name, sep, value = text.partition("=")
         if not sep or name not in TERMS:
             raise argparse.ArgumentTypeError(f"expected TERM=VALUE with TERM in {', '.join(TERMS)}; got {text!r}")
         try:
             return name, kind(value)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a valid {kind.__name__}") from err
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{text}: {err}") from None
 
     return parse
 
@@ -53,23 +56,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="folder of training images (searched recursively)")
-    data.add_argument("--val-data", help="folder of validation images (PNG grids and metrics every --val-every steps)")
-    data.add_argument("--crop-size", type=int, default=256, help="side of the square training crops (default 256)")
-    data.add_argument("--views-per-image", type=int, default=1, help="fixed random crops per image (default 1)")
+    data.add_argument("--val-data",
+                      help="folder of validation images (PNG grids and metrics every --val-every steps)")
+    data.add_argument("--crop-size", type=positive_int, default=256,
+                      help="side of the square training crops (default 256)")
+    data.add_argument("--views-per-image", type=positive_int, default=1,
+                      help="fixed random crops per image (default 1)")
     group = parser.add_argument_group("fine-tuning")
     group.add_argument("--out", required=True, help="output folder: checkpoints, validation grids, metrics, OUT/fdm")
-    group.add_argument("--steps", type=int, required=True, help="number of optimizer steps")
-    group.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size,
+    group.add_argument("--steps", type=positive_int, required=True, help="number of optimizer steps")
+    group.add_argument("--batch-size", type=positive_int, default=_DEFAULTS.batch_size,
                        help=f"images per step and process (default {_DEFAULTS.batch_size})")
-    group.add_argument("--lr", type=float, default=_DEFAULTS.lr, help=f"peak learning rate (default {_DEFAULTS.lr})")
-    group.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps,
+    group.add_argument("--lr", type=positive_float, default=_DEFAULTS.lr,
+                       help=f"peak learning rate (default {_DEFAULTS.lr})")
+    group.add_argument("--warmup-steps", type=non_negative_int, default=_DEFAULTS.warmup_steps,
                        help=f"linear warm-up steps (default {_DEFAULTS.warmup_steps})")
-    group.add_argument("--disc-lr", type=float, default=_DEFAULTS.disc_lr,
+    group.add_argument("--disc-lr", type=positive_float, default=_DEFAULTS.disc_lr,
                        help=f"discriminator peak learning rate (default {_DEFAULTS.disc_lr})")
-    group.add_argument("--grad-clip", type=float, default=_DEFAULTS.grad_clip,
+    group.add_argument("--grad-clip", type=non_negative_float, default=_DEFAULTS.grad_clip,
                        help=f"max gradient norm, 0 for none (default {_DEFAULTS.grad_clip})")
     masks = group.add_mutually_exclusive_group()
-    masks.add_argument("--hole-ratio", type=float, nargs=2, metavar=("LO", "HI"), default=list(DEFAULT_HOLE_RATIO),
+    masks.add_argument("--hole-ratio", type=fraction, nargs=2, metavar=("LO", "HI"), default=list(DEFAULT_HOLE_RATIO),
                        help="hole-area range of the random training masks (default %(default)s)")
     masks.add_argument("--no-mask", action="store_true",
                        help="mask-free fine-tuning (every cell quantized): unconditional / class-conditional models")
@@ -86,25 +93,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="train the FDM alone through the frozen decoder (no decoder.safetensors; a drop-in FDM)")
     group.add_argument("--freeze-fdm", action="store_true",
                        help="train the decoder alone (with an identity FDM: the decoder-only ablation)")
-    group.add_argument("--loss-weight", type=_term_value(float), action="append", default=[], metavar="TERM=W",
+    group.add_argument("--loss-weight", type=_term_value(non_negative_float),
+                       action="append", default=[], metavar="TERM=W",
                        help=f"override a loss weight (terms: {', '.join(TERMS)}); repeatable")
-    group.add_argument("--start-step", type=_term_value(int), action="append", default=[], metavar="TERM=STEP",
+    group.add_argument("--start-step", type=_term_value(non_negative_int),
+                       action="append", default=[], metavar="TERM=STEP",
                        help="override the step from which a loss term counts; repeatable")
     group.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    group.add_argument("--val-every", type=int, default=_DEFAULTS.val_every, help="steps between validations")
-    group.add_argument("--num-val-images", type=int, default=_DEFAULTS.num_val_images)
+    group.add_argument("--val-every", type=non_negative_int, default=_DEFAULTS.val_every,
+                       help="steps between validations")
+    group.add_argument("--num-val-images", type=positive_int, default=_DEFAULTS.num_val_images)
     group.add_argument("--fid", action="store_true", help="also compute FID on the validation images (slow on CPU)")
-    group.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every,
+    group.add_argument("--checkpoint-every", type=non_negative_int, default=_DEFAULTS.checkpoint_every,
                        help="steps between checkpoints (0: only the last)")
     group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
-    group.add_argument("--num-workers", type=int, default=0, help="data-loading workers")
+    group.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loading workers")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        finetune(load_base_model(args), load_fdm(args), args)
+        fdm_module = load_fdm(args)  # first: the cheapest to fail
+        finetune(load_base_model(args), fdm_module, args)
     finally:
         shutdown_distributed()
     return 0

@@ -11,6 +11,7 @@ import argparse
 import torch
 from torch import nn
 
+from fdm.errors import UsageError
 from fdm.module import FDM
 
 __all__ = ["add_model_arguments", "load_base_model", "load_fdm"]
@@ -19,11 +20,15 @@ FAMILIES = ("demo", "taming", "put", "diffusers")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, fdm: bool = True) -> None:
-    """Add ``--model``, ``--config``, ``--checkpoint``, ``--transformer``, ``--device`` (and ``--fdm``)."""
+    """Add ``--model``, ``--config``, ``--trust-config``, ``--checkpoint``, ``--transformer``, ``--device`` (and
+    ``--fdm``)."""
     group = parser.add_argument_group("base model")
     group.add_argument("--model", choices=FAMILIES, default="demo",
                        help="model family (default: the small VQGAN embedded in the package)")
     group.add_argument("--config", help="taming: *-project.yaml / model.yaml path or Hub repo id")
+    group.add_argument("--trust-config", action="store_true",
+                       help="taming: build any class the config names as a target (default: taming's own classes "
+                            "only; a config names code that loading it runs)")
     group.add_argument("--checkpoint", help="taming .ckpt, PUT codec .pth, or diffusers folder / Hub repo id")
     group.add_argument("--transformer", help="PUT: UQ-Transformer checkpoint (sampling only)")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -41,7 +46,7 @@ def load_base_model(args: argparse.Namespace) -> nn.Module:
         from fdm.adapters.taming import load_model
 
         _require(args, "config", "checkpoint")
-        model = load_model(args.config, args.checkpoint)
+        model = load_model(args.config, args.checkpoint, trust_config=getattr(args, "trust_config", False))
     elif args.model == "put":
         from fdm.adapters.put import load_model
 
@@ -63,10 +68,10 @@ def load_fdm(args: argparse.Namespace) -> FDM:
         from fdm.demo.model import load_demo_fdm
 
         return load_demo_fdm().to(args.device)
-    raise ValueError(f"--fdm is required with --model {args.model} (a folder or Hub repo id written by fdm train).")
+    raise UsageError(f"--fdm is required with --model {args.model} (a folder or Hub repo id written by fdm train).")
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
     missing = [f"--{n}" for n in names if not getattr(args, n)]
     if missing:
-        raise ValueError(f"--model {args.model} needs {' and '.join(missing)}.")
+        raise UsageError(f"--model {args.model} needs {' and '.join(missing)}.")

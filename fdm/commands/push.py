@@ -22,7 +22,7 @@ from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi
 
-from fdm.hub import is_generated_model_card
+from fdm.hub import hub_errors, is_generated_model_card
 from fdm.module import FDM
 
 __all__ = ["add_arguments", "push", "run"]
@@ -71,20 +71,23 @@ def push(
     Raises:
         FileNotFoundError: ``folder`` does not exist.
         CheckpointError: the folder does not load as an FDM (nothing is uploaded then).
+        HubError: the Hub refused (no token or rights, offline mode...).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"FDM folder not found: {folder}")
     module = FDM.from_pretrained(folder)  # strict: every key and shape against config.json
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=True if private else None, exist_ok=True).repo_id
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with hub_errors(repo_id, revision=revision):  # not found, no rights, offline... -> HubError
+        repo_id = api.create_repo(repo_id, private=True if private else None, exist_ok=True).repo_id
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
     message = commit_message or f"Upload FDM for {module.base_model or 'an unnamed base model'} (fdm-vq)"
     with tempfile.TemporaryDirectory(prefix="fdm-push-") as staging:
         module.save_pretrained(staging, model_card_kwargs={"repo_id": repo_id})
         card = folder / "README.md"
         if card.is_file() and not is_generated_model_card(card):
             shutil.copyfile(card, Path(staging) / "README.md")
-        return api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision,
-                                 commit_message=message)
+        with hub_errors(repo_id, revision=revision):
+            return api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision,
+                                     commit_message=message)

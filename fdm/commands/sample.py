@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from fdm.commands.argtypes import non_negative_int, positive_float, positive_int, unit_interval
 from fdm.commands.model_options import add_model_arguments, load_base_model, load_fdm
-from fdm.errors import InputError
+from fdm.errors import InputError, UsageError
+from fdm.images import open_image
 
 __all__ = ["add_arguments", "run"]
 
@@ -43,31 +44,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         options = sub.add_argument_group("sampling")
         options.add_argument("--out", required=True, type=Path, help="output folder")
         options.add_argument("--no-fdm", action="store_true", help="decode without FDM (the baseline)")
-        options.add_argument("--batch-size", type=int, default=8)
-        options.add_argument("--temperature", type=float, default=1.0)
-        options.add_argument("--top-k", type=int, default=None, help="keep the k most likely codes")
-        options.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+        options.add_argument("--batch-size", type=positive_int, default=8)
+        options.add_argument("--temperature", type=positive_float, default=1.0)
+        options.add_argument("--top-k", type=positive_int, default=None, help="keep the k most likely codes")
+        options.add_argument("--top-p", type=unit_interval, default=None, help="nucleus sampling threshold")
         options.add_argument("--seed", type=int, default=0)
-        options.add_argument("--nrow", type=int, default=None, help="images per grid row")
+        options.add_argument("--nrow", type=positive_int, default=None, help="images per grid row")
         options.add_argument("--no-progress", action="store_true", help="hide progress bars")
         if task == "unconditional":
-            options.add_argument("--num-samples", type=int, default=16)
+            options.add_argument("--num-samples", type=positive_int, default=16)
         elif task == "class":
-            options.add_argument("--classes", type=int, nargs="+", required=True, help="class ids")
-            options.add_argument("--per-class", type=int, default=1, help="samples per class id")
+            options.add_argument("--classes", type=non_negative_int, nargs="+", required=True, help="class ids")
+            options.add_argument("--per-class", type=positive_int, default=1, help="samples per class id")
         else:
             options.add_argument("--segmentation", type=Path, nargs="+", required=True,
                                  help="label-map PNGs (pixel value = class id) or .npy arrays, all the same size")
-            options.add_argument("--window", type=int, default=16, help="sliding window in codes")
+            options.add_argument("--window", type=positive_int, default=16, help="sliding window in codes")
 
 
 def read_label_maps(paths: list[Path]) -> torch.Tensor:
     """Read label maps (PNG with one channel of class ids, or .npy) -> (B, H, W) long tensor."""
     maps = []
     for path in paths:
-        if not path.is_file():
-            raise InputError(f"Segmentation file not found: {path}")
-        array = np.load(path) if path.suffix == ".npy" else np.asarray(Image.open(path))
+        if path.suffix == ".npy":
+            if not path.is_file():
+                raise InputError(f"Segmentation file not found: {path}")
+            try:
+                array = np.load(path)
+            except (OSError, ValueError) as err:
+                raise InputError(f"Cannot read segmentation file {path}: {err}") from err
+        else:
+            with open_image(path, "segmentation") as img:
+                array = np.asarray(img)
         if array.ndim != 2:
             raise InputError(f"{path}: a label map must have one channel (class ids); got shape {array.shape}.")
         maps.append(torch.from_numpy(array.astype(np.int64)))
@@ -78,7 +86,7 @@ def read_label_maps(paths: list[Path]) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> int:
     if args.model != "taming":
-        raise ValueError(f"fdm sample works with taming transformers (--model taming); got --model {args.model}.")
+        raise UsageError(f"fdm sample works with taming transformers (--model taming); got --model {args.model}.")
     from fdm.adapters.taming.images import save_grid, save_images
     from fdm.adapters.taming.sampling import (
         decode_indices,
@@ -87,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
         sample_unconditional,
     )
 
+    fdm_module = None if args.no_fdm else load_fdm(args)  # first: the cheapest to fail
     model = load_base_model(args)
-    fdm_module = None if args.no_fdm else load_fdm(args)
     options = {"batch_size": args.batch_size, "temperature": args.temperature, "top_k": args.top_k,
                "top_p": args.top_p, "seed": args.seed, "progress": not args.no_progress}
     if args.task == "unconditional":

@@ -17,6 +17,7 @@ import logging
 from torch import nn
 
 from fdm.adapter import find_adapter
+from fdm.commands.argtypes import fraction, int_at_least, non_negative_int, positive_float, positive_int
 from fdm.commands.model_options import add_model_arguments, load_base_model
 from fdm.masks import DEFAULT_HOLE_RATIO
 from fdm.module import FDM
@@ -39,19 +40,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, fdm=False)
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="folder of training images (searched recursively)")
-    data.add_argument("--crop-size", type=int, default=256, help="side of the square training crops (default 256)")
-    data.add_argument("--views-per-image", type=int, default=1, help="fixed random crops per image (default 1)")
+    data.add_argument("--crop-size", type=positive_int, default=256,
+                      help="side of the square training crops (default 256)")
+    data.add_argument("--views-per-image", type=positive_int, default=1,
+                      help="fixed random crops per image (default 1)")
     run_group = parser.add_argument_group("training")
     run_group.add_argument("--out", required=True, help="output folder: the trained FDM and its checkpoints")
     length = run_group.add_mutually_exclusive_group(required=True)
-    length.add_argument("--steps", type=int, help="number of optimizer steps")
-    length.add_argument("--epochs", type=int, help="number of passes over the training views")
-    run_group.add_argument("--batch-size", type=int, default=16, help="views per step and process (default 16)")
-    run_group.add_argument("--lr", type=float, default=PAPER_LR, help=f"peak learning rate (default {PAPER_LR})")
-    run_group.add_argument("--warmup-steps", type=int, default=PAPER_WARMUP_STEPS,
+    length.add_argument("--steps", type=positive_int, help="number of optimizer steps")
+    length.add_argument("--epochs", type=positive_int, help="number of passes over the training views")
+    run_group.add_argument("--batch-size", type=positive_int, default=16,
+                           help="views per step and process (default 16)")
+    run_group.add_argument("--lr", type=positive_float, default=PAPER_LR,
+                           help=f"peak learning rate (default {PAPER_LR})")
+    run_group.add_argument("--warmup-steps", type=non_negative_int, default=PAPER_WARMUP_STEPS,
                            help=f"linear warm-up steps (default {PAPER_WARMUP_STEPS})")
     masks = run_group.add_mutually_exclusive_group()
-    masks.add_argument("--hole-ratio", type=float, nargs=2, metavar=("LO", "HI"), default=list(DEFAULT_HOLE_RATIO),
+    masks.add_argument("--hole-ratio", type=fraction, nargs=2, metavar=("LO", "HI"), default=list(DEFAULT_HOLE_RATIO),
                        help="hole-area range of the random training masks (default %(default)s, the official recipe)")
     masks.add_argument("--no-mask", action="store_true",
                        help="mask-free training (every cell generated): unconditional / class-conditional models")
@@ -59,10 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="where the frozen model's features live: memory (default), disk, or none "
                                 "(re-encode every step)")
     run_group.add_argument("--cache-dir", help="disk cache folder (default OUT/feature-cache)")
-    run_group.add_argument("--num-workers", type=int, default=0, help="data-loading workers while caching")
-    run_group.add_argument("--hidden-channels", type=int, help="FDM trunk width (default: the model's channels)")
-    run_group.add_argument("--num-blocks", type=int, default=8, help="FDM residual blocks (default 8)")
-    run_group.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (0: none)")
+    run_group.add_argument("--num-workers", type=non_negative_int, default=0,
+                           help="data-loading workers while caching")
+    run_group.add_argument("--hidden-channels", type=int_at_least(2),
+                           help="FDM trunk width (default: the model's channels)")
+    run_group.add_argument("--num-blocks", type=non_negative_int, default=8, help="FDM residual blocks (default 8)")
+    run_group.add_argument("--checkpoint-every", type=non_negative_int, default=1000,
+                           help="steps between checkpoints (0: none)")
     run_group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
     run_group.add_argument("--seed", type=int, default=0)
     run_group.add_argument("--no-progress", action="store_true", help="no progress bars")

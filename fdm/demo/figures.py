@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fdm.images import to_pil
 
-__all__ = ["error_map", "grid_figure", "masked_input"]
+__all__ = ["error_map", "grid_figure", "masked_input", "outline", "worst_region", "zoom"]
 
 _PAD = 4
 _BACKGROUND = (255, 255, 255)
@@ -30,6 +30,32 @@ def error_map(x: torch.Tensor, y: torch.Tensor, *, vmax: float = 0.25) -> Image.
 def masked_input(x: torch.Tensor, mask: torch.Tensor) -> Image.Image:
     """(3, H, W) image with the holes of ``mask`` (1, H, W), 1 = hole, painted grey."""
     return to_pil(torch.where(mask.bool(), torch.full_like(x, 0.0), x))
+
+
+def worst_region(x: torch.Tensor, y: torch.Tensor, side: int) -> tuple[int, int]:
+    """Top-left corner (top, left) of the ``side`` x ``side`` window of (3, H, W) images where ``y`` differs most from
+    ``x`` (mean absolute error): where quantization lost most, the place to zoom in."""
+    err = (x - y).abs().mean(dim=0, keepdim=True)[None]  # (1, 1, H, W)
+    window = torch.nn.functional.avg_pool2d(err, side, stride=max(1, side // 4))  # (1, 1, h', w')
+    index = int(window.flatten().argmax())
+    stride = max(1, side // 4)
+    return (index // window.shape[-1]) * stride, (index % window.shape[-1]) * stride
+
+
+def zoom(image: torch.Tensor | Image.Image, corner: tuple[int, int], side: int, size: int) -> Image.Image:
+    """The ``side`` x ``side`` region at ``corner`` (top, left) of a (3, H, W) image in [-1, 1] or a PIL image,
+    enlarged to ``size`` x ``size`` with nearest-neighbour sampling (pixels stay visible)."""
+    tile = to_pil(image) if isinstance(image, torch.Tensor) else image
+    top, left = corner
+    return tile.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.NEAREST)
+
+
+def outline(image: Image.Image, corner: tuple[int, int], side: int) -> Image.Image:
+    """A copy of ``image`` with the zoomed region drawn as a yellow square."""
+    out = image.copy()
+    top, left = corner
+    ImageDraw.Draw(out).rectangle((left - 1, top - 1, left + side, top + side), outline=(255, 220, 0), width=2)
+    return out
 
 
 def grid_figure(

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fdm.demo.compare import Comparison, compare
-from fdm.demo.figures import error_map, grid_figure, masked_input
+from fdm.demo.figures import error_map, grid_figure, masked_input, outline, worst_region, zoom
 from fdm.demo.model import ASSETS, load_demo_fdm, load_demo_vqgan
 from fdm.dequantizer import Dequantizer
 from fdm.images import read_image, to_pil
@@ -50,9 +50,9 @@ def load_sample(name: str) -> torch.Tensor:
 
 
 def box_mask(height: int, width: int) -> torch.Tensor:
-    """The demo's hole: a box over the middle 40 % of each side, not aligned to latent cells -> (1, 1, H, W)."""
+    """The demo's hole: a box over the middle half of each side, not aligned to latent cells -> (1, 1, H, W)."""
     mask = torch.zeros(1, 1, height, width)
-    mask[..., int(0.3 * height):int(0.7 * height), int(0.3 * width):int(0.7 * width)] = 1
+    mask[..., int(0.25 * height) + 1:int(0.75 * height) + 1, int(0.25 * width) + 1:int(0.75 * width) + 1] = 1
     return mask
 
 
@@ -73,6 +73,31 @@ def format_table(metrics: dict[str, list[dict[str, float | str]]]) -> str:
                          f"{row['psnr_fdm'] - row['psnr_vq']:>+7.2f}{row['ssim_vq']:>9.3f}{row['ssim_fdm']:>10.3f}"
                          f"{row['feature_ratio']:>13.3f}")
     return "\n".join(lines)
+
+
+def _rows_with_zoom(results: list[Comparison], labels: list[str], *, seam: bool) -> tuple[list, list[str]]:
+    """Figure rows: per image, the five full tiles (the zoomed region outlined), then the same five zoomed.
+
+    The zoomed region is where plain VQ loses most (``seam=False``), or, for the inpainting figure, a window on the
+    hole's top-left corner (``seam=True``), where generated and known cells meet.
+    """
+    rows, row_labels = [], []
+    for r, label in zip(results, labels):
+        x, vq, fdm = r.x[0], r.vq[0], r.fdm[0]
+        h, w = x.shape[-2:]
+        side = min(h, w) // 4
+        if seam:
+            rows_hole, cols_hole = r.mask[0, 0].nonzero(as_tuple=True)
+            corner = (max(0, int(rows_hole.min()) - side // 2), max(0, int(cols_hole.min()) - side // 2))
+            first = masked_input(x, r.mask[0])
+        else:
+            corner = worst_region(x, vq, side)
+            first = to_pil(x)
+        full = [first, to_pil(vq), to_pil(fdm), error_map(x, vq), error_map(x, fdm)]
+        rows.append([outline(tile, corner, side) for tile in full])
+        rows.append([zoom(tile, corner, side, h) for tile in [to_pil(x), *full[1:]]])
+        row_labels += [label, f"zoom x{h / side:.0f} on the yellow square"]
+    return rows, row_labels
 
 
 def _label(r: Comparison) -> str:
@@ -104,24 +129,27 @@ def run_demo(out_dir: str | Path, *, progress: bool = True, device: str | torch.
         masked.append(compare(dequantizer, x, box_mask(*x.shape[-2:]).to(device)))
         bar.update(1)
 
+    factor, codes = dequantizer.factor, dequantizer.adapter.codebook().shape[0]
+    rows, row_labels = _rows_with_zoom(plain, [_label(r) for r in plain], seam=False)
     recon = grid_figure(
-        [[to_pil(r.x[0]), to_pil(r.vq[0]), to_pil(r.fdm[0]), error_map(r.x[0], r.vq[0]), error_map(r.x[0], r.fdm[0])]
-         for r in plain],
+        rows,
         ["original", "VQ reconstruction", "with FDM", "error, VQ", "error, with FDM"],
-        title=f"FDM on the embedded VQGAN (f8, {dequantizer.adapter.codebook().shape[0]} codes): reconstruction",
-        row_labels=[_label(r) for r in plain],
+        title=f"FDM on the embedded VQGAN (f{factor}, {codes} codes): reconstruction",
+        row_labels=row_labels,
         caption="Every latent cell quantized to its nearest code; FDM predicts the quantization error z - z_q from "
-                "the codes and adds it back. Error maps: mean |difference|, black = 0, white >= 0.25.",
+                "the codes and adds it back. Zoomed: where plain VQ loses most. Error maps: mean |difference|, "
+                "black = 0, white >= 0.25.",
     )
+    rows, row_labels = _rows_with_zoom(masked, [_label(r) for r in masked], seam=True)
     inpaint = grid_figure(
-        [[masked_input(r.x[0], r.mask[0]), to_pil(r.vq[0]), to_pil(r.fdm[0]), error_map(r.x[0], r.vq[0]),
-          error_map(r.x[0], r.fdm[0])] for r in masked],
+        rows,
         ["masked input", "without FDM", "with FDM", "error, without", "error, with FDM"],
-        title="FDM on the embedded VQGAN: inpainting-style decode (oracle sampler)",
-        row_labels=[_label(r) for r in masked],
+        title=f"FDM on the embedded VQGAN (f{factor}, {codes} codes): inpainting-style decode (oracle sampler)",
+        row_labels=row_labels,
         caption="Oracle sampler: hole cells get the nearest codebook entry of the true feature (a perfect sampler), "
                 "known cells keep their continuous encoder features. Without FDM the hole is decoded from codes "
-                "next to continuous features and shows a seam; FDM corrects the hole cells only.",
+                "next to continuous features and shows a seam; FDM corrects the hole cells only. Zoomed: the "
+                "hole's corner (the zoomed original shows the true pixels).",
     )
     figures = [out / RECONSTRUCTION_FIGURE, out / INPAINTING_FIGURE]
     recon.save(figures[0])

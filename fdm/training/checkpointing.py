@@ -1,6 +1,7 @@
 """Training checkpoints that resume without losing or repeating a step: module weights as safetensors, the
 rest (optimizer and scheduler states, step counter, every RNG state) as a plain-tensor file read back with
-``torch.load(weights_only=True)``. Shared by the phase-2 and phase-3 trainers.
+:func:`fdm.checkpoint.read_checkpoint` (the library's one restricted unpickler), after every file was checked
+against the checkpoint's manifest. Shared by the phase-2 and phase-3 trainers.
 
 Layout of one checkpoint folder (written to a temporary name and renamed, so a crash never leaves a
 half-written checkpoint under the final name)::
@@ -25,7 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from fdm.checkpoint import file_sha256, load_state_dict_strict, read_safetensors, write_weights
+from fdm.checkpoint import (
+    file_sha256,
+    load_state_dict_strict,
+    read_checkpoint,
+    read_safetensors,
+    write_weights,
+)
 from fdm.errors import CheckpointError
 
 __all__ = [
@@ -144,9 +151,9 @@ def load_checkpoint(
         load_state_dict_strict(module, read_safetensors(weights, require_digest=True), source=str(weights))
     state_file = path / STATE_FILE
     try:
-        state = torch.load(state_file, map_location=map_location, weights_only=True)
-    except Exception as err:  # unpickling errors of every kind mean the same thing here
-        raise CheckpointError(f"cannot read {state_file}: {err}. Delete the checkpoint folder to start over.") from err
+        state = read_checkpoint(state_file, map_location=map_location)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} Delete the checkpoint folder to start over.") from err
     logger.info("resuming from %s (step %d)", path, state["step"])
     return state
 

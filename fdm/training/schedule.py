@@ -42,7 +42,7 @@ class WarmupCosineLR(LRScheduler):
     Call :meth:`step` after every optimizer step. The rate used for optimizer step ``s`` (0-based) is
     ``peak * (s + 1) / warmup_steps`` during the warm-up and
     ``min_lr + (peak - min_lr) * (1 + cos(pi * (s - warmup_steps) / (total_steps - warmup_steps))) / 2``
-    after it. Its ``state_dict`` holds only numbers, so it round-trips through ``torch.load(weights_only=True)``.
+    after it. Its ``state_dict`` holds only numbers, so it round-trips through the restricted reader of training checkpoints.
 
     Args:
         optimizer: the optimizer; its groups' ``lr`` are the peak rates.
