@@ -1,9 +1,6 @@
-"""Adapters for third-party VQ model families, installed as ``fdm.adapters``.
+"""Adapters for third-party VQ model families, installed as ``fdm.adapters``: one package per family, each
+declaring its ``FAMILY`` (see :mod:`fdm.registry`, which lists them and imports each only when needed).
 
-Importing this package registers every built-in adapter; none of them imports its third-party package
-(taming, diffusers) until a model of that family is actually used.
+Importing this package imports no family; none of them imports its third-party package (taming, diffusers)
+until a model of that family is actually used.
 """
-
-from fdm.adapters import diffusers, put, taming  # noqa: F401  (registers the adapters)
-
-__all__ = ["diffusers", "put", "taming"]

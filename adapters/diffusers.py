@@ -4,7 +4,7 @@
 FDM works in the space of ``post_quant_conv``'s input, where ``z - z_q`` is defined:
 ``z = VQModel.encode(x).latents`` (after ``quant_conv``), ``z_q`` = the output of ``VQModel.quantize``.
 Models are matched by class name and module prefix ``diffusers.``; diffusers itself is imported only when
-a model is loaded (``pip install "fdm-vq[diffusers]"``).
+a model is loaded (``pip install ".[diffusers]"`` from a clone).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fdm.adapter import VQAdapter, register_adapter
+from fdm.adapter import VQAdapter
 from fdm.config_io import read_json
 from fdm.errors import CheckpointError, FdmError, InputError, MissingExtraError
+from fdm.registry import CliModel, ModelFamily
 
-__all__ = ["DiffusersVQAdapter", "import_vqmodel", "load_model"]
+__all__ = ["FAMILY", "DiffusersVQAdapter", "import_vqmodel", "load_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def import_vqmodel() -> type[nn.Module]:
         from diffusers import VQModel
     except ImportError as err:
         raise MissingExtraError(
-            'diffusers is needed for diffusers VQModels: pip install "fdm-vq[diffusers]"'
+            'diffusers is needed for diffusers VQModels: pip install ".[diffusers]" (from a clone of fdm-vq)'
         ) from err
     return VQModel
 
@@ -59,7 +60,6 @@ class _HookHandles:
             handle.remove()
 
 
-@register_adapter
 class DiffusersVQAdapter(VQAdapter):
     """diffusers' ``VQModel``.
 
@@ -113,7 +113,7 @@ class DiffusersVQAdapter(VQAdapter):
     def codebook(self) -> torch.Tensor:
         return self.model.quantize.embedding.weight
 
-    def encode(self, x: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) image in [-1, 1] -> (B, C, H/f, W/f) ``quant_conv(encoder(x))``."""
         low, high = self.image_range
         if (low, high) != (-1.0, 1.0):
@@ -131,7 +131,7 @@ class DiffusersVQAdapter(VQAdapter):
         b, h, w = indices.shape
         return self.model.quantize.get_codebook_entry(indices.reshape(-1), (b, h, w, self.channels))  # (B, C, h, w)
 
-    def decode(self, z: torch.Tensor, pixel_mask: torch.Tensor | None = None, **model_kwargs: Any) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
         """(B, C, h, w) features -> (B, C_out, H, W) image in [-1, 1], decoded without quantization."""
         if model_kwargs:
             raise TypeError(f"diffusers' VQModel decoder takes no extra inputs; got {sorted(model_kwargs)}.")
@@ -244,6 +244,7 @@ def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
         config_file = resolve_file(source, config_name, **hub_kwargs)
     read_json(config_file, "diffusers VQModel config")
+    kwargs.setdefault("use_safetensors", True)  # never diffusers' pickled .bin fallback (see docs/security.md)
     kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, all at once, instead of the first only
     kwargs.pop("output_loading_info", None)  # always asked for: the keys are checked below
     from diffusers.utils import logging as diffusers_logging
@@ -269,3 +270,17 @@ def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
             f"unexpected keys {unexpected}, wrong shapes {wrong_shape}."
         )
     return model.eval()
+
+
+def _load_from_options(args: Any) -> nn.Module:
+    return load_model(args.checkpoint)
+
+
+#: The family's declaration for :mod:`fdm.registry` (``--model diffusers`` on the command line).
+FAMILY = ModelFamily(
+    name="diffusers",
+    adapters=(DiffusersVQAdapter,),
+    load_model=load_model,
+    extra="diffusers",
+    cli_models={"diffusers": CliModel(_load_from_options, requires=("checkpoint",))},
+)

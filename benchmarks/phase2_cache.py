@@ -4,7 +4,7 @@
 
     python benchmarks/phase2_cache.py --images 8 --batch-size 4 --epochs 3 --threads 1
 
-Needs the taming extra (``pip install "fdm-vq[taming]"``) and the shared photos (or ``--data DIR``).
+Needs the taming extra (``pip install ".[taming]"`` from a clone) and the shared photos (or ``--data DIR``).
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from fdm import FDM, Dequantizer
-from fdm.demo.evaluation import evaluate_views
 from fdm.demo.model import load_demo_vqgan
+from fdm.evaluation import evaluate_views
 from fdm.training.data import ImageFolderViews
 
 # (label, option, column of evaluate_views to read, note)

@@ -20,8 +20,8 @@ from PIL import Image
 
 import fdm
 from fdm.adapters.diffusers import DiffusersVQAdapter, load_model
+from fdm.images import image_grid
 from fdm.metrics import psnr, ssim
-from fdm.training.monitoring import save_image_grid
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     plain = dequantizer.reconstruct(x, mask, use_fdm=False)
     corrected = dequantizer.reconstruct(x, mask)
-    save_image_grid([x, plain, corrected], args.out)
+    image_grid(list(zip(x, plain, corrected)), ["input", "VQ reconstruction", "VQ + FDM"]).save(args.out)
 
     metrics = {
         "psnr_vq": psnr(plain, x).item(),

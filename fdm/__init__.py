@@ -2,16 +2,17 @@
 
     z_dq = z_q + F([z_q, m]) * m
 
-Public names: :class:`FDM`, :class:`Dequantizer`, :func:`latent_mask`, mask helpers, the adapter
-registry, and the exceptions. Training lives in :mod:`fdm.training`, adapters in :mod:`fdm.adapters`.
+Public names: :class:`FDM`, :class:`Dequantizer`, :func:`latent_mask`, mask helpers, the model-family
+registry (:mod:`fdm.registry`), and the exceptions. Training lives in :mod:`fdm.training`, adapters in :mod:`fdm.adapters`.
 """
 
-from fdm.adapter import VQAdapter, find_adapter, register_adapter
+from fdm.adapter import VQAdapter, find_adapter
 from fdm.dequantizer import Dequantizer
 from fdm.errors import CheckpointError, FdmError, FingerprintMismatchError, InputError
 from fdm.fingerprint import codebook_fingerprint
 from fdm.masks import latent_mask, load_mask, random_irregular_mask
 from fdm.module import FDM
+from fdm.registry import ModelFamily, register_family
 
 __version__ = "0.1.0"
 
@@ -22,11 +23,12 @@ __all__ = [
     "FdmError",
     "FingerprintMismatchError",
     "InputError",
+    "ModelFamily",
     "VQAdapter",
     "codebook_fingerprint",
     "find_adapter",
     "latent_mask",
     "load_mask",
     "random_irregular_mask",
-    "register_adapter",
+    "register_family",
 ]

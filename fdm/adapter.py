@@ -1,13 +1,11 @@
-"""The adapter interface: how the :class:`~fdm.Dequantizer` reaches one model family's encoder,
-quantizer and decoder, and the registry that picks an adapter from a model's type.
-
-Adapters for third-party families live in ``fdm.adapters`` (source folder ``adapters/``) and register
-themselves with :func:`register_adapter`; the core imports that package only when it has to find one.
+"""The adapter interface: how the :class:`~fdm.Dequantizer` and the trainers reach one model family's
+encoder, quantizer and decoder, and :func:`find_adapter`, which picks one from the registry
+(:mod:`fdm.registry`) by the model's type.
 """
 
 from __future__ import annotations
 
-import importlib
+import abc
 from collections.abc import Callable
 from typing import Any
 
@@ -16,67 +14,83 @@ from torch import nn
 
 from fdm.fingerprint import codebook_fingerprint
 
-__all__ = ["VQAdapter", "find_adapter", "register_adapter", "registered_adapters"]
-
-_REGISTRY: list[type[VQAdapter]] = []
+__all__ = ["VQAdapter", "find_adapter"]
 
 
-class VQAdapter:
-    """Base class of adapters. Subclasses implement the methods that raise ``NotImplementedError``.
+class VQAdapter(abc.ABC):
+    """Base class of adapters: what every model family provides. A subclass that misses one of the abstract
+    methods cannot be instantiated (``TypeError`` at construction).
 
-    Conventions: images are (B, 3, H, W) in [-1, 1]; ``pixel_mask`` is (B, 1, H, W) with 1 = hole;
-    feature maps are (B, C, h, w) in the space where ``z - z_q`` is defined (the input of the module
-    returned by :meth:`hook_module`).
+    Conventions: images are (B, 3, H, W) in [-1, 1]; hole masks (B, 1, H, W) with 1 = hole; feature maps are
+    (B, C, h, w) in the space where ``z - z_q`` is defined (the input of the module returned by
+    :meth:`hook_module`).
+
+    Two methods with defaults describe inpainting for models that need more than ``z``:
+    :meth:`encode_known` (the features of the known cells of an image with holes) and :meth:`decode_guide`
+    (keyword arguments of :meth:`decode` for such an image). PUT overrides both: it encodes the masked image
+    and its decoder is guided by the known pixels.
     """
-
-    #: True when the model encodes the masked image (PUT): known cells then take their features from it.
-    encodes_masked_input: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     @classmethod
+    @abc.abstractmethod
     def matches(cls, model: nn.Module) -> bool:
         """Whether this adapter handles ``model`` (checked by type, without importing third-party code)."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def factor(self) -> int:
         """Spatial downsampling factor from image to latent map."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def channels(self) -> int:
         """Channel count C of the latent map (the codebook dimension)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def codebook(self) -> torch.Tensor:
         """(N, C) code vectors."""
-        raise NotImplementedError
 
-    def encode(self, x: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+    @abc.abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) image -> (B, C, h, w) continuous feature ``z``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, h, w) ``z`` -> (``z_q`` (B, C, h, w), indices (B, h, w) long)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) code indices -> (B, C, h, w) code vectors."""
-        raise NotImplementedError
 
-    def decode(self, z: torch.Tensor, pixel_mask: torch.Tensor | None = None, **model_kwargs: Any) -> torch.Tensor:
-        """(B, C, h, w) features -> (B, 3, H, W) image in [-1, 1], decoded as given (no FDM)."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, z: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
+        """(B, C, h, w) features -> (B, 3, H, W) image in [-1, 1], decoded as given (no FDM).
 
+        ``model_kwargs``: whatever else the family's decoder reads (PUT: ``image=``, ``pixel_mask=``); an
+        adapter refuses keywords it does not know.
+        """
+
+    @abc.abstractmethod
     def hook_module(self) -> nn.Module:
         """The module whose first positional input is the quantized map (FDM is installed there)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decoder_modules(self) -> dict[str, nn.Module]:
         """Modules fine-tuned in phase 3 (the hook module and the decoder), by stable name."""
-        raise NotImplementedError
+
+    def encode_known(self, x: torch.Tensor, mask: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Continuous features (B, C, h, w) whose *known* cells are used when ``x`` has holes ``mask``
+        (B, 1, H, W), 1 = hole; ``z`` is :meth:`encode` of ``x``, already computed. Default: ``z`` (the
+        encoder saw the whole image; the hole cells are replaced anyway)."""
+        return z
+
+    def decode_guide(self, x: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
+        """Keyword arguments for :meth:`decode` when decoding an inpainting of ``x`` (B, 3, H, W) with holes
+        ``mask`` (B, 1, H, W) or None. Default: none (the decoder reads only the features)."""
+        return {}
 
     def register_correction_hook(self, correct: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         """Make the model's own decode path use ``correct(z_q)`` wherever it reads the quantized map ``z_q``.
@@ -108,30 +122,21 @@ class VQAdapter:
         return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
 
-def register_adapter(cls: type[VQAdapter]) -> type[VQAdapter]:
-    """Class decorator: make :func:`find_adapter` consider ``cls`` (later registrations win)."""
-    if cls not in _REGISTRY:
-        _REGISTRY.append(cls)
-    return cls
-
-
-def registered_adapters() -> list[type[VQAdapter]]:
-    """The adapter classes known so far, built-in ones included."""
-    importlib.import_module("fdm.adapters")
-    return list(_REGISTRY)
-
-
 def find_adapter(model: nn.Module) -> VQAdapter:
-    """The adapter instance for ``model``, chosen from its type.
+    """The adapter instance for ``model``, chosen from its type among the registered families
+    (:data:`fdm.registry.FAMILIES`, imported lazily in order; the first that handles it wins).
 
     Raises:
-        TypeError: no registered adapter handles this model type.
+        TypeError: no registered family handles this model type.
     """
-    for cls in reversed(registered_adapters()):
-        if cls.matches(model):
-            return cls(model)
-    names = ", ".join(c.__name__ for c in _REGISTRY)
+    from fdm import registry
+
+    found = registry.family_of(model)
+    if found is not None:
+        return found[1]
+    names = ", ".join(f"{f.name} ({', '.join(c.__name__ for c in f.adapters)})" for f in registry.families())
     raise TypeError(
-        f"No fdm adapter handles {type(model).__module__}.{type(model).__name__}. Known adapters: {names}. "
-        "Pass adapter=YourAdapter(model) to fdm.Dequantizer, or register one with @fdm.register_adapter."
+        f"No fdm adapter handles {type(model).__module__}.{type(model).__name__}. Registered families: {names}. "
+        "Pass adapter=YourAdapter(model) to fdm.Dequantizer, or declare a family and register it "
+        "(fdm.registry.register_family; see docs/adapters.md)."
     )

@@ -1,4 +1,5 @@
-"""The ``fdm`` command line: one sub-command per module in :mod:`fdm.commands`.
+"""The ``fdm`` command line: the core sub-commands (modules in :mod:`fdm.commands`) plus those the model
+families declare (``fdm sample`` from the taming family, ``fdm inpaint`` from PUT; see :mod:`fdm.registry`).
 
 Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; its docstring's first
 line is the command's help text.
@@ -22,17 +23,27 @@ from pathlib import Path
 
 from fdm.errors import FdmError, UsageError
 
-__all__ = ["USER_ERRORS", "ArgumentParser", "build_parser", "is_user_error", "main", "prepare_output_dir"]
+__all__ = ["USER_ERRORS", "ArgumentParser", "build_parser", "commands", "is_user_error", "main", "prepare_output_dir"]
 
+#: The core sub-commands; model families add their own (:func:`commands`).
 COMMANDS = {
     "demo": "fdm.commands.demo",
     "eval": "fdm.commands.evaluate",
     "train": "fdm.commands.train",
     "finetune": "fdm.commands.finetune",
-    "sample": "fdm.commands.sample",
-    "inpaint": "fdm.commands.inpaint",
     "push": "fdm.commands.push",
 }
+
+
+def commands() -> dict[str, str]:
+    """Every sub-command: the core ones, then the registered families' (name -> module path)."""
+    from fdm.registry import cli_commands
+
+    extra = cli_commands()
+    clash = sorted(set(extra) & set(COMMANDS))
+    if clash:
+        raise RuntimeError(f"model families declare sub-commands that the core already has: {clash}")
+    return {**COMMANDS, **extra}
 
 #: Exceptions reported as one line with exit code 2 (see also :func:`is_user_error`).
 USER_ERRORS = (FdmError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -62,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of errors (by default they are one line on stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
+    for name, module_name in commands().items():
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or "").strip().splitlines()
         summary = doc[0] if doc else name
@@ -93,11 +104,9 @@ def prepare_output_dir(path: str | Path, option: str = "--out") -> Path:
 
 
 def is_user_error(err: BaseException) -> bool:
-    """True for errors the user can fix (:data:`USER_ERRORS`, and an ImportError whose message says which
-    ``pip install`` brings the missing optional dependency)."""
-    if isinstance(err, USER_ERRORS):
-        return True
-    return isinstance(err, ImportError) and "pip install" in str(err)
+    """True for errors the user can fix (:data:`USER_ERRORS`; a missing optional dependency is a
+    :class:`~fdm.errors.MissingExtraError`, which names the ``pip install`` that brings it)."""
+    return isinstance(err, USER_ERRORS)
 
 
 def _one_line(text: str) -> str:

@@ -8,6 +8,7 @@ forward pre-hook (:meth:`Dequantizer.attach`) so third-party sampling code is co
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,7 @@ from torch import nn
 from fdm.adapter import VQAdapter, find_adapter
 from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
 from fdm.finetuned_decoder import apply_decoder_state
-from fdm.masks import latent_mask
+from fdm.masks import keep_known, latent_mask
 from fdm.module import FDM
 from fdm.validation import check_dtype, check_image, check_latent, check_pixel_mask
 from fdm.validation import check_finite as _check_finite
@@ -36,11 +37,15 @@ class Dequantizer(nn.Module):
         adapter: an adapter instance; chosen from the model's type when None.
         check_fingerprint: refuse an FDM whose recorded base-model fingerprint differs from this model's
             codebook. Set False only when you know the FDM suits the model (e.g. a codebook you re-saved).
+        load_decoder: what to do with the decoder weights of a phase-3 FDM (see below): ``"copy"`` (default)
+            loads them into a deep copy of ``model`` (``self.model``) and leaves yours untouched; ``"in_place"``
+            loads them into ``model`` itself (no second copy in memory; every later decode of ``model``, with or
+            without FDM, then uses them). Ignored for FDMs without decoder weights (the model is used as given).
 
     A phase-3 FDM (``fdm_module.finetuned_decoder``) carries the decoder fine-tuned with it
-    (``fdm_module.decoder_state``, read by ``FDM.from_pretrained``): it is loaded into the model's decoder
-    modules in place, so every decode of ``model`` (with or without FDM) uses it from then on. Such an FDM
-    without its decoder weights raises :class:`~fdm.errors.CheckpointError`.
+    (``fdm_module.decoder_state``, read by ``FDM.from_pretrained``) and is only valid with it. Such an FDM
+    without its decoder weights raises :class:`~fdm.errors.CheckpointError`. With ``load_decoder="copy"`` and a
+    given ``adapter``, the adapter is re-created for the copy (``type(adapter)(copy)``).
 
     Example:
         >>> deq = fdm.Dequantizer(vqgan, fdm.FDM.from_pretrained("user/fdm-vqgan"))  # doctest: +SKIP
@@ -56,10 +61,13 @@ class Dequantizer(nn.Module):
         *,
         adapter: VQAdapter | None = None,
         check_fingerprint: bool = True,
+        load_decoder: str = "copy",
     ):
         super().__init__()
         if not isinstance(fdm_module, FDM):
             raise TypeError(f"fdm_module must be an fdm.FDM; got {type(fdm_module).__name__}.")
+        if load_decoder not in ("copy", "in_place"):
+            raise InputError(f"load_decoder must be 'copy' or 'in_place'; got {load_decoder!r}.")
         self.adapter = adapter if adapter is not None else find_adapter(model)
         self.model = model
         self.fdm = fdm_module
@@ -90,10 +98,13 @@ class Dequantizer(nn.Module):
                     "original decoder, but it carries no decoder weights. Load it with FDM.from_pretrained(...), "
                     "which reads decoder.safetensors from the same folder or repo."
                 )
+            if load_decoder == "copy":
+                model = copy.deepcopy(model)
+                self.adapter = type(self.adapter)(model)
+                self.model = model
             apply_decoder_state(self.adapter, fdm_module.decoder_state, source="fine-tuned decoder of this FDM")
         self._hook: Any = None  # handle from adapter.register_correction_hook
         self._attached_mask: torch.Tensor | None = None
-        self._bypass_hook = False
 
     @property
     def factor(self) -> int:
@@ -103,7 +114,8 @@ class Dequantizer(nn.Module):
     def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, check_finite: bool = True) -> torch.Tensor:
         """(B, 3, H, W) image in [-1, 1] -> (B, C, H/f, W/f) continuous feature ``z``.
 
-        ``mask`` (B, 1, H, W), 1 = hole, is passed to models that encode the masked image (PUT).
+        With ``mask`` (B, 1, H, W), 1 = hole, the features whose known cells an inpainting keeps
+        (:meth:`~fdm.VQAdapter.encode_known`: PUT encodes the masked image; other models the whole image).
         ``check_finite=False`` skips the NaN/Inf check of ``x`` (one device sync) in tight loops over trusted data.
 
         Raises:
@@ -114,9 +126,11 @@ class Dequantizer(nn.Module):
         check_dtype(x, self.adapter.dtype, name="x")
         if check_finite:
             _check_finite(x, name="x")
-        if mask is not None:
-            check_pixel_mask(mask, x)
-        return self.adapter.encode(x, pixel_mask=mask)
+        z = self.adapter.encode(x)
+        if mask is None:
+            return z
+        check_pixel_mask(mask, x)
+        return self.adapter.encode_known(x, mask, z)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``z`` (B, C, h, w) -> (``z_q`` (B, C, h, w), indices (B, h, w))."""
@@ -147,11 +161,12 @@ class Dequantizer(nn.Module):
         Args:
             z_q: quantized map; on known cells it may hold continuous features (inpainting).
             mask: pixel hole mask (B, 1, H, W) or latent-cell mask (B, 1, h, w); None = every cell generated.
-            **model_kwargs: passed to the model's decoder (PUT's masked image, for example).
+            **model_kwargs: passed to the adapter's decode: what else the model's decoder reads, e.g. PUT's
+                guide ``image=x, pixel_mask=hole`` (the known pixels of ``x`` guide its decoder;
+                ``adapter.decode_guide(x, hole)`` builds them).
         """
         z_dq = self.correct(z_q, mask)
-        pixel_mask = mask if mask is not None and mask.shape[-2:] != z_q.shape[-2:] else None
-        return self._decode_raw(z_dq, pixel_mask, **model_kwargs)
+        return self._decode_raw(z_dq, **model_kwargs)
 
     def decode_indices(
         self, indices: torch.Tensor, mask: torch.Tensor | None = None, **model_kwargs: Any
@@ -184,21 +199,31 @@ class Dequantizer(nn.Module):
         """
         z = self.encode(x, check_finite=check_finite)
         z_q, _ = self.adapter.quantize(z)
+        cells, guide = None, {}
         if mask is not None:
-            check_pixel_mask(mask, x)
-            z_known = self.adapter.encode(x, pixel_mask=mask) if self.adapter.encodes_masked_input else z
-            cells = latent_mask(mask, self.factor).to(z.dtype)
-            z_q = torch.where(cells.bool(), z_q, z_known)
+            check_pixel_mask(mask, x)  # the one check of the mask (later steps take it as checked)
+            cells = latent_mask(mask, self.factor).to(z.dtype)  # (B, 1, h, w), 1 = generated
+            z_q = keep_known(self.adapter.encode_known(x, mask, z), z_q, cells)
+            guide = self.adapter.decode_guide(x, mask)
         if use_fdm:
-            return self.decode(z_q, mask)
-        return self._decode_raw(z_q, mask)
+            z_q = self.fdm(z_q, cells)
+        return self._decode_raw(z_q, **guide)
 
-    def _decode_raw(self, z: torch.Tensor, pixel_mask: torch.Tensor | None, **model_kwargs: Any) -> torch.Tensor:
-        self._bypass_hook = True
+    def _decode_raw(self, z: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
+        """Decode ``z`` as given: an attached hook is lifted for the call, so it does not correct ``z`` again."""
+        with self._hook_lifted():
+            return self.adapter.decode(z, **model_kwargs)
+
+    @contextlib.contextmanager
+    def _hook_lifted(self) -> Iterator[None]:
+        if self._hook is None:
+            yield
+            return
+        self._hook.remove()
         try:
-            return self.adapter.decode(z, pixel_mask=pixel_mask, **model_kwargs)
+            yield
         finally:
-            self._bypass_hook = False
+            self._hook = self.adapter.register_correction_hook(self._hooked_correction)
 
     # --- hooking the model's own decode path ---------------------------------------------------------
 
@@ -235,6 +260,4 @@ class Dequantizer(nn.Module):
             self.detach()
 
     def _hooked_correction(self, z_q: torch.Tensor) -> torch.Tensor:
-        if self._bypass_hook:
-            return z_q
         return self.correct(z_q, self._attached_mask)

@@ -68,7 +68,7 @@ class TrainingError(FdmError, ValueError):
 
 
 class MissingExtraError(FdmError, ImportError):
-    """An optional dependency is not installed; the message names the ``pip install "fdm-vq[extra]"`` to run."""
+    """An optional dependency is not installed; the message names the ``pip install ".[extra]"`` to run."""
 
 
 class HubError(FdmError, FileNotFoundError):

@@ -21,14 +21,10 @@ from huggingface_hub import errors as hf_errors
 from fdm.errors import CheckpointError, FdmError, HubEntryNotFoundError, HubError
 
 __all__ = [
-    "CITATION",
     "MODEL_CARD_MARKER",
-    "MODEL_CARD_TEMPLATE",
     "WEIGHTS_NAME",
     "build_model_card",
     "convert_hub_error",
-    "hub_errors",
-    "is_generated_model_card",
     "resolve_file",
 ]
 
@@ -39,7 +35,7 @@ WEIGHTS_NAME = "model.safetensors"
 #: and keeps any other README.md.
 MODEL_CARD_MARKER = "<!-- fdm-vq model card: save_pretrained regenerates it; delete this line to keep edits -->"
 
-CITATION = """@inproceedings{park2025fdm,
+_CITATION = """@inproceedings{park2025fdm,
   title         = {Improving Detail in Pluralistic Image Inpainting with Feature Dequantization},
   author        = {Park, Kyungri and Jung, Woohwan},
   booktitle     = {IEEE/CVF Winter Conference on Applications of Computer Vision (WACV)},
@@ -48,7 +44,7 @@ CITATION = """@inproceedings{park2025fdm,
   archivePrefix = {arXiv},
 }"""
 
-MODEL_CARD_TEMPLATE = """---
+_MODEL_CARD_TEMPLATE = """---
 {card_data}
 ---
 
@@ -130,39 +126,70 @@ _TRAINING_LABELS = {
     "seconds": "Training wall time (s)",
 }
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_HUB_FILE = re.compile(r"^(?:hf://)?([\w.-]+/[\w.-]+)/(.+)$")  # owner/repo/path/in/repo
 
 
 def resolve_file(
-    model_id: str | Path,
-    filename: str,
+    source: str | Path,
+    filename: str | None = None,
     *,
+    layout: str | None = "FDM.save_pretrained / push_to_hub",
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     force_download: bool = False,
     local_files_only: bool = False,
     token: str | bool | None = None,
 ) -> Path:
-    """The local path of ``filename`` from a folder written by ``save_pretrained`` or from a Hub repo.
+    """The local path of a file from a local folder, a local path or a Hugging Face Hub repo: the one resolver of
+    fdm-vq (FDMs, their fine-tuned decoders, and the taming, PUT and diffusers loaders).
+
+    Two forms:
+
+    - ``resolve_file(folder_or_repo_id, filename)``: ``filename`` inside a local folder, or inside the Hub repo
+      ``namespace/name``;
+    - ``resolve_file(reference)``: an existing local file, or ``"namespace/name/path/in/repo"`` (an ``hf://``
+      prefix is accepted) naming a file of a Hub repo.
 
     Hub files go through :func:`huggingface_hub.hf_hub_download` (cache, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``).
 
+    Args:
+        source: folder, Hub repo id, local file or Hub file reference (see above).
+        filename: the file inside ``source``; None for the second form.
+        layout: what writes the folder / repo layout of the first form, named when ``filename`` is missing;
+            None names nothing.
+        revision, cache_dir, force_download, local_files_only, token: passed to ``hf_hub_download``.
+
     Raises:
         CheckpointError: the folder has no ``filename``.
-        HubEntryNotFoundError: the Hub repo has no ``filename`` (a :class:`CheckpointError` too).
+        FileNotFoundError: a reference (second form) that is neither a local file nor a Hub file reference.
+        HubEntryNotFoundError: the Hub repo has no such file (a :class:`CheckpointError` and a
+            ``FileNotFoundError`` too).
         HubError: the repo or revision does not exist or is gated, or offline mode is on without a cached copy
             (see :func:`convert_hub_error`).
     """
-    folder = Path(model_id)
-    if folder.is_dir():
-        path = folder / filename
-        if not path.is_file():
-            raise CheckpointError(f"{folder} holds no {filename}; expected the layout FDM.save_pretrained "
-                                  "writes.")
-        return path
-    with hub_errors(str(model_id), filename, revision=revision,
-                    hint="expected the layout FDM.save_pretrained / push_to_hub writes"):
+    path = Path(source)
+    hint = f"expected the layout {layout} writes" if layout else None
+    if filename is None:
+        if path.is_file():
+            return path
+        match = None if path.is_absolute() or path.exists() else _HUB_FILE.match(str(source))
+        if match is None:
+            raise FileNotFoundError(
+                f"{source} not found: it is not a local file, nor 'owner/repo/file-in-repo' naming a file of a "
+                "Hugging Face Hub repo. Pass an existing path or a Hub file reference."
+            )
+        repo_id, filename = match.groups()
+        hint = None
+    elif path.is_dir():
+        if not (path / filename).is_file():
+            raise CheckpointError(f"{path} holds no {filename}" + (f"; {hint}." if hint else "."))
+        return path / filename
+    else:
+        repo_id = str(source)
+    logger.debug("fetching %s from Hub repo %s", filename, repo_id)
+    with _hub_errors(repo_id, filename, revision=revision, hint=hint):
         return Path(hf_hub_download(
-            repo_id=str(model_id), filename=filename, revision=revision, cache_dir=cache_dir,
+            repo_id=repo_id, filename=filename, revision=revision, cache_dir=cache_dir,
             force_download=force_download, local_files_only=local_files_only, token=token,
         ))
 
@@ -225,7 +252,7 @@ def convert_hub_error(
 
 
 @contextlib.contextmanager
-def hub_errors(
+def _hub_errors(
     repo_id: str, filename: str | None = None, *, revision: str | None = None, hint: str | None = None
 ) -> Iterator[None]:
     """Run a ``huggingface_hub`` call with its errors converted by :func:`convert_hub_error`."""
@@ -238,7 +265,7 @@ def hub_errors(
         raise converted from err
 
 
-def is_generated_model_card(path: str | Path) -> bool:
+def _is_generated_model_card(path: str | Path) -> bool:
     """True if ``path`` is a README.md that fdm-vq wrote (it carries :data:`MODEL_CARD_MARKER`)."""
     path = Path(path)
     return path.is_file() and MODEL_CARD_MARKER in path.read_text(encoding="utf-8", errors="replace")
@@ -254,7 +281,7 @@ def build_model_card(
     docs_url: str,
     repo_id: str | None = None,
 ) -> ModelCard:
-    """The model card of an FDM: :data:`MODEL_CARD_TEMPLATE` filled from its config.
+    """The model card of an FDM: the library's card template filled from its config.
 
     Args:
         config: :attr:`fdm.FDM.config` (``base_model``, ``base_model_fingerprint``, ``training``,
@@ -300,9 +327,9 @@ def build_model_card(
         "paper_url": paper_url,
         "repo_url": repo_url,
         "docs_url": docs_url,
-        "citation": CITATION,
+        "citation": _CITATION,
     }
-    return ModelCard(MODEL_CARD_TEMPLATE.format(**fields))
+    return ModelCard(_MODEL_CARD_TEMPLATE.format(**fields))
 
 
 def _training_section(training: dict[str, Any] | None) -> str:

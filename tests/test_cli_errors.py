@@ -96,7 +96,6 @@ def test_error_hierarchy_keeps_the_old_bases():
     assert issubclass(HubError, FdmError) and issubclass(HubError, FileNotFoundError)
     assert issubclass(HubEntryNotFoundError, HubError) and issubclass(HubEntryNotFoundError, CheckpointError)
     assert cli.is_user_error(MissingExtraError('pip install "fdm-vq[taming]"'))
-    assert cli.is_user_error(ImportError('the st-vgg16 backbone needs stlpips_pytorch: pip install ".[eval]"'))
     assert not cli.is_user_error(ImportError("cannot import name 'x' from 'fdm.y'"))  # a bug, not a missing extra
     assert not cli.is_user_error(ValueError("boom")) and not cli.is_user_error(TypeError("boom"))
 
@@ -273,15 +272,15 @@ def test_offline_mode_without_a_cached_copy_from_the_command_line(tmp_path, imag
 HUB_ERRORS = """
     import json, sys
     from fdm.hub import resolve_file
-    from fdm.adapters.put.checkpoints import resolve_checkpoint
-    from fdm.adapters.taming.loading import resolve_file as taming_resolve_file
+    from fdm.adapters.put import load_model as load_put
+    from fdm.adapters.taming import load_model as load_taming
 
     calls = {
         "repo": lambda: resolve_file("tester/no-such-repo", "model.safetensors"),
         "revision": lambda: resolve_file("tester/not-an-fdm", "model.safetensors", revision="v9"),
         "file": lambda: resolve_file("tester/not-an-fdm", "model.safetensors"),
-        "put": lambda: resolve_checkpoint("tester/not-an-fdm/p_vqvae.pth"),
-        "taming": lambda: taming_resolve_file("tester/not-an-fdm/configs/model.yaml"),
+        "put": lambda: load_put("tester/not-an-fdm/p_vqvae.pth"),
+        "taming": lambda: load_taming("tester/not-an-fdm/configs/model.yaml", "tester/not-an-fdm/last.ckpt"),
     }
     out = {}
     for name, call in calls.items():
@@ -356,7 +355,7 @@ def test_unreadable_image_from_the_command_line(tmp_path, image_dir):
 
 
 def test_mask_of_another_size_is_refused_unless_resize_mask(tmp_path, image_dir):
-    from fdm.commands.inpaint import read_inputs
+    from fdm.adapters.put.command import read_inputs
 
     photo, mask = str(image_dir / "photo.png"), str(tmp_path / "mask32.png")
     options = argparse.Namespace(resize_mask=False, size=None, white_is_known=False)

@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 
 from fdm import FDM, Dequantizer
 from fdm.cli import main
-from fdm.demo.compare import compare
-from fdm.demo.figures import error_map, grid_figure
+from fdm.demo.figures import error_map
 from fdm.demo.model import DEMO_FDM_DIR, DEMO_VQGAN_WEIGHTS, load_demo_fdm, load_demo_vqgan
 from fdm.demo.run import (
     INPAINTING_FIGURE,
@@ -25,6 +24,8 @@ from fdm.demo.run import (
     box_mask,
     load_sample,
 )
+from fdm.evaluation import compare
+from fdm.images import image_grid
 
 pytest.importorskip("taming")
 
@@ -116,5 +117,9 @@ def test_error_map_and_grid():
     assert error_map(x, x).getextrema() == ((0, 0), (0, 0), (0, 0))
     assert error_map(x, x + 2).getextrema() == ((255, 255), (255, 255), (255, 255))
     tile = Image.new("RGB", (8, 8))
-    fig = grid_figure([[tile, tile]], ["a", "b"], title="t", caption="a long caption " * 10, row_labels=["r"])
+    fig = image_grid([[tile, tile]], ["a", "b"], title="t", caption="a long caption " * 10, row_labels=["r"])
     assert fig.width == 2 * 8 + 3 * 4
+    plain = image_grid([[torch.ones(3, 8, 8), -torch.ones(3, 6, 8)], [torch.ones(3, 8, 8)]])  # tensors, no titles
+    assert plain.size == (2 * 8 + 3 * 4, 2 * 8 + 3 * 4)
+    assert plain.getpixel((4, 4)) == (255, 255, 255) and plain.getpixel((16, 4)) == (0, 0, 0)
+    assert plain.getpixel((16, 12)) == (255, 255, 255)  # background below the shorter tile

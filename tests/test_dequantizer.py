@@ -76,6 +76,10 @@ def test_attach_corrects_the_models_own_decode_and_detach_restores_it(deq, toy_m
         assert deq.is_attached
         assert torch.equal(toy_model.decode(z_q), explicit)
         assert torch.equal(deq.decode(z_q), explicit)  # no double correction
+        assert torch.equal(toy_model.decode(z_q), explicit)  # ... and the hook is still in place afterwards
+        x = torch.rand(1, 3, 16, 16) * 2 - 1
+        assert torch.equal(deq.reconstruct(x), deq.decode(deq.quantize(deq.encode(x))[0]))
+    assert not hasattr(deq, "_bypass_hook")  # no flag: the raw decode lifts the hook for its call
     assert not deq.is_attached
     assert torch.equal(toy_model.decode(z_q), plain)
 

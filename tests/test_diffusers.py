@@ -310,7 +310,7 @@ def test_load_model_from_hub_repo_and_pipeline_folders(models, tmp_path):
 
 def test_missing_diffusers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
-    with pytest.raises(ImportError, match=r'pip install "fdm-vq\[diffusers\]"'):
+    with pytest.raises(ImportError, match=r'pip install "\.\[diffusers\]"'):
         load_model("anything")
 
 

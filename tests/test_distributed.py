@@ -106,7 +106,7 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
 def test_accelerate_launch_two_processes_end_with_identical_weights(tmp_path):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:
-        pytest.skip("accelerate is not installed (pip install \"fdm-vq[dist]\")")
+        pytest.skip("accelerate is not installed (pip install \".[dist]\")")
     script = write_script(tmp_path)
     out = tmp_path / "out"
     # --multi_gpu selects accelerate's torchrun-based launcher; the trainers pick gloo for the CPU model

@@ -1,4 +1,4 @@
-"""`fdm eval` and fdm.demo.evaluation: JSON output that parses, metrics that match a direct computation, the
+"""`fdm eval` and fdm.evaluation: JSON output that parses, metrics that match a direct computation, the
 optional FID / ST-LPIPS metrics, and clear errors for bad input."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import shutil
 
 import pytest
@@ -13,9 +14,9 @@ import torch
 
 from fdm import Dequantizer
 from fdm.cli import main
-from fdm.demo.evaluation import evaluate_views
 from fdm.demo.model import ASSETS, load_demo_fdm, load_demo_vqgan
 from fdm.demo.run import SAMPLE_IMAGES, load_sample
+from fdm.evaluation import evaluate_views
 from fdm.metrics import psnr
 from fdm.training.data import TensorViews
 
@@ -76,7 +77,10 @@ def test_evaluate_views_extras():
     report = evaluate_views(deq, views, extras=True, progress=False)
     metrics = report["settings"]["reconstruction"]
     assert set(metrics["stlpips"]) == {"vq", "fdm"} and set(metrics["fid"]) == {"vq", "fdm"}
-    assert all(v >= 0 for v in metrics["stlpips"].values())
+    # distances between different images: strictly positive and finite (a broken metric gives 0 or NaN)
+    assert all(0 < v < 1 for v in metrics["stlpips"].values()), metrics["stlpips"]
+    assert all(math.isfinite(v) and v > 0 for v in metrics["fid"].values()), metrics["fid"]
+    assert metrics["stlpips"]["vq"] != metrics["stlpips"]["fdm"]  # FDM changed the images that were compared
 
 
 def test_eval_missing_folder(tmp_path):

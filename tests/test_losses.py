@@ -232,6 +232,31 @@ def test_st_vgg16_reproduces_stlpips_own_network(st_vgg16, monkeypatch):
         torch.testing.assert_close(ours[name], want, rtol=0, atol=1e-5)
 
 
+def test_stlpips_loader_reproduces_stlpips_own_metric(monkeypatch):
+    """fdm.metrics.load_stlpips (the one loader of `fdm eval` and the phase-3 validation) reads the bundled weights
+    with every key checked and gives exactly the distances of stlpips_pytorch's own loader; no AlexNet download."""
+    pytest.importorskip("stlpips_pytorch")
+    import types
+
+    from fdm.metrics import load_stlpips
+    from fdm.training.monitoring import ImageMetrics
+
+    ours = load_stlpips()
+    assert not any(p.requires_grad for p in ours.parameters())
+    for name, attr in (("IPython", "embed"), ("torchsummary", "summary")):  # imported, never used, by stlpips
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**{attr: None}))
+    from stlpips_pytorch.stlpips import LPIPS
+
+    reference = LPIPS(net="alex", variant="shift_tolerant", verbose=False).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 3, 64, 48, generator=g) * 2 - 1, torch.rand(2, 3, 64, 48, generator=g) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(ours(x, y), reference(x, y))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: "/nonexistent-torch-hub")  # no torchvision cache needed
+    metrics = ImageMetrics(lpips=True)(x, y)
+    assert metrics["lpips"] == pytest.approx(reference(x, y).mean().item(), abs=1e-6)
+
+
 def test_phase3_loss_uses_the_backbones_own_layers(st_vgg16):
     loss = Phase3Loss(LossSchedule().without("adversarial"), backbone=st_vgg16)
     image = torch.rand(1, 3, 32, 32) * 2 - 1

@@ -34,7 +34,8 @@ def test_import_touches_no_optional_dependency_and_no_network():
 def test_public_names():
     import fdm
 
-    for name in ("FDM", "Dequantizer", "latent_mask", "load_mask", "random_irregular_mask", "register_adapter"):
+    for name in ("FDM", "Dequantizer", "latent_mask", "load_mask", "random_irregular_mask", "register_family",
+                 "ModelFamily", "find_adapter", "VQAdapter"):
         assert name in fdm.__all__ and hasattr(fdm, name)
 
 

@@ -96,8 +96,14 @@ def test_saved_result_carries_the_decoder_and_the_dequantizer_uses_it(tmp_path):
     fresh = toy_model()
     x = smooth_images(1, seed=5)
     original = fresh.decode(fresh.quantize(fresh.encode(x))[0])
-    deq = fdm.Dequantizer(fresh, loaded)  # loads the fine-tuned decoder into the fresh model
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in trained_decoder.items())
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    deq = fdm.Dequantizer(fresh, loaded)  # loads the fine-tuned decoder into a copy of the fresh model
+    assert deq.model is not fresh and deq.adapter.model is deq.model
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())  # the caller's model untouched
+    assert all(torch.equal(deq.model.state_dict()[k], v) for k, v in trained_decoder.items())
+    in_place = fdm.Dequantizer(fresh, loaded, load_decoder="in_place")  # explicit opt-in: fresh itself changes
+    assert in_place.model is fresh and all(torch.equal(fresh.state_dict()[k], v) for k, v in trained_decoder.items())
+    torch.testing.assert_close(in_place.reconstruct(x, use_fdm=False), deq.reconstruct(x, use_fdm=False))
     tuned = deq.reconstruct(x, use_fdm=False)
     torch.testing.assert_close(tuned, trainer.model.decode(trainer.model.quantize(trainer.model.encode(x))[0]))
     assert not torch.allclose(tuned, original)
@@ -251,7 +257,7 @@ def test_put_codec_fine_tunes_through_the_same_trainer(tmp_path):
         pytest.skip(f"tiny PUT weights not found at {weights}")
     model = load_model(weights)
     adapter = fdm.find_adapter(model)
-    assert adapter.encodes_masked_input
+    assert type(adapter).encode_known is not fdm.VQAdapter.encode_known  # PUT encodes the masked image
     images = F.interpolate(smooth_images(4), size=(32, 48), mode="bilinear", align_corners=False)
     torch.manual_seed(0)
     module = fdm.FDM(adapter.channels, hidden_channels=16, num_blocks=2)
@@ -260,7 +266,7 @@ def test_put_codec_fine_tunes_through_the_same_trainer(tmp_path):
     trainer.train()
     fresh = load_model(weights)
     original = {k: v.clone() for k, v in fresh.state_dict().items()}
-    fdm.Dequantizer(fresh, fdm.FDM.from_pretrained(tmp_path / "put" / "fdm"))
+    fdm.Dequantizer(fresh, fdm.FDM.from_pretrained(tmp_path / "put" / "fdm"), load_decoder="in_place")
     tuned = {k: v for k, v in model.state_dict().items() if ".decoder." in k or "post_quant_conv" in k}
     assert tuned and all(torch.equal(fresh.state_dict()[k], v) for k, v in tuned.items())
     assert any(not torch.equal(original[k], v) for k, v in tuned.items())  # the decoder did change

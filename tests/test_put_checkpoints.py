@@ -127,9 +127,9 @@ def test_mismatched_transformer_pair_refused():
 
 
 def test_missing_file_and_bad_repo_id():
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="not found"):  # fdm.hub.resolve_file, shared by every loader
         load_model("/nonexistent/p_vqvae.pth")
-    with pytest.raises(CheckpointError, match="owner/repo/file"):
+    with pytest.raises(FileNotFoundError, match="owner/repo/file"):
         load_model("justaname.pth")
 
 

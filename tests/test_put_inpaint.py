@@ -134,20 +134,27 @@ def test_several_cells_per_step_fill_every_cell(model, image, hole):
 def test_adapter_and_dequantizer(model, image, hole):
     assert isinstance(fdm.find_adapter(model), PUTAdapter) and isinstance(fdm.find_adapter(model.codec), PUTAdapter)
     deq = fdm.Dequantizer(model, _random_fdm())
-    assert deq.factor == 8 and deq.adapter.encodes_masked_input
+    assert deq.factor == 8
     with torch.no_grad():
+        # known cells take their features from the masked image (PUT's encoding), not from the whole image
+        torch.testing.assert_close(deq.encode(image, hole), model.codec.encode(image, hole))
+        assert not torch.allclose(deq.encode(image, hole), deq.encode(image))
+        assert deq.adapter.decode_guide(image, hole) == {"image": image, "pixel_mask": hole}
         with_fdm = deq.reconstruct(image, hole)
         without = deq.reconstruct(image, hole, use_fdm=False)
         assert with_fdm.shape == image.shape and not torch.allclose(with_fdm, without)
         z = deq.encode(image, hole)
         z_q, _ = deq.quantize(z)
-        explicit = deq.decode(z_q, hole, image=image)
+        explicit = deq.decode(z_q, hole, image=image, pixel_mask=hole)
         with deq.attached(hole):  # PUT's own decode path, corrected by the hook
             hooked = model.codec.decode(z_q, image, hole)
         torch.testing.assert_close(hooked, explicit)
         assert not deq.is_attached and not torch.allclose(model.codec.decode(z_q, image, hole), explicit)
+    adapter = PUTAdapter(model)
+    with torch.no_grad():
+        adapter.encode(image)  # no hidden state: an earlier encode does not become the decoder's guide
     with pytest.raises(InputError, match="image="):
-        PUTAdapter(model).decode(z_q, hole)
+        adapter.decode(z_q, pixel_mask=hole)
 
 
 def _write_inputs(tmp_path: Path, image: torch.Tensor, hole: torch.Tensor) -> tuple[Path, Path]:
@@ -159,7 +166,7 @@ def _write_inputs(tmp_path: Path, image: torch.Tensor, hole: torch.Tensor) -> tu
 
 
 def test_inpaint_command(model, image, hole, tmp_path):
-    from fdm.commands import inpaint as command
+    from fdm.adapters.put import command
 
     fdm_module = fdm.FDM(channels=16)
     torch.nn.init.normal_(fdm_module.head.weight, std=0.1)

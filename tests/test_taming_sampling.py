@@ -213,7 +213,7 @@ def saved(tmp_path_factory) -> dict[str, Path]:
 
 
 def _run_sample(argv: list[str]) -> int:
-    from fdm.commands import sample
+    from fdm.adapters.taming import command as sample
 
     parser = argparse.ArgumentParser()
     sample.add_arguments(parser)

@@ -17,14 +17,13 @@ from fdm.training import (
     ImageFolderViews,
     TensorViews,
     WarmupCosineLR,
-    capture_rng_state,
     encode_views,
     latest_checkpoint,
     load_checkpoint,
     paper_optimizer,
-    restore_rng_state,
     save_checkpoint,
 )
+from fdm.training.checkpointing import _capture_rng_state, _restore_rng_state
 from toy_vq import ToyVQ
 
 
@@ -209,14 +208,14 @@ def test_warmup_cosine_schedule(tmp_path):
 
 def test_rng_state_round_trip(tmp_path):
     gen = torch.Generator().manual_seed(3)
-    state = capture_rng_state({"masks": gen})
+    state = _capture_rng_state({"masks": gen})
     torch.save(state, tmp_path / "rng.pt")
 
     def draw():
         return (torch.rand(3).tolist(), random.random(), np.random.rand(), torch.rand(2, generator=gen).tolist())
 
     first = draw()
-    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), {"masks": gen})
+    _restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), {"masks": gen})
     assert draw() == first
 
 

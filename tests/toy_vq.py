@@ -1,5 +1,6 @@
-"""A plain encoder / quantizer / decoder model and its adapter: exercises the whole core without any
-third-party model package (the layout mirrors taming's VQModel: quant_conv, codebook, post_quant_conv)."""
+"""A plain encoder / quantizer / decoder model, its adapter and its family declaration: exercises the whole core
+without any third-party model package (the layout mirrors taming's VQModel: quant_conv, codebook,
+post_quant_conv). Importing this module registers the family (``fdm.registry.register_family``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 import fdm
+from fdm.registry import ModelFamily, register_family
 
 
 class ToyVQ(nn.Module):
@@ -41,7 +43,6 @@ class ToyVQ(nn.Module):
         return self.decoder(self.post_quant_conv(z_q))
 
 
-@fdm.register_adapter
 class ToyVQAdapter(fdm.VQAdapter):
     @classmethod
     def matches(cls, model):
@@ -58,7 +59,7 @@ class ToyVQAdapter(fdm.VQAdapter):
     def codebook(self):
         return self.model.codebook.weight
 
-    def encode(self, x, pixel_mask=None):
+    def encode(self, x):
         return self.model.encode(x)
 
     def quantize(self, z):
@@ -67,7 +68,7 @@ class ToyVQAdapter(fdm.VQAdapter):
     def lookup(self, indices):
         return self.model.lookup(indices)
 
-    def decode(self, z, pixel_mask=None):
+    def decode(self, z):
         return self.model.decode(z)
 
     def hook_module(self):
@@ -75,3 +76,7 @@ class ToyVQAdapter(fdm.VQAdapter):
 
     def decoder_modules(self):
         return {"post_quant_conv": self.model.post_quant_conv, "decoder": self.model.decoder}
+
+
+FAMILY = ModelFamily(name="toy", adapters=(ToyVQAdapter,))
+register_family(__name__)

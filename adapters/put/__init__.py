@@ -2,10 +2,18 @@
 loading (PUT and FDM-authors layouts), and pluralistic inpainting with the FDM correction.
 
 PUT has no installable package; this is a self-contained implementation with PUT's parameter names.
+``FAMILY`` declares the family for :mod:`fdm.registry`: :class:`PUTAdapter`, :func:`load_model`, the
+``--model put`` choice of the command line and the ``fdm inpaint`` sub-command.
 """
 
-from .adapter import PUTAdapter
-from .checkpoints import (
+from __future__ import annotations
+
+import argparse
+
+from torch import nn
+
+from fdm.adapters.put.adapter import PUTAdapter
+from fdm.adapters.put.checkpoints import (
     fdm_authors_state_dict,
     fdm_to_put_layout,
     load_model,
@@ -13,13 +21,15 @@ from .checkpoints import (
     put_to_fdm_layout,
     split_checkpoint,
 )
-from .inpaint import InpaintOutput, inpaint
-from .model import PUT
-from .pvqvae import PVQVAE, DualCodebookQuantizer, GuidedDecoder, PatchEncoder
-from .sampler import sample_codes
-from .transformer import UQTransformer
+from fdm.adapters.put.inpaint import InpaintOutput, inpaint
+from fdm.adapters.put.model import PUT
+from fdm.adapters.put.pvqvae import PVQVAE, DualCodebookQuantizer, GuidedDecoder, PatchEncoder
+from fdm.adapters.put.sampler import sample_codes
+from fdm.adapters.put.transformer import UQTransformer
+from fdm.registry import CliModel, ModelFamily
 
 __all__ = [
+    "FAMILY",
     "PUT",
     "PVQVAE",
     "DualCodebookQuantizer",
@@ -37,3 +47,16 @@ __all__ = [
     "sample_codes",
     "split_checkpoint",
 ]
+
+
+def _load_from_options(args: argparse.Namespace) -> nn.Module:
+    return load_model(args.checkpoint, transformer=args.transformer)
+
+
+FAMILY = ModelFamily(
+    name="put",
+    adapters=(PUTAdapter,),
+    load_model=load_model,
+    cli_models={"put": CliModel(_load_from_options, requires=("checkpoint",))},
+    commands={"inpaint": "fdm.adapters.put.command"},
+)

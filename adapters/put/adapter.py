@@ -1,7 +1,8 @@
 """The :class:`~fdm.VQAdapter` for PUT (CVPR 2022) models: :class:`PUT` or a bare :class:`PVQVAE`.
 
-PUT encodes the *masked* image (``encodes_masked_input``): known cells take their continuous features
-from it, and its decoder is guided by the known pixels, which :meth:`PUTAdapter.decode` needs.
+PUT encodes the *masked* image (:meth:`PUTAdapter.encode_known`): known cells take their continuous features
+from it, and its decoder is guided by the known pixels, passed explicitly to :meth:`PUTAdapter.decode`
+(``image=``, ``pixel_mask=``; :meth:`PUTAdapter.decode_guide` builds them).
 """
 
 from __future__ import annotations
@@ -11,31 +12,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from fdm.adapter import VQAdapter, register_adapter
-from fdm.errors import InputError
-
-from .model import PUT
-from .pvqvae import PVQVAE
+from fdm.adapter import VQAdapter
+from fdm.adapters.put.model import PUT
+from fdm.adapters.put.pvqvae import PVQVAE
 
 __all__ = ["PUTAdapter"]
 
 
-@register_adapter
 class PUTAdapter(VQAdapter):
     """Adapter for :class:`PUT` / :class:`PVQVAE`.
 
     ``quantize`` uses the codebook half for fully known patches (the codes the UQ-Transformer samples and
-    the FDM authors' phase-2 target). ``decode`` takes the guide image as ``image=``; without it, the
-    image most recently passed to :meth:`encode` with the same size is used (so
-    ``Dequantizer.reconstruct(x, mask)`` works), and without a mask every pixel counts as a hole.
+    the FDM authors' phase-2 target). ``decode`` is guided by the known pixels of ``image=`` where
+    ``pixel_mask=`` is 0, both given explicitly (nothing is remembered between calls); without them every
+    pixel counts as a hole (a pure decode of the features).
     """
-
-    encodes_masked_input = True
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.codec: PVQVAE = model.codec if isinstance(model, PUT) else model
-        self._last_image: torch.Tensor | None = None
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -52,9 +47,17 @@ class PUTAdapter(VQAdapter):
     def codebook(self) -> torch.Tensor:
         return self.codec.quantize.embedding
 
-    def encode(self, x: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
-        self._last_image = x
-        return self.codec.encode(x, pixel_mask)
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.codec.encode(x)
+
+    def encode_known(self, x: torch.Tensor, mask: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Features of the masked image (hole pixels = -1), as PUT encodes it for inpainting; ``mask`` (B, 1, H, W),
+        1 = hole, is assumed checked by the caller (the Dequantizer's entry points)."""
+        return self.codec._encode(x, mask)
+
+    def decode_guide(self, x: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
+        """``{"image": x, "pixel_mask": mask}``: the decoder's guide (none without a mask)."""
+        return {} if mask is None else {"image": x, "pixel_mask": mask}
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.codec.quantize.quantize(z)
@@ -62,20 +65,10 @@ class PUTAdapter(VQAdapter):
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         return self.codec.quantize.lookup(indices)
 
-    def decode(self, z: torch.Tensor, pixel_mask: torch.Tensor | None = None, *, image: torch.Tensor | None = None,
-               **model_kwargs: Any) -> torch.Tensor:
-        """Decode ``z`` (B, C, h, w), guided by the known pixels of ``image`` (B, 3, H, W) where
-        ``pixel_mask`` (B, 1, H, W) is 0."""
-        if model_kwargs:
-            raise InputError(f"PUT's decoder takes image= only; got {sorted(model_kwargs)}.")
-        if pixel_mask is not None and image is None:
-            last = self._last_image
-            p = self.factor
-            if last is None or last.shape[-2:] != (z.shape[-2] * p, z.shape[-1] * p) or last.shape[0] not in (
-                    1, z.shape[0]):
-                raise InputError("PUT's decoder needs the image whose known pixels guide it: pass image=... "
-                                 "(Dequantizer.decode(z, mask, image=x)).")
-            image = last
+    def decode(self, z: torch.Tensor, *, image: torch.Tensor | None = None,
+               pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode ``z`` (B, C, h, w), guided by the known pixels of ``image`` (B, 3, H, W) where ``pixel_mask``
+        (B, 1, H, W, 1 = hole) is 0; without both, every pixel is a hole (no guide)."""
         return self.codec.decode(z, image, pixel_mask)
 
     def hook_module(self) -> nn.Module:

@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 
+from fdm.adapters.put.model import PUT
+from fdm.adapters.put.pvqvae import PVQVAE
+from fdm.adapters.put.transformer import UQTransformer
 from fdm.checkpoint import load_state_dict_strict, read_checkpoint
 from fdm.errors import CheckpointError
+from fdm.hub import resolve_file
 from fdm.module import FDM
 from fdm.official_checkpoint import fdm_to_official_state_dict
-
-from .model import PUT
-from .pvqvae import PVQVAE
-from .transformer import UQTransformer
 
 __all__ = [
     "fdm_authors_state_dict",
@@ -39,7 +39,6 @@ __all__ = [
     "put_state_dicts",
     "put_to_fdm_layout",
     "pvqvae_config_from_state_dict",
-    "resolve_checkpoint",
     "split_checkpoint",
     "transformer_config_from_state_dict",
 ]
@@ -198,26 +197,6 @@ def transformer_config_from_state_dict(
     return config
 
 
-def resolve_checkpoint(path_or_id: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
-                       local_files_only: bool = False) -> Path:
-    """A local file, or ``"owner/repo/path/in/repo.pth"`` fetched with ``huggingface_hub.hf_hub_download``."""
-    path = Path(path_or_id)
-    if path.is_file():
-        return path
-    parts = str(path_or_id).split("/")
-    if path.is_absolute() or path.exists() or len(parts) < 3:
-        raise CheckpointError(f"Checkpoint not found: {path_or_id} (give a file path, or 'owner/repo/file.pth' "
-                              "for a file in a Hugging Face Hub repository).")
-    from huggingface_hub import hf_hub_download
-
-    from fdm.hub import hub_errors
-
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-    with hub_errors(repo_id, filename, revision=revision):
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                    local_files_only=local_files_only))
-
-
 def split_checkpoint(source: str | Path | dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
     """Split a PUT or FDM-authors checkpoint into its parts.
 
@@ -314,8 +293,7 @@ def load_model(
     def parts_of(source: str | Path | dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]],
                                                                dict[str, _Spelling], str]:
         if not isinstance(source, dict):
-            source = resolve_checkpoint(source, revision=revision, cache_dir=cache_dir,
-                                        local_files_only=local_files_only)
+            source = resolve_file(source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         return (*_split(source), _source_name(source))
 
     main, spelling, name = parts_of(checkpoint)

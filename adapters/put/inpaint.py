@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
+from fdm.adapters.put.model import PUT
+from fdm.adapters.put.sampler import sample_codes
 from fdm.dequantizer import Dequantizer
 from fdm.errors import InputError
+from fdm.masks import keep_known
 from fdm.module import FDM
 from fdm.validation import check_image, check_pixel_mask
-
-from .model import PUT
-from .sampler import sample_codes
 
 __all__ = ["InpaintOutput", "inpaint"]
 
@@ -92,8 +92,8 @@ def inpaint(
     if generator is None and seed is not None:
         generator = torch.Generator(device).manual_seed(seed)
 
-    z = codec.encode(image, mask)  # (B, C, h, w) features of the masked image
-    known = codec.known_cells(mask, image)  # (B, h, w)
+    z = codec._encode(image, mask)  # (B, C, h, w) features of the masked image (mask checked above)
+    known = codec.known_cells(mask, image)  # (B, h, w), True = known (PUT's convention)
     _, known_idx = codec.quantize.quantize(z, known)  # (B, h, w)
     x, m, z, known, known_idx = (t.repeat_interleave(n, dim=0) for t in (image, mask, z, known, known_idx))
     codes = sample_codes(model.transformer, codec.quantize.embedding, z, known, top_k=top_k,
@@ -101,14 +101,15 @@ def inpaint(
                          progress=progress)  # (B*N, h, w), -1 on known cells
     indices = torch.where(known, known_idx, codes)
     features = codec.quantize.lookup(indices)
+    cells = (~known[:, None]).to(features.dtype)  # (B*N, 1, h, w), 1 = generated
     if not quantize_known:
-        features = torch.where(known[:, None], z, features)  # (B*N, C, h, w)
+        features = keep_known(z, features, cells)  # (B*N, C, h, w)
 
-    plain = codec.decode(features, x, m)
+    plain = codec._decode(features, x, m)
     corrected = None
     if fdm is not None:
         deq = Dequantizer(model, fdm, check_fingerprint=check_fingerprint)
-        corrected = deq.decode(features, m, image=x)
+        corrected = deq.adapter.codec._decode(deq.correct(features, cells), x, m)  # deq: phase-3 decoder if any
     if paste_known:
         plain = torch.where(m.bool(), plain, x)
         corrected = None if corrected is None else torch.where(m.bool(), corrected, x)

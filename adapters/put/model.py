@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .pvqvae import PVQVAE
-from .transformer import UQTransformer
+from fdm.adapters.put.pvqvae import PVQVAE
+from fdm.adapters.put.transformer import UQTransformer
 
 __all__ = ["PUT"]
 

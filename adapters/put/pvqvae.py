@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdm.errors import InputError
+from fdm.masks import latent_mask
 from fdm.validation import check_image, check_pixel_mask
 
 __all__ = ["PVQVAE", "PatchEncoder", "DualCodebookQuantizer", "GuidedDecoder", "masked_input"]
@@ -253,8 +254,8 @@ class PVQVAE(nn.Module):
         b, _, height, width = image.shape
         if pixel_mask is None:
             return torch.ones(b, height // p, width // p, dtype=torch.bool, device=image.device)
-        holes = F.max_pool2d(pixel_mask.to(image.dtype), kernel_size=p, stride=p)  # (B, 1, h, w)
-        return (holes == 0)[:, 0].expand(b, -1, -1)
+        # PUT's convention (True = known) is the inverse of fdm.latent_mask's (1 = generated): inverted here only
+        return (latent_mask(pixel_mask, p) == 0)[:, 0].expand(b, -1, -1)
 
     def encode(self, image: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, H, W) image in [-1, 1] -> (B, C, H/p, W/p) continuous features ``z``.
@@ -263,6 +264,10 @@ class PVQVAE(nn.Module):
         does for inpainting; cells without hole pixels then get exactly the features of the full image.
         """
         self._check(image, pixel_mask)
+        return self._encode(image, pixel_mask)
+
+    def _encode(self, image: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`encode` for inputs already checked."""
         return self.quant_conv(self.encoder(masked_input(image, pixel_mask)))
 
     def decode(self, z: torch.Tensor, image: torch.Tensor | None = None,
@@ -290,6 +295,11 @@ class PVQVAE(nn.Module):
         if image.shape[-2:] != (h * p, w * p):
             raise InputError(f"features of size {h}x{w} decode to {h * p}x{w * p} pixels, but the guide image is "
                              f"{image.shape[-2]}x{image.shape[-1]}.")
+        return self._decode(z, image, pixel_mask)
+
+    def _decode(self, z: torch.Tensor, image: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` for an image and mask already checked (the mask's binary check is a device sync)."""
+        b = z.shape[0]
         known = 1 - pixel_mask.to(z.dtype).expand(b, -1, -1, -1)
         out = self.decoder(self.post_quant_conv(z), masked_input(image, pixel_mask).expand(b, -1, -1, -1), known)
         return out.clamp(-1, 1)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from fdm.adapters.put.transformer import UQTransformer
 from fdm.errors import InputError
-
-from .transformer import UQTransformer
 
 __all__ = ["sample_codes"]
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdm.adapter import VQAdapter, register_adapter
+from fdm.adapter import VQAdapter
 from fdm.errors import InputError
 
 __all__ = ["GumbelVQAdapter", "Net2NetTransformerAdapter", "VQModelAdapter", "first_stage_adapter"]
@@ -29,7 +29,6 @@ def _is_gumbel(model: nn.Module) -> bool:
     return "GumbelVQ" in _taming_class_names(model) or type(getattr(model, "quantize", None)).__name__ == "GumbelQuantize"
 
 
-@register_adapter
 class VQModelAdapter(VQAdapter):
     """taming's ``VQModel`` (and subclasses such as ``VQSegmentationModel``) with a ``VectorQuantizer2``.
 
@@ -54,7 +53,7 @@ class VQModelAdapter(VQAdapter):
     def codebook(self) -> torch.Tensor:
         return self.model.quantize.embedding.weight
 
-    def encode(self, x: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) input -> (B, C, H/f, W/f) ``quant_conv(encoder(x))``."""
         return self.model.quant_conv(self.model.encoder(x))
 
@@ -71,8 +70,10 @@ class VQModelAdapter(VQAdapter):
         flat = indices.reshape(-1).clone()  # taming's unmap_to_all writes into its argument
         return self.model.quantize.get_codebook_entry(flat, (b, h, w, self.channels))  # (B, C, h, w)
 
-    def decode(self, z: torch.Tensor, pixel_mask: torch.Tensor | None = None, **model_kwargs: Any) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
         """``model.decode(z)`` = ``decoder(post_quant_conv(z))``, already in [-1, 1] for image models."""
+        if model_kwargs:
+            raise TypeError(f"taming's decoder takes no extra inputs; got {sorted(model_kwargs)}.")
         return self.model.decode(z)
 
     def hook_module(self) -> nn.Module:
@@ -82,7 +83,6 @@ class VQModelAdapter(VQAdapter):
         return {"post_quant_conv": self.model.post_quant_conv, "decoder": self.model.decoder}
 
 
-@register_adapter
 class GumbelVQAdapter(VQModelAdapter):
     """taming's ``GumbelVQ``: logits over the codebook, ``z_q`` = the chosen code vector.
 
@@ -118,7 +118,7 @@ class GumbelVQAdapter(VQModelAdapter):
         h = self.model.quant_conv(self.model.encoder(x))  # (B, z_channels, h, w)
         return F.softmax(self.model.quantize.proj(h), dim=1)  # (B, N, h, w)
 
-    def encode(self, x: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) image -> (B, C, h, w) expected code vector (see the class docstring)."""
         probs = self.code_probabilities(x)
         return torch.einsum("bnhw,nc->bchw", probs, self.codebook())
@@ -144,7 +144,6 @@ def first_stage_adapter(model: nn.Module) -> VQModelAdapter:
     )
 
 
-@register_adapter
 class Net2NetTransformerAdapter(VQAdapter):
     """taming's ``Net2NetTransformer``: FDM hooks its ``first_stage_model`` (VQModel or GumbelVQ).
 
@@ -171,8 +170,8 @@ class Net2NetTransformerAdapter(VQAdapter):
     def codebook(self) -> torch.Tensor:
         return self.first_stage.codebook()
 
-    def encode(self, x: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.first_stage.encode(x, pixel_mask)
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first_stage.encode(x)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.first_stage.quantize(z)
@@ -180,8 +179,8 @@ class Net2NetTransformerAdapter(VQAdapter):
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         return self.first_stage.lookup(indices)
 
-    def decode(self, z: torch.Tensor, pixel_mask: torch.Tensor | None = None, **model_kwargs: Any) -> torch.Tensor:
-        return self.first_stage.decode(z, pixel_mask, **model_kwargs)
+    def decode(self, z: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
+        return self.first_stage.decode(z, **model_kwargs)
 
     def hook_module(self) -> nn.Module:
         return self.first_stage.hook_module()

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from fdm.errors import ConfigError
+from fdm.errors import ConfigError, MissingExtraError
 
 __all__ = [
     "ALLOWED_TARGETS",
@@ -54,7 +54,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = 'pip install "fdm-vq[taming]"'
+INSTALL_HINT = 'pip install ".[taming]" (from a clone of fdm-vq)'
 
 #: Modules that make up taming's inference path (imported by :func:`import_taming`).
 MODEL_MODULES = ("taming.models.vqgan", "taming.models.cond_transformer", "taming.modules.transformer.mingpt")
@@ -206,14 +206,14 @@ def import_taming() -> None:
     torchvision, nor transformers, nor taming's training script is imported. Idempotent.
 
     Raises:
-        ImportError: taming is not installed (naming the extra to install).
+        MissingExtraError: taming is not installed (an ImportError naming the extra to install).
     """
     if all(name in sys.modules for name in MODEL_MODULES):
         return
     try:
         importlib.import_module("taming")
     except ImportError as err:
-        raise ImportError(
+        raise MissingExtraError(
             f"taming-transformers is required for taming models: {INSTALL_HINT} (or put a clone of "
             "CompVis/taming-transformers on sys.path)."
         ) from err

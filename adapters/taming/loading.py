@@ -30,46 +30,14 @@ from fdm.adapters.taming.compat import (
 )
 from fdm.checkpoint import load_state_dict_strict, read_checkpoint, read_safetensors
 from fdm.errors import CheckpointError
+from fdm.hub import resolve_file
 
-__all__ = ["build_model", "load_config", "load_model", "model_state_dict", "resolve_file"]
+__all__ = ["build_model", "load_config", "load_model", "model_state_dict"]
 
 logger = logging.getLogger(__name__)
 
 _LOSS_KEY = re.compile(r"^(?:(?:first|cond)_stage_model\.)?loss\.")
 _FIRST_STAGE_PREFIX = "first_stage_model."
-_HUB_SPEC = re.compile(r"^(?:hf://)?([\w.-]+/[\w.-]+)/(.+)$")
-
-
-def resolve_file(spec: str | Path, *, repo_id: str | None = None, revision: str | None = None) -> Path:
-    """A local path for ``spec``: an existing file, a filename in ``repo_id``, or ``owner/repo/path/in/repo``.
-
-    Hub files are fetched with ``huggingface_hub.hf_hub_download`` (cached; honours ``HF_HUB_OFFLINE``).
-
-    Raises:
-        FileNotFoundError: ``spec`` is neither a local file nor a Hub file reference.
-        HubError: the Hub repo, revision or file does not exist, or offline mode is on without a cached copy
-            (:func:`fdm.hub.convert_hub_error`; a ``FileNotFoundError`` too).
-    """
-    path = Path(spec)
-    if repo_id is None:
-        if path.is_file():
-            return path
-        match = _HUB_SPEC.match(str(spec)) if isinstance(spec, str) and not path.is_absolute() else None
-        if match is None:
-            raise FileNotFoundError(
-                f"{spec} is not a local file. Pass an existing path, 'owner/repo/file-in-repo' for a Hub file, "
-                "or repo_id= with the filename."
-            )
-        repo_id, filename = match.groups()
-    else:
-        filename = str(spec)
-    from huggingface_hub import hf_hub_download
-
-    from fdm.hub import hub_errors
-
-    logger.info("fetching %s from Hub repo %s", filename, repo_id)
-    with hub_errors(repo_id, filename, revision=revision):  # HubError (a FileNotFoundError) naming repo and file
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision))
 
 
 def load_config(config: Any, *, repo_id: str | None = None, revision: str | None = None,
@@ -95,7 +63,8 @@ def load_config(config: Any, *, repo_id: str | None = None, revision: str | None
     if isinstance(config, (str, Path)):
         from fdm.config_io import read_yaml
 
-        source = resolve_file(config, repo_id=repo_id, revision=revision)
+        source = resolve_file(repo_id, str(config), layout=None, revision=revision) if repo_id else \
+            resolve_file(config, revision=revision)
         config = read_yaml(source, "taming config")  # ConfigError naming the file and line if it does not parse
     model_config = _to_container(config)
     if isinstance(model_config, dict) and "model" in model_config and "target" not in model_config:
@@ -197,7 +166,8 @@ def load_model(
     """
     model_config = load_config(config, repo_id=repo_id if isinstance(config, (str, Path)) else None,
                                revision=revision, trust_config=trust_config)
-    path = resolve_file(checkpoint, repo_id=repo_id, revision=revision)
+    path = resolve_file(repo_id, str(checkpoint), layout=None, revision=revision) if repo_id else \
+        resolve_file(checkpoint, revision=revision)
     raw = read_safetensors(path) if path.suffix == ".safetensors" else read_checkpoint(path)
     model = build_model(model_config, device="meta", trust_config=trust_config)
     source = f"checkpoint {path.name}"

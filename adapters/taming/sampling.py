@@ -421,6 +421,8 @@ def decode_indices(
     if indices.dim() != 3 or indices.is_floating_point():
         raise InputError(f"indices must be an integer tensor (N, h, w); got {tuple(indices.shape)}, {indices.dtype}.")
     deq = Dequantizer(model, fdm_module, adapter=adapter, check_fingerprint=check_fingerprint) if fdm_module else None
+    if deq is not None:  # a phase-3 FDM's decoder lives in the Dequantizer's copy of the model
+        model, adapter = deq.model, deq.adapter
     images = []
     with deq.attached() if deq is not None else contextlib.nullcontext():
         for start in range(0, indices.shape[0], batch_size):

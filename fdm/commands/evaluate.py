@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def format_report(report: dict) -> str:
-    """The report of :func:`fdm.demo.evaluation.evaluate_views` as a plain-text table."""
+    """The report of :func:`fdm.evaluation.evaluate_views` as a plain-text table."""
     lines = [f"{report['views']} views", f"{'setting':<22}{'metric':<16}{'without FDM':>12}{'with FDM':>10}"]
     for setting, metrics in report["settings"].items():
         for name, value in metrics.items():
@@ -47,8 +47,8 @@ def format_report(report: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from fdm.commands.model_options import load_base_model, load_fdm
-    from fdm.demo.evaluation import evaluate_views
     from fdm.dequantizer import Dequantizer
+    from fdm.evaluation import evaluate_views
     from fdm.training.data import ImageFolderViews
 
     folder = Path(args.folder)
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     fdm_module = load_fdm(args)  # first: the cheapest to fail (a Hub id, a config.json)
     views = ImageFolderViews(folder, crop_size=args.crop, views_per_image=args.views_per_image, seed=args.seed,
                              scale_range=(1.0, 2.0))
-    dequantizer = Dequantizer(load_base_model(args), fdm_module)
+    dequantizer = Dequantizer(load_base_model(args), fdm_module, load_decoder="in_place")  # a model of our own
     report = evaluate_views(dequantizer, views, batch_size=args.batch_size, holes=args.holes, seed=args.seed,
                             extras=not args.no_extras, progress=not args.no_progress)
     report.update(folder=str(folder), crop=args.crop, views_per_image=args.views_per_image, seed=args.seed,

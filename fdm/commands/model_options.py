@@ -1,7 +1,8 @@
 """Command-line options that name a base VQ model and an FDM, shared by the sub-commands.
 
-``--model`` picks the family; the adapters' own ``load_model`` functions do the loading, imported only
-for the family asked for (so a missing optional dependency names its extra).
+``--model`` choices come from the registry (:mod:`fdm.registry`): each family declares its own
+(:class:`~fdm.registry.CliModel`), whose loader imports the family's third-party package only when called (so a
+missing optional dependency names its extra).
 """
 
 from __future__ import annotations
@@ -11,20 +12,24 @@ import argparse
 import torch
 from torch import nn
 
-from fdm.errors import UsageError
+from fdm import registry
+from fdm.errors import MissingExtraError, UsageError
 from fdm.module import FDM
 
-__all__ = ["add_model_arguments", "load_base_model", "load_fdm"]
+__all__ = ["add_model_arguments", "load_base_model", "load_fdm", "model_choices"]
 
-FAMILIES = ("demo", "taming", "put", "diffusers")
+
+def model_choices() -> list[str]:
+    """The ``--model`` names the registered families declare."""
+    return list(registry.cli_models())
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, fdm: bool = True) -> None:
     """Add ``--model``, ``--config``, ``--trust-config``, ``--checkpoint``, ``--transformer``, ``--device`` (and
     ``--fdm``)."""
     group = parser.add_argument_group("base model")
-    group.add_argument("--model", choices=FAMILIES, default="demo",
-                       help="model family (default: the small VQGAN embedded in the package)")
+    group.add_argument("--model", choices=model_choices(), default="demo",
+                       help="model family (default: demo, the small VQGAN embedded in the package)")
     group.add_argument("--config", help="taming: *-project.yaml / model.yaml path or Hub repo id")
     group.add_argument("--trust-config", action="store_true",
                        help="taming: build any class the config names as a target (default: taming's own classes "
@@ -36,42 +41,38 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, fdm: bool = True) ->
         group.add_argument("--fdm", help="FDM folder or Hub repo id (default with --model demo: the embedded FDM)")
 
 
+def _cli_model(args: argparse.Namespace) -> tuple[registry.ModelFamily, registry.CliModel]:
+    choices = registry.cli_models()
+    if args.model not in choices:
+        raise UsageError(f"--model {args.model} is not a registered model; choose from {', '.join(choices)}.")
+    return choices[args.model]
+
+
 def load_base_model(args: argparse.Namespace) -> nn.Module:
-    """Load the base model the options name, in eval mode, on ``args.device``."""
-    if args.model == "demo":
-        from fdm.demo.model import load_demo_vqgan
+    """Load the base model the options name, in eval mode, on ``args.device``.
 
-        model = load_demo_vqgan()
-    elif args.model == "taming":
-        from fdm.adapters.taming import load_model
-
-        _require(args, "config", "checkpoint")
-        model = load_model(args.config, args.checkpoint, trust_config=getattr(args, "trust_config", False))
-    elif args.model == "put":
-        from fdm.adapters.put import load_model
-
-        _require(args, "checkpoint")
-        model = load_model(args.checkpoint, transformer=args.transformer)
-    else:
-        from fdm.adapters.diffusers import load_model
-
-        _require(args, "checkpoint")
-        model = load_model(args.checkpoint)
+    Raises:
+        UsageError: an option the family needs is missing.
+        MissingExtraError: the family's third-party package is not installed (names the extra to install).
+    """
+    family, entry = _cli_model(args)
+    missing = [f"--{n.replace('_', '-')}" for n in entry.requires if not getattr(args, n, None)]
+    if missing:
+        raise UsageError(f"--model {args.model} needs {' and '.join(missing)}.")
+    try:
+        model = entry.load(args)
+    except ImportError as err:
+        if isinstance(err, MissingExtraError) or not family.extra:
+            raise
+        raise MissingExtraError(f"--model {args.model}: {err}; {family.install_hint}") from err
     return model.to(args.device).eval()
 
 
 def load_fdm(args: argparse.Namespace) -> FDM:
-    """Load the FDM the options name (``--fdm``, or the embedded one for ``--model demo``)."""
+    """Load the FDM the options name (``--fdm``, or the model's default one, e.g. the demo's embedded FDM)."""
     if args.fdm:
         return FDM.from_pretrained(args.fdm).to(args.device)
-    if args.model == "demo":
-        from fdm.demo.model import load_demo_fdm
-
-        return load_demo_fdm().to(args.device)
+    _, entry = _cli_model(args)
+    if entry.default_fdm is not None:
+        return entry.default_fdm().to(args.device)
     raise UsageError(f"--fdm is required with --model {args.model} (a folder or Hub repo id written by fdm train).")
-
-
-def _require(args: argparse.Namespace, *names: str) -> None:
-    missing = [f"--{n}" for n in names if not getattr(args, n)]
-    if missing:
-        raise UsageError(f"--model {args.model} needs {' and '.join(missing)}.")

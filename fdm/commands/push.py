@@ -22,7 +22,7 @@ from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi
 
-from fdm.hub import hub_errors, is_generated_model_card
+from fdm.hub import _hub_errors, _is_generated_model_card
 from fdm.module import FDM
 
 __all__ = ["add_arguments", "push", "run"]
@@ -78,7 +78,7 @@ def push(
         raise FileNotFoundError(f"FDM folder not found: {folder}")
     module = FDM.from_pretrained(folder)  # strict: every key and shape against config.json
     api = HfApi(token=token)
-    with hub_errors(repo_id, revision=revision):  # not found, no rights, offline... -> HubError
+    with _hub_errors(repo_id, revision=revision):  # not found, no rights, offline... -> HubError
         repo_id = api.create_repo(repo_id, private=True if private else None, exist_ok=True).repo_id
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -86,8 +86,8 @@ def push(
     with tempfile.TemporaryDirectory(prefix="fdm-push-") as staging:
         module.save_pretrained(staging, model_card_kwargs={"repo_id": repo_id})
         card = folder / "README.md"
-        if card.is_file() and not is_generated_model_card(card):
+        if card.is_file() and not _is_generated_model_card(card):
             shutil.copyfile(card, Path(staging) / "README.md")
-        with hub_errors(repo_id, revision=revision):
+        with _hub_errors(repo_id, revision=revision):
             return api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision,
                                      commit_message=message)

@@ -35,6 +35,9 @@ __all__ = ["add_arguments", "run", "train"]
 
 logger = logging.getLogger(__name__)
 
+#: Training length when neither --steps nor --epochs is given.
+DEFAULT_EPOCHS = 20
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, fdm=False)
@@ -46,9 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="fixed random crops per image (default 1)")
     run_group = parser.add_argument_group("training")
     run_group.add_argument("--out", required=True, help="output folder: the trained FDM and its checkpoints")
-    length = run_group.add_mutually_exclusive_group(required=True)
-    length.add_argument("--steps", type=positive_int, help="number of optimizer steps")
-    length.add_argument("--epochs", type=positive_int, help="number of passes over the training views")
+    length = run_group.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=positive_int, help="number of optimizer steps (instead of --epochs)")
+    length.add_argument("--epochs", type=positive_int,
+                        help=f"number of passes over the training views (default {DEFAULT_EPOCHS} when --steps is "
+                             "not given)")
     run_group.add_argument("--batch-size", type=positive_int, default=16,
                            help="views per step and process (default 16)")
     run_group.add_argument("--lr", type=positive_float, default=PAPER_LR,
@@ -89,7 +94,7 @@ def train(model: nn.Module, args: argparse.Namespace) -> FDM:
     adapter = find_adapter(model)
     config = Phase2Config(
         steps=args.steps,
-        epochs=args.epochs,
+        epochs=args.epochs if args.epochs is not None or args.steps is not None else DEFAULT_EPOCHS,
         batch_size=args.batch_size,
         lr=args.lr,
         warmup_steps=args.warmup_steps,

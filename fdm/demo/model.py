@@ -25,7 +25,7 @@ def load_demo_vqgan() -> nn.Module:
     """The embedded VQGAN (taming ``VQModel``, f8, 64 codes of 16 channels), on the CPU in eval mode.
 
     Raises:
-        ImportError: taming-transformers is missing (``pip install "fdm-vq[taming]"``).
+        ImportError: taming-transformers is missing (``pip install ".[taming]"`` from a clone).
     """
     from fdm.adapters.taming import load_model
 

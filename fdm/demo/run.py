@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fdm.demo.compare import Comparison, compare
-from fdm.demo.figures import error_map, grid_figure, masked_input, outline, worst_region, zoom
+from fdm.demo.figures import error_map, masked_input, outline, worst_region, zoom
 from fdm.demo.model import ASSETS, load_demo_fdm, load_demo_vqgan
 from fdm.dequantizer import Dequantizer
-from fdm.images import read_image, to_pil
+from fdm.evaluation import Comparison, compare
+from fdm.images import image_grid, read_image, to_pil
 
 __all__ = ["SAMPLE_IMAGES", "DemoResult", "box_mask", "format_table", "load_sample", "run_demo"]
 
@@ -131,7 +131,7 @@ def run_demo(out_dir: str | Path, *, progress: bool = True, device: str | torch.
 
     factor, codes = dequantizer.factor, dequantizer.adapter.codebook().shape[0]
     rows, row_labels = _rows_with_zoom(plain, [_label(r) for r in plain], seam=False)
-    recon = grid_figure(
+    recon = image_grid(
         rows,
         ["original", "VQ reconstruction", "with FDM", "error, VQ", "error, with FDM"],
         title=f"FDM on the embedded VQGAN (f{factor}, {codes} codes): reconstruction",
@@ -141,7 +141,7 @@ def run_demo(out_dir: str | Path, *, progress: bool = True, device: str | torch.
                 "black = 0, white >= 0.25.",
     )
     rows, row_labels = _rows_with_zoom(masked, [_label(r) for r in masked], seam=True)
-    inpaint = grid_figure(
+    inpaint = image_grid(
         rows,
         ["masked input", "without FDM", "with FDM", "error, without", "error, with FDM"],
         title=f"FDM on the embedded VQGAN (f{factor}, {codes} codes): inpainting-style decode (oracle sampler)",

@@ -2,13 +2,7 @@
 decoder) and the reusable pieces of the trainers (training views, feature cache, the paper's optimiser
 schedule, checkpoints, data parallelism)."""
 
-from fdm.training.checkpointing import (
-    capture_rng_state,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from fdm.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from fdm.training.data import IMAGE_EXTENSIONS, ImageFolderViews, TensorViews, list_images
 from fdm.training.distributed import DistContext, init_distributed, shutdown_distributed
 from fdm.training.feature_cache import CACHE_MODES, FeatureCache, encode_views
@@ -28,7 +22,6 @@ __all__ = [
     "Phase3Trainer",
     "TensorViews",
     "WarmupCosineLR",
-    "capture_rng_state",
     "encode_views",
     "finetune",
     "init_distributed",
@@ -36,7 +29,6 @@ __all__ = [
     "list_images",
     "load_checkpoint",
     "paper_optimizer",
-    "restore_rng_state",
     "save_checkpoint",
     "shutdown_distributed",
     "train_phase2",

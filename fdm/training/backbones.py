@@ -20,14 +20,13 @@ import torch
 from torch import nn
 
 from fdm.checkpoint import load_state_dict_strict, read_checkpoint
+from fdm.metrics import _stlpips_weight_file
 
 __all__ = [
     "BACKBONES",
-    "VGG19_FILE",
     "ShiftTolerantVGG16Features",
     "VGG19Features",
     "VGG19WeightsMissing",
-    "default_vgg19_path",
     "load_backbone",
     "load_st_vgg16",
     "load_vgg19",
@@ -35,7 +34,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-VGG19_FILE = "vgg19-dcbac81d.pth"
+_VGG19_FILE = "vgg19-dcbac81d.pth"
 """File name of torchvision's ImageNet VGG19 weights (``VGG19_Weights.IMAGENET1K_V1``)."""
 
 # torchvision's VGG19 "E" configuration: conv widths, "M" = 2x2 max-pool.
@@ -174,30 +173,30 @@ class VGG19Features(_NamedActivations):
         return ((x + 1) / 2 - self.mean.to(x.dtype)) / self.std.to(x.dtype)  # ImageNet-normalised
 
 
-def default_vgg19_path() -> Path:
+def _default_vgg19_path() -> Path:
     """Where torchvision caches its VGG19 download: ``<torch.hub.get_dir()>/checkpoints/vgg19-dcbac81d.pth``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE
+    return Path(torch.hub.get_dir()) / "checkpoints" / _VGG19_FILE
 
 
 def load_vgg19(path: str | Path | None = None, *, last_layer: str = "relu5_2") -> VGG19Features:
     """Load VGG19 weights into a frozen :class:`VGG19Features` in eval mode.
 
     Args:
-        path: a torchvision VGG19 state dict (``.pth``, read with ``weights_only=True``, keys ``features.*``;
+        path: a torchvision VGG19 state dict (``.pth``, read by :func:`fdm.checkpoint.read_checkpoint`, keys ``features.*``;
             classifier keys are ignored) or a ``.safetensors`` / ``.pth`` holding :class:`VGG19Features`'s
-            own keys (``layers.*``). None: torchvision's cache (:func:`default_vgg19_path`).
+            own keys (``layers.*``). None: torchvision's cache (:func:`_default_vgg19_path`).
         last_layer: deepest activation computed.
 
     Raises:
         VGG19WeightsMissing: no file at ``path`` (or, without ``path``, none in torchvision's cache).
         CheckpointError: the file does not hold VGG19 weights of the expected shapes.
     """
-    file = Path(path) if path is not None else default_vgg19_path()
+    file = Path(path) if path is not None else _default_vgg19_path()
     if not file.is_file():
         where = f"at {file}" if path is not None else f"in torchvision's cache ({file})"
         raise VGG19WeightsMissing(
             f"No VGG19 weights {where}. The perceptual and style losses need ImageNet VGG19 weights: pass the "
-            f"path of torchvision's {VGG19_FILE} (--vgg-weights), put it in the cache, or drop the two terms "
+            f"path of torchvision's {_VGG19_FILE} (--vgg-weights), put it in the cache, or drop the two terms "
             "(--no-perceptual / LossSchedule().without('perceptual', 'style'))."
         )
     state = read_checkpoint(file)
@@ -219,17 +218,11 @@ def load_st_vgg16(path: str | Path | None = None) -> ShiftTolerantVGG16Features:
             are ignored). None: the file bundled with the installed ``stlpips_pytorch`` package.
 
     Raises:
-        ImportError: no ``path`` and ``stlpips_pytorch`` is not installed (names the ``eval`` extra).
+        MissingExtraError: no ``path`` and ``stlpips_pytorch`` is not installed (names the ``eval`` extra).
         CheckpointError: the file does not hold the expected weights.
     """
     if path is None:
-        import importlib.util
-
-        spec = importlib.util.find_spec("stlpips_pytorch")
-        if spec is None or spec.origin is None:
-            raise ImportError('the st-vgg16 backbone ships with stlpips_pytorch: pip install ".[eval]" (from a '
-                              "clone of fdm-vq), or pass the path of vgg_shift_tolerant.pth.")
-        path = Path(spec.origin).parent / "weights" / "vST0.0" / "vgg_shift_tolerant.pth"
+        path = _stlpips_weight_file("vgg", alternative=", or pass the path of vgg_shift_tolerant.pth")
     file = Path(path)
     state = read_checkpoint(file)
     trunk = {}

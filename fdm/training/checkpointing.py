@@ -36,23 +36,19 @@ from fdm.checkpoint import (
 from fdm.errors import CheckpointError
 
 __all__ = [
-    "MANIFEST_FILE",
-    "STATE_FILE",
-    "capture_rng_state",
     "latest_checkpoint",
     "load_checkpoint",
-    "restore_rng_state",
     "save_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "training_state.pt"
-MANIFEST_FILE = "manifest.json"
+_STATE_FILE = "training_state.pt"
+_MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+def _capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
     """Every random-number state a training step may consume, as plain tensors / numbers.
 
     Args:
@@ -73,8 +69,8 @@ def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> d
     }
 
 
-def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
-    """Restore what :func:`capture_rng_state` captured (into ``generators`` for the named generators)."""
+def _restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    """Restore what :func:`_capture_rng_state` captured (into ``generators`` for the named generators)."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -112,9 +108,9 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     for name, module in modules.items():
         write_weights(module.state_dict(), tmp / f"{name}.safetensors")
-    torch.save({"step": step, **state}, tmp / STATE_FILE)
+    torch.save({"step": step, **state}, tmp / _STATE_FILE)
     files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-    (tmp / MANIFEST_FILE).write_text(json.dumps({"format": "fdm-vq training checkpoint", "step": step,
+    (tmp / _MANIFEST_FILE).write_text(json.dumps({"format": "fdm-vq training checkpoint", "step": step,
                                                  "sha256": files}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -149,7 +145,7 @@ def load_checkpoint(
         if not weights.is_file():
             raise CheckpointError(f"training checkpoint {path} has no weights for {name!r} ({weights.name}).")
         load_state_dict_strict(module, read_safetensors(weights, require_digest=True), source=str(weights))
-    state_file = path / STATE_FILE
+    state_file = path / _STATE_FILE
     try:
         state = read_checkpoint(state_file, map_location=map_location)
     except CheckpointError as err:
@@ -161,13 +157,13 @@ def load_checkpoint(
 def _verify_manifest(path: Path) -> None:
     """Check every file of a checkpoint folder against its manifest (before any byte of it is unpickled)."""
     remedy = "Delete the checkpoint folder (training restarts from the previous one or from scratch)."
-    manifest_file = path / MANIFEST_FILE
+    manifest_file = path / _MANIFEST_FILE
     if not manifest_file.is_file():
-        raise CheckpointError(f"{path} is not a training checkpoint of fdm-vq: {MANIFEST_FILE} is missing. {remedy}")
+        raise CheckpointError(f"{path} is not a training checkpoint of fdm-vq: {_MANIFEST_FILE} is missing. {remedy}")
     try:
         recorded = json.loads(manifest_file.read_text())["sha256"]
-        if not isinstance(recorded, dict) or STATE_FILE not in recorded:
-            raise ValueError(f"no sha256 entry for {STATE_FILE}")
+        if not isinstance(recorded, dict) or _STATE_FILE not in recorded:
+            raise ValueError(f"no sha256 entry for {_STATE_FILE}")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{manifest_file} is unreadable ({err}). {remedy}") from err
     for name, expected in recorded.items():

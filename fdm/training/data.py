@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from fdm.errors import InputError
+from fdm.images import as_rgb8, open_image
 from fdm.validation import check_finite, check_image
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderViews", "TensorViews", "list_images"]
@@ -101,11 +102,8 @@ class ImageFolderViews(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"view index {index} out of range for {len(self)} views")
         path = self.files[index // self.views_per_image]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, UnidentifiedImageError) as err:
-            raise InputError(f"Cannot read training image {path}: {err}") from err
+        with open_image(path, "training image") as img:
+            img = as_rgb8(img)
         u_scale, u_top, u_left, u_flip = self._params[index]
         lo, hi = self.scale_range
         short = max(self.crop_size, round(self.crop_size * (lo + (hi - lo) * u_scale)))

@@ -2,8 +2,8 @@
 sec. 3.3): the encoder and codebook are frozen; the FDM input is the continuous feature ``z`` on known
 cells and its quantized version ``z_q`` on generated cells; the target is ``(z - z_q) * m``; the loss is L1.
 
-The loss is written as ``L1(FDM(x, m), z)`` with ``x = where(m, z_q, z)``: on known cells ``FDM(x, m) = z``
-exactly, on generated cells ``FDM(x, m) - z = F([x, m]) - (z - z_q)``, so it equals the qe loss.
+The loss is :func:`fdm.losses.qe_loss` of ``FDM(x, m)`` and ``z`` with ``x = keep_known(z, z_q, m)``: on known
+cells ``FDM(x, m) = z`` exactly, on generated cells ``FDM(x, m) - z = F([x, m]) - (z - z_q)``.
 """
 
 from __future__ import annotations
@@ -18,16 +18,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from fdm.adapter import VQAdapter, find_adapter
-from fdm.errors import CheckpointError, InputError
-from fdm.masks import DEFAULT_HOLE_RATIO, latent_mask, random_irregular_mask
+from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
+from fdm.losses.qe import qe_loss
+from fdm.masks import DEFAULT_HOLE_RATIO, keep_known, latent_mask, random_irregular_mask
 from fdm.module import FDM
-from fdm.training.checkpointing import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from fdm.training.checkpointing import (
+    _capture_rng_state,
+    _restore_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fdm.training.distributed import (
     DistContext,
     all_gather_objects,
@@ -184,8 +189,8 @@ class Phase2Trainer:
                 fdm_module = FDM(self.adapter.channels, mask_channels=0 if config.hole_ratio is None else 1,
                                  hidden_channels=config.hidden_channels, num_blocks=config.num_blocks)
         if fdm_module.channels != self.adapter.channels:
-            raise InputError(f"the FDM works on {fdm_module.channels} channels but the model's latent map has "
-                             f"{self.adapter.channels}.")
+            raise FingerprintMismatchError(f"the FDM works on {fdm_module.channels} channels but the model's latent "
+                                           f"map has {self.adapter.channels}: it was made for another base model.")
         if config.hole_ratio is not None and fdm_module.mask_channels == 0:
             raise InputError("training with hole masks (hole_ratio set) needs an FDM with mask_channels=1; "
                              "set hole_ratio=None for mask-free training.")
@@ -282,8 +287,8 @@ class Phase2Trainer:
             holes = torch.stack([random_irregular_mask(h * f, w * f, self.config.hole_ratio, generator=mask_generator)
                                  for _ in indices])  # (B, 1, H, W)
             cells = latent_mask(holes, f).to(z.device)  # (B, 1, h, w), 1 = generated
-            x = torch.where(cells.bool(), z_q, z)  # known cells keep z
-        loss = F.l1_loss(net(x, cells), z)  # = L1(F([x, m]) * m, (z - z_q) * m)
+            x = keep_known(z, z_q, cells)
+        loss = qe_loss(net(x, cells), z, cells)  # = L1(F([x, m]) * m, (z - z_q) * m)
         value = loss.item()
         check_finite_losses({"qe loss": value}, step=self.step + 1)
         optimizer.zero_grad(set_to_none=True)
@@ -302,7 +307,7 @@ class Phase2Trainer:
 
     def _save_checkpoint(self, ctx: DistContext, optimizer, scheduler, generators, recent: list[float]) -> None:
         # per-process state: each process draws its own masks and sees its own losses
-        ranks = all_gather_objects({"rng": capture_rng_state(generators), "recent_losses": recent}, ctx)
+        ranks = all_gather_objects({"rng": _capture_rng_state(generators), "recent_losses": recent}, ctx)
         if ctx.is_main:
             state = {
                 "phase": 2,
@@ -330,7 +335,7 @@ class Phase2Trainer:
                                   f"(got {ctx.world_size}).")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["ranks"][ctx.rank]["rng"], generators)
+        _restore_rng_state(state["ranks"][ctx.rank]["rng"], generators)
         self.history = list(state["history"])
         self.step = state["step"]
         return list(state["ranks"][ctx.rank]["recent_losses"])

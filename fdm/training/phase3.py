@@ -8,6 +8,7 @@ version ``z_q`` on hole cells, as in phase 2; mask-free, every cell is quantized
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -23,16 +24,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from fdm.adapter import VQAdapter, find_adapter
-from fdm.errors import CheckpointError, InputError
+from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
 from fdm.finetuned_decoder import apply_decoder_state, decoder_state_dict
+from fdm.images import image_grid
 from fdm.losses import LossSchedule, Phase3Loss
-from fdm.masks import DEFAULT_HOLE_RATIO, latent_mask, random_irregular_mask
+from fdm.masks import DEFAULT_HOLE_RATIO, keep_known, latent_mask, random_irregular_mask
 from fdm.module import FDM
 from fdm.training.backbones import BACKBONES, load_backbone
 from fdm.training.checkpointing import (
-    capture_rng_state,
+    _capture_rng_state,
+    _restore_rng_state,
     load_checkpoint,
-    restore_rng_state,
     save_checkpoint,
 )
 from fdm.training.discriminator import PatchDiscriminator
@@ -46,7 +48,7 @@ from fdm.training.distributed import (
     wrap_ddp,
 )
 from fdm.training.feature_cache import encode_views
-from fdm.training.monitoring import ImageMetrics, check_finite_losses, save_image_grid
+from fdm.training.monitoring import ImageMetrics, check_finite_losses
 from fdm.training.schedule import PAPER_LR, PAPER_MIN_LR, WarmupCosineLR, paper_optimizer
 
 __all__ = ["Phase3Config", "Phase3Trainer", "finetune"]
@@ -171,10 +173,10 @@ class _Generator(nn.Module):
         self._adapter = adapter
 
     def forward(
-        self, z_in: torch.Tensor, cell_mask: torch.Tensor | None, pixel_mask: torch.Tensor | None
+        self, z_in: torch.Tensor, cell_mask: torch.Tensor | None, guide: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         z_dq = self.fdm(z_in, cell_mask)  # (B, C, h, w)
-        return z_dq, self._adapter.decode(z_dq, pixel_mask=pixel_mask)  # (B, 3, H, W)
+        return z_dq, self._adapter.decode(z_dq, **guide)  # (B, 3, H, W); guide: adapter.decode_guide(x, hole)
 
 
 class Phase3Trainer:
@@ -221,8 +223,8 @@ class Phase3Trainer:
         if len(views) == 0:
             raise InputError("the training set is empty.")
         if fdm_module.channels != self.adapter.channels:
-            raise InputError(f"the FDM works on {fdm_module.channels} channels but the model's latent map has "
-                             f"{self.adapter.channels}.")
+            raise FingerprintMismatchError(f"the FDM works on {fdm_module.channels} channels but the model's latent "
+                                           f"map has {self.adapter.channels}: it was made for another base model.")
         if cfg.hole_ratio is not None and fdm_module.mask_channels == 0:
             raise InputError("training with hole masks (hole_ratio set) needs an FDM with mask_channels=1; "
                              "set hole_ratio=None for mask-free training.")
@@ -230,6 +232,8 @@ class Phase3Trainer:
             if fdm_module.decoder_state is None:
                 raise CheckpointError("this FDM was fine-tuned with a decoder (finetuned_decoder=True) but carries "
                                       "no decoder weights; load it with FDM.from_pretrained.")
+            model = copy.deepcopy(model)  # the caller's model keeps its own decoder (see fdm.Dequantizer)
+            self.adapter = type(self.adapter)(model)
             apply_decoder_state(self.adapter, fdm_module.decoder_state, source="decoder of the phase-3 FDM given")
         self.ctx: DistContext = init_distributed(cfg.device if cfg.device is not None else self.adapter.device)
         self.device = self.ctx.device
@@ -293,8 +297,8 @@ class Phase3Trainer:
         if hole is None:
             return {"z_in": z_q, "z": z, "cells": None}
         cells = latent_mask(hole, self.adapter.factor)  # (B, 1, h, w), 1 = generated
-        z_known = self.adapter.encode(x, pixel_mask=hole).float() if self.adapter.encodes_masked_input else z
-        return {"z_in": torch.where(cells.bool(), z_q, z_known), "z": z, "cells": cells}
+        z_known = self.adapter.encode_known(x, hole, z).float()  # PUT: the masked image's features
+        return {"z_in": keep_known(z_known, z_q, cells), "z": z, "cells": cells}
 
     def _batches(self, sampler: DistributedSampler, steps_per_epoch: int) -> Iterator[torch.Tensor]:
         """Batches from the current step on; a resumed run continues mid-epoch in the same order."""
@@ -317,7 +321,7 @@ class Phase3Trainer:
             hole = self._masks(x, self._mask_generator.manual_seed(seed))
         inp = self._inputs(x, hole)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            z_dq, recon = self.net(inp["z_in"], inp["cells"], hole)
+            z_dq, recon = self.net(inp["z_in"], inp["cells"], self.adapter.decode_guide(x, hole))
             total, terms = self.loss.generator(x, recon, step, hole=hole, z_dq=z_dq, z=inp["z"],
                                                cell_mask=inp["cells"])
         logs = {k: v.item() for k, v in terms.items()} | {"loss": total.item()}
@@ -362,14 +366,16 @@ class Phase3Trainer:
         inp = self._inputs(x, hole)
         self.generator.eval()
         try:
-            recon = self.generator(inp["z_in"], inp["cells"], hole)[1].float()
+            recon = self.generator(inp["z_in"], inp["cells"], self.adapter.decode_guide(x, hole))[1].float()
         finally:
             self._train_mode()
         if self._metrics is None:
             self._metrics = ImageMetrics(lpips=self.config.extra_metrics, fid=self.config.fid, device=self.device)
         metrics = self._metrics(recon, x)
         shown = x if hole is None else x * (1 - hole)  # holes shown mid-grey
-        save_image_grid([shown, recon, x], self.output_dir / "validation" / f"step-{self.step:08d}.png")
+        grid = self.output_dir / "validation" / f"step-{self.step:08d}.png"
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(list(zip(shown, recon, x)), ["input", "reconstruction", "target"]).save(grid)
         self._log({"step": self.step, "split": "val", **metrics})
         return metrics
 
@@ -399,7 +405,7 @@ class Phase3Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write a resumable checkpoint of the current step (rank 0; every process waits for it)."""
-        ranks = all_gather_objects({"rng": capture_rng_state()}, self.ctx)  # each process's RNG states
+        ranks = all_gather_objects({"rng": _capture_rng_state()}, self.ctx)  # each process's RNG states
         path = None
         if self.ctx.is_main:
             state = {name: obj.state_dict() for name, obj in self._stateful().items()}
@@ -428,7 +434,7 @@ class Phase3Trainer:
                                   f"(got {self.ctx.world_size}).")
         for name, obj in self._stateful().items():
             obj.load_state_dict(state[name])
-        restore_rng_state(state["ranks"][self.ctx.rank]["rng"])
+        _restore_rng_state(state["ranks"][self.ctx.rank]["rng"])
         self.step = int(state["step"])
 
     # --- the result ------------------------------------------------------------------------------------

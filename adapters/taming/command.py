@@ -1,5 +1,7 @@
 """Sample a taming-transformers model with FDM and write PNG grids (unconditional, class, semantic).
 
+(The taming family's own ``fdm sample`` sub-command, declared in ``fdm.adapters.taming.FAMILY``.)
+
 Examples:
   fdm sample unconditional --config ffhq/configs/2021-04-23T18-19-01-project.yaml \\
       --checkpoint ffhq/checkpoints/last.ckpt --fdm user/fdm-ffhq --num-samples 16 --out samples/
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from fdm.commands.argtypes import non_negative_int, positive_float, positive_int, unit_interval
-from fdm.commands.model_options import add_model_arguments, load_base_model, load_fdm
+from fdm.commands.model_options import add_model_arguments
 from fdm.errors import InputError, UsageError
 from fdm.images import open_image
 
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         sample_semantic,
         sample_unconditional,
     )
+    from fdm.commands.model_options import load_base_model, load_fdm
 
     fdm_module = None if args.no_fdm else load_fdm(args)  # first: the cheapest to fail
     model = load_base_model(args)

