@@ -4,3 +4,17 @@ declaring its ``FAMILY`` (see :mod:`fdm.registry`, which lists them and imports 
 Importing this package imports no family; none of them imports its third-party package (taming, diffusers)
 until a model of that family is actually used.
 """
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+__all__ = ["diffusers", "put", "taming"]
+
+
+def __getattr__(name: str) -> ModuleType:
+    """``fdm.adapters.taming`` etc. after a bare ``import fdm.adapters``: the family is imported on first access."""
+    if name in __all__:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,7 +34,8 @@ class Dequantizer(nn.Module):
         model: the VQ model (taming VQModel / GumbelVQ / Net2NetTransformer, a PUT codec, a diffusers
             VQModel, or any model with a registered adapter).
         fdm_module: the :class:`~fdm.FDM`; its channel count must match the model's.
-        adapter: an adapter instance; chosen from the model's type when None.
+        adapter: an adapter instance; chosen from the model's type among the registered families
+            (:func:`fdm.find_adapter`) when None.
         check_fingerprint: refuse an FDM whose recorded base-model fingerprint differs from this model's
             codebook. Set False only when you know the FDM suits the model (e.g. a codebook you re-saved).
         load_decoder: what to do with the decoder weights of a phase-3 FDM (see below): ``"copy"`` (default)

@@ -136,11 +136,10 @@ def test_import_fdm_imports_no_family():
 
 
 def test_a_channel_mismatch_is_the_same_error_everywhere(tmp_path):
-    from toy_vq import ToyVQ
-
     from fdm.errors import FingerprintMismatchError
     from fdm.training import Phase2Config, Phase2Trainer, Phase3Config, Phase3Trainer
     from fdm.training.data import TensorViews
+    from toy_vq import ToyVQ
 
     model, wrong = ToyVQ().eval(), fdm.FDM(16, hidden_channels=8, num_blocks=1)
     views = TensorViews(torch.rand(2, 3, 16, 16) * 2 - 1)

@@ -52,14 +52,14 @@ PHOTO = str(ASSETS / "chelsea.png")
 IMAGES = "images"  # a folder of the three sample photos, created in every document's working directory
 SHORT_RUN = "--steps 2 --batch-size 2 --crop-size 64"
 
-_DEMO_OBJECTS = """
+_DEMO_OBJECTS = f"""
 import torch
 from fdm.demo.model import load_demo_fdm, load_demo_vqgan
 from fdm.images import read_image
 vqgan = load_demo_vqgan()
-x = read_image({photo!r})
+x = read_image({PHOTO!r})
 mask = torch.zeros(1, 1, *x.shape[-2:]); mask[..., 32:96, 64:128] = 1
-""".format(photo=PHOTO)
+"""
 
 PRELUDES = {
     "docs/training.md": _DEMO_OBJECTS,

@@ -169,7 +169,8 @@ def test_mask_free_training_writes_validation_grids_and_metrics(tmp_path):
     assert [g.name for g in grids] == ["step-00000000.png", "step-00000001.png", "step-00000002.png"]
     from PIL import Image
 
-    assert Image.open(grids[0]).size == (3 * 34 + 2, 3 * 34 + 2)  # 3 columns x 3 rows of 32 px, 2 px padding
+    # 3 columns (input, reconstruction, target) x 3 rows of 32 px, 4 px padding, a 16 px line of column titles
+    assert Image.open(grids[0]).size == (3 * 32 + 4 * 4, 16 + 3 * (32 + 4))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"psnr", "ssim"} <= set(records[0]) and records[0]["split"] == "val"
     with pytest.raises(fdm.InputError, match="mask_channels=1"):
