@@ -183,7 +183,7 @@ class Dequantizer(nn.Module):
         if indices.numel() == 0:
             raise InputError(f"indices is empty (shape {tuple(indices.shape)}); expected at least one code.")
         size = self.adapter.codebook().shape[0]
-        low, high = int(indices.min()), int(indices.max())
+        low, high = torch.stack(torch.aminmax(indices)).tolist()  # one device sync
         if low < 0 or high >= size:
             raise InputError(f"indices must lie in [0, {size}) (the codebook has {size} codes); got values from "
                              f"{low} to {high}.")
