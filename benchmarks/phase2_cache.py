@@ -61,8 +61,20 @@ class TamingF16EncoderAdapter(fdm.VQAdapter):
         return self.model.quant_conv(self.model.encoder(x))  # (B, 256, H/16, W/16)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z_q, _, (_, _, indices) = self.model.quantize(z)
-        return z_q, indices
+        _, _, (_, _, indices) = self.model.quantize(z)
+        return self.lookup(indices), indices
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.codebook()[indices].permute(0, 3, 1, 2)  # (B, h, w) -> (B, 256, h, w)
+
+    def decode(self, z: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        raise NotImplementedError("this benchmark's model is an encoder only: phase 2 never decodes")
+
+    def hook_module(self) -> nn.Module:
+        raise NotImplementedError("this benchmark's model is an encoder only: phase 2 never decodes")
+
+    def decoder_modules(self) -> dict[str, nn.Module]:
+        return {}
 
 
 def time_epochs(model: nn.Module, views: ImageFolderViews, cache: str, args: argparse.Namespace, work: Path) -> dict:

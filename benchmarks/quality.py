@@ -40,7 +40,7 @@ HEADERS = {"psnr": "PSNR", "psnr_gain": "gain", "ssim": "SSIM", "stlpips": "ST-L
            "feature_ratio": "ratio", "added_params": "params", "time_ratio": "time", "train_s": "train s"}
 
 
-def _reconstruct_seconds(deq: Dequantizer, x: torch.Tensor, use_fdm: bool, repeats: int = 5) -> float:
+def _reconstruct_seconds(deq: Dequantizer, x: torch.Tensor, use_fdm: bool, repeats: int) -> float:
     """Median wall time of one ``deq.reconstruct(x)`` after a warm-up call."""
     times = []
     with torch.no_grad():
@@ -71,8 +71,8 @@ def _evaluate_row(label: str, folder: Path, column: str, views, args, x_timing: 
     row = {"method": label, **{k: metrics[k][column] for k in ("psnr", "ssim", "stlpips", "fid") if k in metrics}}
     row["feature_ratio"] = metrics["feature_ratio"] if column == "fdm" else 1.0
     row["added_params"] = sum(p.numel() for p in module.parameters()) if column == "fdm" else 0
-    row["time_ratio"] = (_reconstruct_seconds(deq, x_timing, use_fdm=column == "fdm")
-                         / _reconstruct_seconds(deq, x_timing, use_fdm=False))
+    row["time_ratio"] = (_reconstruct_seconds(deq, x_timing, column == "fdm", args.timing_repeats)
+                         / _reconstruct_seconds(deq, x_timing, False, args.timing_repeats))
     row["train_s"] = _training_seconds(module)
     return row, report
 
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--joint", type=Path, default=Path("runs/fdm-joint"))
     parser.add_argument("--decoder-only", type=Path, default=Path("runs/decoder-only"))
     parser.add_argument("--no-extras", action="store_true", help="skip FID and ST-LPIPS")
+    parser.add_argument("--timing-repeats", type=int, default=5,
+                        help="timed reconstructions per row and setting, after a warm-up (median; default 5)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--threads", type=int, default=2)

@@ -292,16 +292,18 @@ def train_fdm(args: argparse.Namespace) -> None:
     Masks: random irregular holes covering 30 % to 90 % of the pixels, so the FDM sees everything from partly
     known maps to all-ones cell masks (plain reconstruction, the case `fdm demo` and `fdm eval` measure).
     """
-    from fdm.training import Phase2Config, TensorViews, train_phase2
+    from fdm.training import Phase2Config, TensorViews, latest_checkpoint, train_phase2
 
     model = load_base(args)
     views = TensorViews(training_views(args))
     config = Phase2Config(
         steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.steps // 20, hole_ratio=(0.3, 0.9),
-        seed=args.seed, hidden_channels=args.hidden, num_blocks=args.blocks, checkpoint_every=0,
-        output_dir=str(args.out), base_model="fdm-vq demo VQGAN (fdm/demo/assets/vqgan.yaml)", log_every=250,
+        seed=args.seed, hidden_channels=args.hidden, num_blocks=args.blocks, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=1, output_dir=str(args.out), log_every=250,
+        base_model="fdm-vq demo VQGAN (fdm/demo/assets/vqgan.yaml)",
     )
-    module = train_phase2(model, views, config)
+    resume = latest_checkpoint(Path(args.out) / "checkpoints")
+    module = train_phase2(model, views, config, resume_from=resume)
     log.info("FDM: %d parameters, saved to %s", sum(p.numel() for p in module.parameters()), args.out)
 
 
@@ -348,13 +350,13 @@ def train_phase3(args: argparse.Namespace) -> None:
 
 
 def _stage_parser(sub, name: str, what: str, func, *, out: Path, steps: int, batch: int, lr: float,
-                  base: bool = True) -> argparse.ArgumentParser:
+                  base: bool = True, views: int = 4096) -> argparse.ArgumentParser:
     """A sub-command with the options every stage has; ``base``: it also reads the VQGAN and fixed training views."""
     p = sub.add_parser(name, help=what)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     if base:
         p.add_argument("--vqgan-dir", type=Path, default=ASSETS)
-        p.add_argument("--views", type=int, default=4096)
+        p.add_argument("--views", type=int, default=views, help="fixed training crops (default %(default)s)")
     p.add_argument("--out", type=Path, default=out)
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--steps", type=int, default=steps)
@@ -385,9 +387,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--restart-every", type=int, default=100)
 
     p = _stage_parser(sub, "fdm", "stage 2: train the demo FDM with the phase-2 trainer", train_fdm, out=PHASE2_DIR,
-                      steps=2000, batch=32, lr=1e-3)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--blocks", type=int, default=6)
+                      steps=6000, batch=32, lr=1e-3, views=16384)
+    p.add_argument("--hidden", type=int, default=96)
+    p.add_argument("--blocks", type=int, default=8)
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="steps between resumable checkpoints in OUT/checkpoints (one kept; 0: none)")
 
     for name, (what, _) in PHASE3_RUNS.items():
         p = _stage_parser(sub, name, what, train_phase3, out=ROOT / "runs" / name, steps=600, batch=8, lr=2e-4)

@@ -29,6 +29,9 @@ class VQAdapter(abc.ABC):
     :meth:`encode_known` (the features of the known cells of an image with holes) and :meth:`decode_guide`
     (keyword arguments of :meth:`decode` for such an image). PUT overrides both: it encodes the masked image
     and its decoder is guided by the known pixels.
+
+    Inputs arrive checked by the caller (the Dequantizer's public methods, the trainers): an adapter may check
+    shapes, but nothing that reads tensor values (a device sync), such as a mask's binary check.
     """
 
     def __init__(self, model: nn.Module):

@@ -7,27 +7,13 @@ A file that does not parse, cannot be read, or whose top level is not a mapping 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fdm.errors import ConfigError
 
 __all__ = ["read_json", "read_yaml"]
-
-
-def _read_text(path: Path, what: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.start}): is it the right file?") from err
-    except OSError as err:
-        raise ConfigError(f"Cannot read {what} {path}: {err.strerror or err}") from err
-
-
-def _mapping(data: Any, path: Path, what: str) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} {path} holds {type(data).__name__}, not a mapping of keys to values.")
-    return data
 
 
 def read_json(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
@@ -40,13 +26,8 @@ def read_json(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
     Raises:
         ConfigError: unreadable, not JSON (names the line and column), or not an object at the top level.
     """
-    path = Path(path)
-    text = _read_text(path, what)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{what} {path} is not valid JSON: line {err.lineno} column {err.colno}: {err.msg}.") from err
-    return _mapping(data, path, what)
+    return _read_mapping(Path(path), what, "JSON", json.loads, json.JSONDecodeError,
+                         lambda err: f"line {err.lineno} column {err.colno}: {err.msg}")
 
 
 def read_yaml(path: str | Path, what: str = "YAML file") -> dict[str, Any]:
@@ -57,13 +38,31 @@ def read_yaml(path: str | Path, what: str = "YAML file") -> dict[str, Any]:
     """
     import yaml
 
-    path = Path(path)
-    text = _read_text(path, what)
+    return _read_mapping(Path(path), what, "YAML", yaml.safe_load, yaml.YAMLError, _yaml_problem)
+
+
+def _yaml_problem(err: Exception) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(err, "problem", None) or str(err).splitlines()[0])
+
+
+def _read_mapping(
+    path: Path, what: str, syntax: str, parse: Callable[[str], Any], parse_error: type[Exception],
+    describe: Callable[[Any], str],
+) -> dict[str, Any]:
+    """Read ``path`` as UTF-8 text, ``parse`` it and check that it is a mapping; every failure is a
+    :class:`ConfigError` naming ``what`` and ``path`` (``describe`` says where a ``parse_error`` is)."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{what} {path} is not valid YAML: {where}{problem}.") from err
-    return _mapping(data, path, what)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.start}): is it the right file?") from err
+    except OSError as err:
+        raise ConfigError(f"Cannot read {what} {path}: {err.strerror or err}") from err
+    try:
+        data = parse(text)
+    except parse_error as err:
+        raise ConfigError(f"{what} {path} is not valid {syntax}: {describe(err)}.") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} holds {type(data).__name__}, not a mapping of keys to values.")
+    return data

@@ -21,7 +21,15 @@ from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
 from fdm.finetuned_decoder import apply_decoder_state
 from fdm.masks import keep_known, latent_mask
 from fdm.module import FDM
-from fdm.validation import check_dtype, check_image, check_latent, check_pixel_mask
+from fdm.precision import full_precision
+from fdm.validation import (
+    check_binary_mask,
+    check_dtype,
+    check_image,
+    check_latent,
+    check_latent_mask,
+    check_pixel_mask,
+)
 from fdm.validation import check_finite as _check_finite
 
 __all__ = ["Dequantizer"]
@@ -47,6 +55,10 @@ class Dequantizer(nn.Module):
     (``fdm_module.decoder_state``, read by ``FDM.from_pretrained``) and is only valid with it. Such an FDM
     without its decoder weights raises :class:`~fdm.errors.CheckpointError`. With ``load_decoder="copy"`` and a
     given ``adapter``, the adapter is re-created for the copy (``type(adapter)(copy)``).
+
+    Mixed precision: call any method under ``fdm.precision.autocast(x.device, "bf16")`` (or ``"fp16"``); the
+    weights stay float32, the inputs' dtype checks accept autocast, and the nearest-code search leaves it
+    (:meth:`quantize`).
 
     Example:
         >>> deq = fdm.Dequantizer(vqgan, fdm.FDM.from_pretrained("user/fdm-vqgan"))  # doctest: +SKIP
@@ -134,18 +146,32 @@ class Dequantizer(nn.Module):
         return self.adapter.encode_known(x, mask, z)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``z`` (B, C, h, w) -> (``z_q`` (B, C, h, w), indices (B, h, w))."""
-        check_latent(z, self.adapter.channels)
-        return self.adapter.quantize(z)
+        """``z`` (B, C, h, w) -> (``z_q`` (B, C, h, w), indices (B, h, w)).
 
-    def cell_mask(self, mask: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor | None:
-        """Resolve a pixel hole mask (B, 1, H, W) or a latent-cell mask (B, 1, h, w) to the latter."""
+        The nearest-code search runs in the model's dtype with autocast off, also inside an autocast region
+        (see :mod:`fdm.precision`): half-precision distances pick other codes.
+        """
+        check_latent(z, self.adapter.channels)
+        return self._quantize(z)
+
+    def _quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with full_precision(z.device):
+            return self.adapter.quantize(z.to(self.adapter.dtype))
+
+    def cell_mask(
+        self, mask: torch.Tensor | None, z: torch.Tensor, *, check_binary: bool = True
+    ) -> torch.Tensor | None:
+        """Resolve a pixel hole mask (B, 1, H, W) or a latent-cell mask (B, 1, h, w) to the latter.
+
+        ``check_binary=False`` skips the binary check of ``mask`` (a device sync) for a mask checked already.
+        """
         if mask is None:
             return None
         h, w = z.shape[-2:]
         if mask.dim() == 4 and mask.shape[-2:] == (h * self.factor, w * self.factor) and self.factor > 1:
-            return latent_mask(mask, self.factor).to(z.dtype)
+            return latent_mask(mask, self.factor, check_binary=check_binary).to(z.dtype)
         if mask.dim() == 4 and mask.shape[-2:] == (h, w):
+            check_latent_mask(mask, z, check_binary=check_binary)
             return mask.to(z.dtype)
         raise InputError(
             f"mask must be a pixel mask (B, 1, {h * self.factor}, {w * self.factor}) or a latent-cell mask "
@@ -154,7 +180,7 @@ class Dequantizer(nn.Module):
 
     def correct(self, z_q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Apply FDM: ``z_q + F([z_q, m]) * m``; ``mask`` is a pixel or latent-cell mask, None = all cells."""
-        return self.fdm(z_q, self.cell_mask(mask, z_q))
+        return self.fdm(z_q, self.cell_mask(mask, z_q), check_binary=False)  # cell_mask checked it
 
     def decode(self, z_q: torch.Tensor, mask: torch.Tensor | None = None, **model_kwargs: Any) -> torch.Tensor:
         """Decode ``z_q`` (B, C, h, w) with FDM applied -> (B, 3, H, W) image in [-1, 1].
@@ -164,7 +190,7 @@ class Dequantizer(nn.Module):
             mask: pixel hole mask (B, 1, H, W) or latent-cell mask (B, 1, h, w); None = every cell generated.
             **model_kwargs: passed to the adapter's decode: what else the model's decoder reads, e.g. PUT's
                 guide ``image=x, pixel_mask=hole`` (the known pixels of ``x`` guide its decoder;
-                ``adapter.decode_guide(x, hole)`` builds them).
+                ``adapter.decode_guide(x, hole)`` builds them). The adapter checks their shapes, not their values.
         """
         z_dq = self.correct(z_q, mask)
         return self._decode_raw(z_dq, **model_kwargs)
@@ -199,15 +225,15 @@ class Dequantizer(nn.Module):
         ``use_fdm=False`` gives the same without FDM, for comparison. ``check_finite``: see :meth:`encode`.
         """
         z = self.encode(x, check_finite=check_finite)
-        z_q, _ = self.adapter.quantize(z)
+        z_q, _ = self._quantize(z)
         cells, guide = None, {}
         if mask is not None:
             check_pixel_mask(mask, x)  # the one check of the mask (later steps take it as checked)
-            cells = latent_mask(mask, self.factor).to(z.dtype)  # (B, 1, h, w), 1 = generated
+            cells = latent_mask(mask, self.factor, check_binary=False).to(z.dtype)  # (B, 1, h, w), 1 = generated
             z_q = keep_known(self.adapter.encode_known(x, mask, z), z_q, cells)
             guide = self.adapter.decode_guide(x, mask)
         if use_fdm:
-            z_q = self.fdm(z_q, cells)
+            z_q = self.fdm(z_q, cells, check_binary=False)
         return self._decode_raw(z_q, **guide)
 
     def _decode_raw(self, z: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
@@ -232,8 +258,11 @@ class Dequantizer(nn.Module):
         """Install FDM on the model's own decode path (a forward pre-hook on the module receiving z_q).
 
         Args:
-            mask: pixel or latent-cell hole mask for the decodes that follow; None = all cells generated.
+            mask: pixel or latent-cell hole mask for the decodes that follow; None = all cells generated. Its
+                values are checked here, once; its shape at each decode (against the map being decoded).
         """
+        if mask is not None:
+            check_binary_mask(mask)
         self._attached_mask = mask
         if self._hook is None:
             self._hook = self.adapter.register_correction_hook(self._hooked_correction)
@@ -261,4 +290,5 @@ class Dequantizer(nn.Module):
             self.detach()
 
     def _hooked_correction(self, z_q: torch.Tensor) -> torch.Tensor:
-        return self.correct(z_q, self._attached_mask)
+        cells = self.cell_mask(self._attached_mask, z_q, check_binary=False)  # attach checked its values
+        return self.fdm(z_q, cells, check_binary=False)

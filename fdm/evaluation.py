@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from fdm.dequantizer import Dequantizer
 from fdm.masks import keep_known, latent_mask, random_irregular_mask
-from fdm.metrics import feature_error_ratio, load_fid, load_stlpips, psnr, ssim
+from fdm.metrics import feature_error_ratio, fid_score, inception_features, load_fid, load_stlpips, psnr, ssim
+from fdm.precision import autocast, check_precision
 
 __all__ = ["Comparison", "compare", "evaluate_views"]
 
@@ -49,7 +50,9 @@ class Comparison:
 
 
 @torch.no_grad()
-def compare(dequantizer: Dequantizer, x: torch.Tensor, mask: torch.Tensor | None = None) -> Comparison:
+def compare(
+    dequantizer: Dequantizer, x: torch.Tensor, mask: torch.Tensor | None = None, *, precision: str = "fp32"
+) -> Comparison:
     """Reconstruct ``x`` without and with FDM from one encoding.
 
     Without ``mask`` every latent cell is quantized (plain VQ reconstruction, FDM mask all ones). With a hole
@@ -60,31 +63,27 @@ def compare(dequantizer: Dequantizer, x: torch.Tensor, mask: torch.Tensor | None
         dequantizer: the base model + FDM.
         x: (B, 3, H, W) images in [-1, 1], H and W multiples of the model's factor.
         mask: optional (B, 1, H, W) hole mask, 1 = hole.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: encoder, FDM and decoder run under that autocast
+            (:mod:`fdm.precision`); the images and features returned, and every metric, are float32.
     """
-    z = dequantizer.encode(x, mask)  # (B, C, h, w)
-    z_q, _ = dequantizer.quantize(z)
-    cells = None
-    if mask is not None:
-        cells = latent_mask(mask, dequantizer.factor).to(z.dtype)  # (B, 1, h, w), 1 = generated
-        z_q = keep_known(z, z_q, cells)
-    z_dq = dequantizer.correct(z_q, cells)
-    adapter = dequantizer.adapter
-    guide = adapter.decode_guide(x, mask)  # PUT: the known pixels that guide its decoder; others: none
-    vq = adapter.decode(z_q, **guide).clamp(-1, 1)
-    fdm = adapter.decode(z_dq, **guide).clamp(-1, 1)
-    continuous = adapter.decode(z, **guide).clamp(-1, 1)
+    with autocast(x.device, precision):  # the models at `precision`; what is returned and measured is float32
+        z = dequantizer.encode(x, mask)  # (B, C, h, w)
+        z_q, _ = dequantizer.quantize(z)
+        cells = None
+        if mask is not None:
+            cells = latent_mask(mask, dequantizer.factor, check_binary=False).to(z.dtype)  # (B, 1, h, w), 1 = generated
+            z_q = keep_known(z, z_q, cells)
+        z_dq = dequantizer.fdm(z_q, cells, check_binary=False)  # the mask's values were checked once, by encode
+        adapter = dequantizer.adapter
+        guide = adapter.decode_guide(x, mask)  # PUT: the known pixels that guide its decoder; others: none
+        vq, fdm, continuous = (adapter.decode(t, **guide).float().clamp(-1, 1) for t in (z_q, z_dq, z))
+    z, z_q, z_dq = z.float(), z_q.float(), z_dq.float()
     ratio = torch.stack([
         feature_error_ratio(z[i:i + 1], z_q[i:i + 1], z_dq[i:i + 1], None if cells is None else cells[i:i + 1])
         for i in range(x.shape[0])
     ])
     return Comparison(x=x, mask=mask, vq=vq, fdm=fdm, psnr_vq=psnr(x, vq), psnr_fdm=psnr(x, fdm),
                       ssim_vq=ssim(x, vq), ssim_fdm=ssim(x, fdm), psnr_z=psnr(x, continuous), feature_ratio=ratio)
-
-
-def _fid(helper: Any, real: list[np.ndarray], fake: list[np.ndarray]) -> float:
-    helper.ref_stat_dict = {"mu": np.mean(real, axis=0), "sigma": np.cov(real, rowvar=False)}
-    helper.eval_stat_dict = {"mu": np.mean(fake, axis=0), "sigma": np.cov(fake, rowvar=False)}
-    return float(helper.compute_fid_score())
 
 
 @torch.no_grad()
@@ -97,6 +96,7 @@ def evaluate_views(
     seed: int = 0,
     extras: bool = True,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Metrics without and with FDM over every view of ``views`` ((3, S, S) tensors in [-1, 1]).
 
@@ -109,6 +109,8 @@ def evaluate_views(
         seed: seed of the hole masks.
         extras: compute FID and ST-LPIPS when their packages are installed (skipped with a note otherwise).
         progress: show a tqdm progress bar.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the models run under that autocast (see :func:`compare`);
+            every metric (PSNR, SSIM, feature ratio, ST-LPIPS, FID) is computed in float32.
 
     Returns:
         ``{"views": N, "settings": {name: {metric: {"vq": v, "fdm": v}, "feature_ratio": r, "psnr_continuous": p}},
@@ -116,6 +118,7 @@ def evaluate_views(
         ``psnr_continuous`` decodes the encoder's features unquantized, the bound of any feature correction; FID
         is over the whole set.
     """
+    check_precision(precision)
     device = next(dequantizer.fdm.parameters()).device
     notes: list[str] = []
     lpips = fid = None
@@ -125,9 +128,11 @@ def evaluate_views(
         except ImportError as err:
             notes.append(f"ST-LPIPS skipped: {err}")
         try:
-            fid = load_fid(device)
+            fid = load_fid(device) if len(views) >= 2 else None
         except ImportError as err:
             notes.append(f"FID skipped: {err}")
+        if len(views) < 2:
+            notes.append("FID skipped: it needs at least 2 views.")
     settings = ["reconstruction"] + (["inpainting (oracle)"] if holes else [])
     acc: dict[str, dict[str, list]] = {s: {} for s in settings}
     generator = torch.Generator().manual_seed(seed)
@@ -139,7 +144,7 @@ def evaluate_views(
             if setting != "reconstruction":
                 mask = torch.stack([random_irregular_mask(*x.shape[-2:], generator=generator)
                                     for _ in range(x.shape[0])]).to(device)  # (B, 1, H, W)
-            r = compare(dequantizer, x, mask)
+            r = compare(dequantizer, x, mask, precision=precision)
             a = acc[setting]
             for key in ("psnr_vq", "psnr_fdm", "ssim_vq", "ssim_fdm"):
                 a.setdefault(key, []).append(getattr(r, key).cpu())
@@ -150,8 +155,7 @@ def evaluate_views(
                 a.setdefault("stlpips_fdm", []).append(lpips(r.fdm, x).flatten().cpu())
             if fid is not None:
                 for name, images in (("real", x), ("vq", r.vq), ("fdm", r.fdm)):
-                    a.setdefault(f"inception_{name}", []).extend(fid.extract_feats(
-                        images, data_range=(-1, 1), resize_hw=fid.resize_hw, resample_mode=fid.resample_mode))
+                    a.setdefault(f"inception_{name}", []).append(inception_features(fid, images))
     results: dict[str, Any] = {}
     for setting, a in acc.items():
         out: dict[str, Any] = {}
@@ -161,8 +165,8 @@ def evaluate_views(
         out["feature_ratio"] = float(torch.cat(a["ratio"]).mean())
         out["psnr_continuous"] = float(torch.cat(a["psnr_z"]).mean())
         if fid is not None:
-            real = np.stack(a["inception_real"])
-            out["fid"] = {k: _fid(fid, real, np.stack(a[f"inception_{k}"])) for k in ("vq", "fdm")}
+            real = np.concatenate(a["inception_real"])
+            out["fid"] = {k: fid_score(real, np.concatenate(a[f"inception_{k}"])) for k in ("vq", "fdm")}
         results[setting] = out
     if fid is not None and n < 2048:
         notes.append(f"FID over {n} views is dominated by its small-sample bias: compare the two columns, "

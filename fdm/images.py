@@ -8,6 +8,7 @@ grayscale PNGs (Pillow modes ``I;16`` / ``I``) scale 0..65535. A file that is mi
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fdm.errors import InputError
 
-__all__ = ["as_rgb8", "image_grid", "image_size", "open_image", "read_gray", "read_image", "save_image", "to_pil"]
+__all__ = [
+    "as_rgb8", "decode_image", "image_grid", "image_size", "open_image", "read_gray", "read_image", "save_image",
+    "to_pil",
+]
 
 #: Pillow modes of high-bit-depth single-channel images, read with 16-bit range (``I``: how some Pillow
 #: versions open 16-bit grayscale PNGs).
@@ -43,11 +47,29 @@ def open_image(path: str | Path, what: str = "image") -> Iterator[Image.Image]:
     if not path.is_file():
         raise InputError(f"{what.capitalize()} file not found: {path}" if not path.exists()
                          else f"{what.capitalize()} path {path} is not a file.")
+    with _decoded(path, f"{what} file {path}") as img:
+        yield img
+
+
+@contextmanager
+def decode_image(data: bytes, what: str = "image") -> Iterator[Image.Image]:
+    """Decode an encoded image held in memory (the bytes of a PNG, JPEG... file; a context manager yielding the
+    PIL image), with the same checks as :func:`open_image`, Pillow's decompression-bomb limit included.
+
+    Raises:
+        InputError: the bytes are not an image, or are truncated or corrupted (names ``what`` they are).
+    """
+    with _decoded(io.BytesIO(data), what) as img:
+        yield img
+
+
+@contextmanager
+def _decoded(source: Path | io.BytesIO, label: str) -> Iterator[Image.Image]:
     try:
-        img = Image.open(path)
+        img = Image.open(source)
         img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise InputError(f"Cannot read {what} file {path}: {err} (not an image, truncated or corrupted?)") from err
+        raise InputError(f"Cannot read {label}: {err} (not an image, truncated or corrupted?)") from err
     with img:
         yield img
 

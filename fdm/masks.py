@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from fdm.errors import InputError
 from fdm.images import read_gray
+from fdm.validation import check_binary_mask
 
 __all__ = ["latent_mask", "keep_known", "load_mask", "random_irregular_mask", "DEFAULT_HOLE_RATIO"]
 
@@ -20,12 +21,13 @@ DEFAULT_HOLE_RATIO = (0.2, 0.6)
 """Hole-area range of the official FDM training recipe (hyudsl/FDM configs, ``use_provided_mask_ratio``)."""
 
 
-def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+def latent_mask(mask: torch.Tensor, factor: int, *, check_binary: bool = True) -> torch.Tensor:
     """Turn a pixel hole mask into a latent-cell mask: a cell is generated if its patch has any hole pixel.
 
     Args:
         mask: (B, 1, H, W) binary, 1 = hole; H and W multiples of ``factor``.
         factor: the model's downsampling factor.
+        check_binary: check that ``mask`` holds only 0 and 1 (a device sync); False for a mask checked already.
 
     Returns:
         (B, 1, H / factor, W / factor) float mask, 1 = generated cell.
@@ -45,8 +47,8 @@ def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     h, w = mask.shape[-2:]
     if h % factor or w % factor:
         raise InputError(f"mask size {h}x{w} is not a multiple of the downsampling factor {factor}.")
-    if mask.dtype != torch.bool and not torch.all((mask == 0) | (mask == 1)):
-        raise InputError("mask must be binary (0 or 1, 1 = hole); threshold it first, e.g. (mask > 0.5).float().")
+    if check_binary:
+        check_binary_mask(mask)
     dtype = mask.dtype if mask.is_floating_point() else torch.float32
     return F.max_pool2d(mask.to(dtype), kernel_size=factor, stride=factor)
 

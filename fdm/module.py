@@ -130,19 +130,23 @@ class FDM(
             "finetuned_decoder": self.finetuned_decoder,
         }
 
-    def predict_error(self, z_q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_error(
+        self, z_q: torch.Tensor, mask: torch.Tensor | None = None, *, check_binary: bool = True
+    ) -> torch.Tensor:
         """The predicted residual ``F([z_q, m]) * m``.
 
         Args:
             z_q: (B, C, h, w) quantized (or partly continuous) feature map.
             mask: (B, 1, h, w) latent-cell mask, 1 = generated cell, or None for all ones.
+            check_binary: check that ``mask`` holds only 0 and 1 (a device sync); False for a mask the caller
+                checked or built (the :class:`~fdm.Dequantizer` passes False).
 
         Returns:
             (B, C, h, w) residual, zero on cells where ``mask`` is 0.
         """
         check_latent(z_q, self.channels, name="z_q")
         if mask is not None:
-            check_latent_mask(mask, z_q)
+            check_latent_mask(mask, z_q, check_binary=check_binary)
             mask = mask.to(z_q.dtype)
         if self.mask_channels:
             cell_mask = torch.ones_like(z_q[:, :1]) if mask is None else mask.expand(z_q.shape[0], -1, -1, -1)
@@ -154,9 +158,11 @@ class FDM(
         residual = self.head(h)  # (B, C, h, w)
         return residual if mask is None else residual * mask
 
-    def forward(self, z_q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, z_q: torch.Tensor, mask: torch.Tensor | None = None, *, check_binary: bool = True
+    ) -> torch.Tensor:
         """The dequantized map ``z_q + F([z_q, m]) * m`` (B, C, h, w); see :meth:`predict_error`."""
-        return z_q + self.predict_error(z_q, mask)
+        return z_q + self.predict_error(z_q, mask, check_binary=check_binary)
 
     @classmethod
     def from_official_checkpoint(

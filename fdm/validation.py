@@ -7,7 +7,10 @@ import torch
 
 from fdm.errors import InputError
 
-__all__ = ["check_dtype", "check_finite", "check_image", "check_latent", "check_latent_mask", "check_pixel_mask"]
+__all__ = [
+    "check_binary_mask", "check_dtype", "check_finite", "check_image", "check_latent", "check_latent_mask",
+    "check_pixel_mask",
+]
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -70,8 +73,13 @@ def check_dtype(x: torch.Tensor, expected: torch.dtype, *, name: str = "image") 
                          f"with .to({expected}), move the model with .to({x.dtype}), or run under torch.autocast.")
 
 
-def _check_binary(mask: torch.Tensor, name: str) -> None:
-    if mask.dtype == torch.bool:
+def check_binary_mask(mask: torch.Tensor, *, name: str = "mask") -> None:
+    """Check that a hole mask holds only 0 and 1 (bool masks pass as they are).
+
+    This is the library's one binary check of a mask; it reads the values, so it is a device sync. Public entry
+    points run it once per call; the steps behind them take ``check_binary=False``.
+    """
+    if _check_tensor(mask, name).dtype == torch.bool:
         return
     if not torch.all((mask == 0) | (mask == 1)):
         values = torch.unique(mask.detach().flatten()[:1000].float().cpu())[:5].tolist()
@@ -81,17 +89,24 @@ def _check_binary(mask: torch.Tensor, name: str) -> None:
         )
 
 
-def check_pixel_mask(mask: torch.Tensor, image: torch.Tensor, *, name: str = "mask") -> None:
-    """Check a binary (B, 1, H, W) hole mask (1 = hole) that matches ``image`` (B, 3, H, W)."""
+def check_pixel_mask(mask: torch.Tensor, image: torch.Tensor, *, name: str = "mask", check_binary: bool = True) -> None:
+    """Check a binary (B, 1, H, W) hole mask (1 = hole) that matches ``image`` (B, 3, H, W).
+
+    ``check_binary=False`` checks the shape only, for a mask whose values were checked already.
+    """
     _check_tensor(mask, name)
     b, _, h, w = image.shape
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (h, w) or mask.shape[0] not in (1, b):
         raise InputError(f"{name} must have shape ({b}, 1, {h}, {w}) to match the image; got {_shape(mask)}.")
-    _check_binary(mask, name)
+    if check_binary:
+        check_binary_mask(mask, name=name)
 
 
-def check_latent_mask(mask: torch.Tensor, z: torch.Tensor, *, name: str = "mask") -> None:
-    """Check a binary (B, 1, h, w) latent-cell mask (1 = generated cell) that matches ``z`` (B, C, h, w)."""
+def check_latent_mask(mask: torch.Tensor, z: torch.Tensor, *, name: str = "mask", check_binary: bool = True) -> None:
+    """Check a binary (B, 1, h, w) latent-cell mask (1 = generated cell) that matches ``z`` (B, C, h, w).
+
+    ``check_binary=False`` checks the shape only, for a mask whose values were checked already.
+    """
     _check_tensor(mask, name)
     b, _, h, w = z.shape
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (h, w) or mask.shape[0] not in (1, b):
@@ -99,7 +114,8 @@ def check_latent_mask(mask: torch.Tensor, z: torch.Tensor, *, name: str = "mask"
             f"{name} must be a latent-cell mask of shape ({b}, 1, {h}, {w}) to match the feature map "
             f"{_shape(z)}; got {_shape(mask)}. Convert pixel masks with fdm.latent_mask(mask, factor)."
         )
-    _check_binary(mask, name)
+    if check_binary:
+        check_binary_mask(mask, name=name)
 
 
 def check_finite(x: torch.Tensor, *, name: str = "image") -> None:

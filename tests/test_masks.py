@@ -1,12 +1,17 @@
 """Masks: latent-cell masks, mask files in both conventions, random irregular training masks."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import fdm
+import fdm.validation
 from fdm.errors import InputError
+from fdm.evaluation import compare
 
 
 def test_latent_mask_any_hole_pixel_marks_the_cell():
@@ -79,3 +84,81 @@ def test_random_irregular_mask_is_seeded_binary_and_in_range():
 def test_random_irregular_mask_rejects_bad_ratio():
     with pytest.raises(InputError, match="hole_ratio"):
         fdm.random_irregular_mask(32, 32, (0.7, 0.2))
+
+
+# --- one binary check per public call --------------------------------------------------------------------------
+
+@pytest.fixture
+def binary_checks(monkeypatch) -> list[str]:
+    """The names of the masks passed to ``fdm.validation.check_binary_mask`` (the one binary check, a device
+    sync), counted in every fdm module that imported it."""
+    calls: list[str] = []
+    original = fdm.validation.check_binary_mask
+
+    def counted(mask: torch.Tensor, *, name: str = "mask") -> None:
+        calls.append(name)
+        original(mask, name=name)
+
+    for module_name, module in list(sys.modules.items()):
+        if module_name.split(".")[0] == "fdm" and getattr(module, "check_binary_mask", None) is original:
+            monkeypatch.setattr(module, "check_binary_mask", counted)
+    return calls
+
+
+def _hole(b: int, h: int, w: int) -> torch.Tensor:
+    mask = torch.zeros(b, 1, h, w)
+    mask[..., h // 4: h // 2, w // 3: w // 2 + 3] = 1
+    return mask
+
+
+def _checked_once(calls: list[str], run) -> torch.Tensor:
+    calls.clear()
+    out = run()
+    assert calls == ["mask"]
+    return out
+
+
+def _fdm_for(adapter: fdm.VQAdapter) -> fdm.FDM:
+    module = fdm.FDM(adapter.channels, hidden_channels=8, num_blocks=1, base_model_fingerprint=adapter.fingerprint())
+    torch.nn.init.normal_(module.head.weight, std=0.1)
+    return module.eval()
+
+
+@torch.no_grad()
+def test_put_checks_each_mask_once_per_public_call(binary_checks):
+    from fdm.adapters.put import PUTAdapter, inpaint, load_model
+
+    data = Path(__file__).parent / "data" / "put"
+    model = load_model(data / "put_tiny_p_vqvae.safetensors", data / "put_tiny_transformer.safetensors", n_head=4)
+    deq = fdm.Dequantizer(model, _fdm_for(PUTAdapter(model)))
+    x, hole = torch.rand(1, 3, 32, 48) * 2 - 1, _hole(1, 32, 48)
+    z_q = deq.quantize(deq.encode(x))[0]
+
+    out = _checked_once(binary_checks, lambda: deq.reconstruct(x, hole))
+    assert out.shape == (1, 3, 32, 48)
+    _checked_once(binary_checks, lambda: deq.encode(x, hole))
+    corrected = _checked_once(binary_checks, lambda: deq.decode(z_q, hole))
+    _checked_once(binary_checks, lambda: deq.correct(z_q, fdm.latent_mask(hole, 8, check_binary=False)))
+    _checked_once(binary_checks, lambda: compare(deq, x, hole))
+    _checked_once(binary_checks, lambda: model.codec.reconstruct(x, hole))
+    _checked_once(binary_checks, lambda: inpaint(model, x, hole, top_k=1, fdm=deq.fdm, progress=False))
+    _checked_once(binary_checks, lambda: deq.attach(hole))  # checked when attached ...
+    try:
+        assert torch.equal(model.codec.decode(z_q), corrected)
+        assert torch.equal(model.codec.decode(z_q), corrected)
+        assert binary_checks == ["mask"]  # ... not at each decode the hook corrects
+    finally:
+        deq.detach()
+
+
+@torch.no_grad()
+def test_taming_checks_the_mask_once_per_public_call(binary_checks):
+    pytest.importorskip("taming")
+    from taming_tiny import random_model, vqgan_config
+
+    model = random_model(vqgan_config())
+    deq = fdm.Dequantizer(model, _fdm_for(fdm.find_adapter(model)))
+    x, hole = torch.rand(2, 3, 32, 32) * 2 - 1, _hole(2, 32, 32)
+    out = _checked_once(binary_checks, lambda: deq.reconstruct(x, hole))
+    assert out.shape == (2, 3, 32, 32)
+    _checked_once(binary_checks, lambda: compare(deq, x, hole))

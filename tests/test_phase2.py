@@ -99,7 +99,7 @@ def test_saved_fdm_loads_and_works_in_a_dequantizer(tmp_path, model, views):
 def test_cached_and_uncached_training_agree(tmp_path, model, views):
     results = {}
     for mode in ("memory", "disk", "none"):
-        trainer = Phase2Trainer(model, views, config(tmp_path / mode, cache=mode, steps=8))
+        trainer = Phase2Trainer(model, views, config(tmp_path / mode, cache=mode, cache_dtype="float32", steps=8))
         results[mode] = weights(trainer.train())
         assert trainer.history
     assert_same(results["memory"], results["disk"])
@@ -194,8 +194,10 @@ def test_train_command(tmp_path, model, views, monkeypatch):
     assert run_train_command(argv + ["--resume"]) == 0
     assert_same(weights(fdm.FDM.from_pretrained(out)), weights(first))
     # masked training with an explicit hole-ratio range
-    assert run_train_command(common + ["--out", str(tmp_path / "masked"), "--hole-ratio", "0.1", "0.3"]) == 0
+    assert run_train_command(common + ["--out", str(tmp_path / "masked"), "--hole-ratio", "0.1", "0.3",
+                                       "--base-model", "toy VQ, seed 1"]) == 0
     saved = json.loads((tmp_path / "masked" / "config.json").read_text())
     assert saved["mask_channels"] == 1 and saved["training"]["hole_ratio"] == [0.1, 0.3]
+    assert saved["base_model"] == "toy VQ, seed 1"
     with pytest.raises(InputError, match="not found"):
         run_train_command(["--data", str(tmp_path / "none"), "--out", str(out), "--steps", "1"])

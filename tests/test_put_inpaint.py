@@ -127,8 +127,10 @@ def test_other_sizes_with_a_resized_position_table(model, image, hole):
 
 def test_several_cells_per_step_fill_every_cell(model, image, hole):
     out = inpaint(model, image, hole, 2, top_k=4, cells_per_step=5, seed=0, progress=False)
-    generated = out.cell_mask[:, None].expand(-1, 2, -1, -1, -1)[:, :, 0] == 1
-    assert (out.indices[generated] >= 0).all()
+    generated = out.cell_mask[:, None].expand(-1, 2, -1, -1, -1)[:, :, 0] == 1  # (B, N, h, w)
+    codes = out.indices[generated]
+    assert codes.numel() == 2 * int(out.cell_mask.sum()) > 0  # every generated cell of both samples ...
+    assert ((codes >= 0) & (codes < model.transformer.num_codes)).all()  # ... holds a sampled code, none left -1
 
 
 def test_adapter_and_dequantizer(model, image, hole):

@@ -124,7 +124,7 @@ def test_photo_views(photos_dir):
 def test_memory_cache_equals_direct_encoding(image_dir, toy_model):
     views = ImageFolderViews(image_dir, crop_size=16, views_per_image=2)
     adapter = fdm.find_adapter(toy_model)
-    cache = FeatureCache(adapter, views, mode="memory", batch_size=4, progress=False)
+    cache = FeatureCache(adapter, views, mode="memory", dtype="float32", batch_size=4, progress=False)
     cache.prepare()
     z, z_q = cache.get([4, 0, 5])
     ref_z, ref_z_q = encode_views(adapter, torch.stack([views[4], views[0], views[5]]))
@@ -145,15 +145,17 @@ def test_disk_cache_round_trip_reuse_and_invalidation(image_dir, tmp_path):
     memory.prepare()
     disk = FeatureCache(adapter, views, mode="disk", cache_dir=tmp_path / "cache", batch_size=3, progress=False)
     disk.prepare()
-    assert (disk.path / "z.npy").is_file() and not disk.path.with_name(disk.path.name + ".partial").exists()
+    shard = disk.path / "shard-00000-of-00001"
+    assert (shard / "z.npy").is_file() and not (shard / "progress.json").exists()
     order = [5, 1, 2, 0]
     for a, b in zip(disk.get(order), memory.get(order)):
         assert torch.equal(a, b)
 
-    stamp = (disk.path / "z.npy").stat().st_mtime_ns
+    stamp = (shard / "z.npy").stat().st_mtime_ns
     reused = FeatureCache(adapter, views, mode="disk", cache_dir=tmp_path / "cache", progress=False)
     reused.prepare()
-    assert reused.path == disk.path and (disk.path / "z.npy").stat().st_mtime_ns == stamp
+    assert reused.path == disk.path and (shard / "z.npy").stat().st_mtime_ns == stamp
+    assert reused.encoded_views == 0
     assert torch.equal(reused.get(order)[1], memory.get(order)[1])
 
     with torch.no_grad():

@@ -349,13 +349,25 @@ LOADERS = {
 @pytest.mark.parametrize("loader", list(LOADERS))
 @pytest.mark.parametrize("kind", KINDS)
 def test_loader_runs_no_payload(kind, loader, tmp_path, evil, markers, request):
-    path = craft(kind, _valid_content(loader, request), all_payloads(evil), tmp_path / f"{loader}-{kind}.pth")
+    valid = _valid_content(loader, request)
+    path = craft(kind, valid, all_payloads(evil), tmp_path / f"{loader}-{kind}.pth")
     if kind == "bare":
         with pytest.raises(CheckpointError, match="neither a torch.save zip archive nor a legacy"):
             LOADERS[loader](path, tmp_path, request)
-    else:
-        assert LOADERS[loader](path, tmp_path, request) is not None  # loads normally, payloads inert
+    else:  # loads normally, payloads inert: every tensor of the file arrives in what the loader returns
+        loaded = _tensors(LOADERS[loader](path, tmp_path, request))
+        missing = [t.shape for t in _tensors(valid) if not any(torch.equal(t, u) for u in loaded)]
+        assert not missing, missing
     assert_no_marker(markers)
+
+
+def _tensors(obj: object) -> list[torch.Tensor]:
+    """The tensors of a (nested) state dict or of a module's state dict."""
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    return [t for value in obj.values() for t in _tensors(value)] if isinstance(obj, dict) else []
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -80,7 +80,7 @@ def inpaint(
         raise InputError("inpaint needs a PUT model with its UQ-Transformer: load_model(codec, transformer=...).")
     codec = model.codec
     check_image(image, factor=codec.patch_size)
-    check_pixel_mask(mask, image)
+    check_pixel_mask(mask, image)  # the one binary check of the mask; the steps below take it as checked
     if num_samples < 1:
         raise InputError(f"num_samples must be >= 1; got {num_samples}.")
     b, n = image.shape[0], num_samples
@@ -92,8 +92,8 @@ def inpaint(
     if generator is None and seed is not None:
         generator = torch.Generator(device).manual_seed(seed)
 
-    z = codec._encode(image, mask)  # (B, C, h, w) features of the masked image (mask checked above)
-    known = codec.known_cells(mask, image)  # (B, h, w), True = known (PUT's convention)
+    z = codec.encode(image, mask, check_binary=False)  # (B, C, h, w) features of the masked image
+    known = codec.known_cells(mask, image, check_binary=False)  # (B, h, w), True = known (PUT's convention)
     _, known_idx = codec.quantize.quantize(z, known)  # (B, h, w)
     x, m, z, known, known_idx = (t.repeat_interleave(n, dim=0) for t in (image, mask, z, known, known_idx))
     codes = sample_codes(model.transformer, codec.quantize.embedding, z, known, top_k=top_k,
@@ -105,11 +105,12 @@ def inpaint(
     if not quantize_known:
         features = keep_known(z, features, cells)  # (B*N, C, h, w)
 
-    plain = codec._decode(features, x, m)
+    plain = codec.decode(features, x, m, check_binary=False)
     corrected = None
     if fdm is not None:
         deq = Dequantizer(model, fdm, check_fingerprint=check_fingerprint)
-        corrected = deq.adapter.codec._decode(deq.correct(features, cells), x, m)  # deq: phase-3 decoder if any
+        z_dq = deq.fdm(features, cells, check_binary=False)
+        corrected = deq.adapter.decode(z_dq, image=x, pixel_mask=m)  # deq's adapter: the phase-3 decoder if any
     if paste_known:
         plain = torch.where(m.bool(), plain, x)
         corrected = None if corrected is None else torch.where(m.bool(), corrected, x)

@@ -16,6 +16,7 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fdm.commands.argtypes import positive_int
     from fdm.commands.model_options import add_model_arguments
+    from fdm.precision import PRECISIONS
 
     parser.add_argument("folder", help="folder of images (searched recursively)")
     parser.add_argument("--crop", type=positive_int, default=128, help="crop side in pixels (default 128)")
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holes", action="store_true",
                         help="also evaluate oracle inpainting with random irregular holes")
     parser.add_argument("--no-extras", action="store_true", help="skip FID and ST-LPIPS")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="run the models in float32 (default), bfloat16 or float16 autocast; the metrics are "
+                             "computed in float32")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_model_arguments(parser)
@@ -32,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def format_report(report: dict) -> str:
     """The report of :func:`fdm.evaluation.evaluate_views` as a plain-text table."""
-    lines = [f"{report['views']} views", f"{'setting':<22}{'metric':<16}{'without FDM':>12}{'with FDM':>10}"]
+    lines = [f"{report['views']} views, precision {report.get('precision', 'fp32')}",
+             f"{'setting':<22}{'metric':<16}{'without FDM':>12}{'with FDM':>10}"]
     for setting, metrics in report["settings"].items():
         for name, value in metrics.items():
             if name == "feature_ratio":
@@ -59,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
                              scale_range=(1.0, 2.0))
     dequantizer = Dequantizer(load_base_model(args), fdm_module, load_decoder="in_place")  # a model of our own
     report = evaluate_views(dequantizer, views, batch_size=args.batch_size, holes=args.holes, seed=args.seed,
-                            extras=not args.no_extras, progress=not args.no_progress)
+                            extras=not args.no_extras, progress=not args.no_progress, precision=args.precision)
     report.update(folder=str(folder), crop=args.crop, views_per_image=args.views_per_image, seed=args.seed,
-                  model=args.model)
+                  model=args.model, precision=args.precision)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

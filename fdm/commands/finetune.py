@@ -23,10 +23,12 @@ from torch import nn
 
 from fdm.commands.argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from fdm.commands.model_options import add_model_arguments, load_base_model, load_fdm
+from fdm.errors import UsageError
 from fdm.losses import TERMS
 from fdm.masks import DEFAULT_HOLE_RATIO
 from fdm.module import FDM
-from fdm.training import ImageFolderViews, latest_checkpoint, shutdown_distributed
+from fdm.precision import PRECISIONS
+from fdm.training import ImageSource, SeededViews, latest_checkpoint, open_source, shutdown_distributed
 from fdm.training.backbones import BACKBONES
 from fdm.training.phase3 import Phase3Config, Phase3Trainer
 
@@ -55,9 +57,15 @@ def _term_value(kind: Callable[[str], float | int]) -> Callable[[str], tuple[str
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, help="folder of training images (searched recursively)")
-    data.add_argument("--val-data",
-                      help="folder of validation images (PNG grids and metrics every --val-every steps)")
+    data.add_argument("--data", required=True, metavar="SPEC",
+                      help="training images: a folder (searched recursively); WebDataset tar shards as a path, glob "
+                           "or brace pattern ('shards/train-{000000..000009}.tar'); or hf:PATH, a Hugging Face "
+                           "dataset folder (save_to_disk or imagefolder), options as in "
+                           "'hf:PATH?split=train&column=image&num_images=N' (no streaming: fine-tuning reads "
+                           "images by index; see docs/training.md, Data sources)")
+    data.add_argument("--val-data", metavar="SPEC",
+                      help="validation images, in the forms of --data (PNG grids and metrics every --val-every "
+                           "steps)")
     data.add_argument("--crop-size", type=positive_int, default=256,
                       help="side of the square training crops (default 256)")
     data.add_argument("--views-per-image", type=positive_int, default=1,
@@ -99,7 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--start-step", type=_term_value(non_negative_int),
                        action="append", default=[], metavar="TERM=STEP",
                        help="override the step from which a loss term counts; repeatable")
-    group.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    group.add_argument("--precision", choices=PRECISIONS, default=_DEFAULTS.precision,
+                       help="generator and discriminator forward passes in float32 (default), bfloat16 or float16 "
+                            "autocast (fp16 with gradient scaling); see docs/training.md, Mixed precision")
     group.add_argument("--val-every", type=non_negative_int, default=_DEFAULTS.val_every,
                        help="steps between validations")
     group.add_argument("--num-val-images", type=positive_int, default=_DEFAULTS.num_val_images)
@@ -141,7 +151,7 @@ def finetune(model: nn.Module, fdm_module: FDM, args: argparse.Namespace) -> FDM
         drop_vgg_terms=args.no_perceptual,
         freeze_decoder=args.freeze_decoder,
         freeze_fdm=args.freeze_fdm,
-        mixed_precision=not args.no_amp,
+        precision=args.precision,
         seed=args.seed,
         device=args.device,
         output_dir=args.out,
@@ -152,10 +162,12 @@ def finetune(model: nn.Module, fdm_module: FDM, args: argparse.Namespace) -> FDM
         num_workers=args.num_workers,
         progress=not args.no_progress,
     )
-    views = ImageFolderViews(args.data, crop_size=args.crop_size, views_per_image=args.views_per_image, seed=args.seed)
+    views = SeededViews(_random_access_source(args.data, "--data"), crop_size=args.crop_size,
+                        views_per_image=args.views_per_image, seed=args.seed)
     val_views = None
     if args.val_data:
-        val_views = ImageFolderViews(args.val_data, crop_size=args.crop_size, seed=args.seed, flip=False)
+        val_views = SeededViews(_random_access_source(args.val_data, "--val-data"), crop_size=args.crop_size,
+                                seed=args.seed, flip=False)
     trainer = Phase3Trainer(model, fdm_module, views, config, val_views=val_views)
     resume_from = None
     if args.resume:
@@ -163,3 +175,12 @@ def finetune(model: nn.Module, fdm_module: FDM, args: argparse.Namespace) -> FDM
         if resume_from is None:
             logger.info("--resume: no checkpoint in %s yet, starting from scratch", trainer.checkpoint_dir)
     return trainer.train(resume_from)
+
+
+def _random_access_source(spec: str, option: str) -> ImageSource:
+    """The source ``spec`` names (see :func:`~fdm.training.open_source`); a streaming one is refused."""
+    source = open_source(spec)
+    if not source.random_access:
+        raise UsageError(f"{option} {spec}: fine-tuning reads images by index and {source.describe()} only streams; "
+                         "drop streaming=1.")
+    return source

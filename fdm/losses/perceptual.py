@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fdm.precision import full_precision
+
 __all__ = ["PERCEPTUAL_LAYERS", "STYLE_LAYERS", "gram_matrix", "perceptual_loss", "style_loss"]
 
 PERCEPTUAL_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -27,13 +29,14 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
         features: (B, C, h, w) activations.
 
     Returns:
-        (B, C, C) float32 Gram matrices.
+        (B, C, C) float32 Gram matrices, also under autocast.
     """
     if features.dim() != 4:
         raise ValueError(f"gram_matrix needs (B, C, h, w) features; got {tuple(features.shape)}.")
     b, c, h, w = features.shape
     f = features.float().reshape(b, c, h * w)  # (B, C, hw)
-    return f @ f.transpose(1, 2) / (c * h * w)  # (B, C, C)
+    with full_precision(f.device):  # under autocast the product would run (and overflow in fp16) in half precision
+        return f @ f.transpose(1, 2) / (c * h * w)  # (B, C, C)
 
 
 def _check_layers(feats: Mapping[str, torch.Tensor], layers: Sequence[str]) -> None:

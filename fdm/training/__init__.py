@@ -1,25 +1,33 @@
 """Training FDM: phase 2 (sampler-free qe loss, FDM WACV 2025 sec. 3.3), phase 3 (joint fine-tuning with the
-decoder) and the reusable pieces of the trainers (training views, feature cache, the paper's optimiser
-schedule, checkpoints, data parallelism)."""
+decoder) and the reusable pieces of the trainers (image sources, training views, feature cache, the paper's
+optimiser schedule, checkpoints, data parallelism)."""
 
 from fdm.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-from fdm.training.data import IMAGE_EXTENSIONS, ImageFolderViews, TensorViews, list_images
+from fdm.training.data import IMAGE_EXTENSIONS, ImageFolderViews, SeededViews, TensorViews, list_images
 from fdm.training.distributed import DistContext, init_distributed, shutdown_distributed
-from fdm.training.feature_cache import CACHE_MODES, FeatureCache, encode_views
+from fdm.training.feature_cache import CACHE_DTYPES, CACHE_MODES, FeatureCache, ShardedBatches, encode_views
 from fdm.training.phase2 import Phase2Config, Phase2Trainer, train_phase2
 from fdm.training.phase3 import Phase3Config, Phase3Trainer, finetune
 from fdm.training.schedule import WarmupCosineLR, paper_optimizer
+from fdm.training.sources import FolderSource, HFDatasetSource, ImageSource, TarShardSource, open_source
 
 __all__ = [
+    "CACHE_DTYPES",
     "CACHE_MODES",
     "IMAGE_EXTENSIONS",
     "DistContext",
     "FeatureCache",
+    "FolderSource",
+    "HFDatasetSource",
     "ImageFolderViews",
+    "ImageSource",
     "Phase2Config",
     "Phase2Trainer",
     "Phase3Config",
     "Phase3Trainer",
+    "ShardedBatches",
+    "SeededViews",
+    "TarShardSource",
     "TensorViews",
     "WarmupCosineLR",
     "encode_views",
@@ -28,6 +36,7 @@ __all__ = [
     "latest_checkpoint",
     "list_images",
     "load_checkpoint",
+    "open_source",
     "paper_optimizer",
     "save_checkpoint",
     "shutdown_distributed",

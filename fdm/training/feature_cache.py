@@ -1,13 +1,25 @@
-"""The frozen model's features ``(z, z_q)`` of every training view, computed once (FDM, WACV 2025, sec. 3.3:
-phase 2 trains FDM against a frozen encoder and codebook, so its inputs and targets never change).
+"""The frozen model's features of every training view, computed once (FDM, WACV 2025, sec. 3.3: phase 2 trains
+FDM against a frozen encoder and codebook, so its inputs and targets never change).
 
-Modes: ``"memory"`` keeps them in (CPU) memory; ``"disk"`` writes them to ``.npy`` files under a cache folder,
-read back through memory maps, reused by later runs and recomputed when the model or the views change;
-``"none"`` re-encodes the views at every step, as the official code does (for comparison).
+What is stored is compact: the continuous feature ``z`` in ``float16`` (default), ``bfloat16`` or ``float32``,
+and the code index of every latent cell (``int16`` for codebooks of up to 32768 codes, else ``int32``). ``z_q``
+is never stored: :meth:`FeatureCache.get` looks the indices up in the codebook, which is exactly what the
+adapters' ``quantize`` returns. Against the earlier layout (``z`` and ``z_q`` in float32) a float16 cache takes
+``(2 C + 2) / (8 C)`` of the bytes: 26.6 % at C = 16 channels, 25.1 % at C = 256.
 
-A disk cache is hostile until checked: its ``meta.json`` binds it to the base model's weight digest, the codebook
-fingerprint, the views (files, crops, seed) and the sha256 of each array file; every one is checked before the
-arrays are used, and a mismatch is a :class:`~fdm.errors.CheckpointError` naming the folder and the remedy.
+The views are split into ``num_shards`` contiguous shards (by default one per process); process ``r`` of ``W``
+encodes and reads only the shards ``s`` with ``s % W == r``, so no process ever holds the whole cache, and the
+phase-2 sampler (:class:`ShardedBatches`) draws every process's batch from its own shards.
+
+Modes: ``"memory"`` keeps a process's shards in (CPU) memory; ``"disk"`` writes them to ``.npy`` files under a
+cache folder, read back through memory maps and reused by later runs; an interrupted extraction resumes at the
+last flushed batch; ``"none"`` re-encodes the views at every step, as the official code does (for comparison).
+
+A disk cache is hostile until checked: every shard's ``meta.json`` binds it to the base model's weight digest,
+the codebook fingerprint, the views, the storage type, the shard layout and the sha256 of each array file;
+every one is checked before the arrays are used, and a mismatch is a :class:`~fdm.errors.CheckpointError`
+naming the folder and the remedy. A shard is only marked complete after its ``z`` was checked finite and its
+indices in range.
 """
 
 from __future__ import annotations
@@ -15,9 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +41,36 @@ from tqdm.auto import tqdm
 
 from fdm.adapter import VQAdapter
 from fdm.checkpoint import file_sha256, state_dict_digest
-from fdm.errors import CheckpointError, InputError
-from fdm.training.distributed import DistContext, all_gather_tensors, barrier
+from fdm.errors import CheckpointError, InputError, TrainingError
+from fdm.training.distributed import DistContext, barrier
 from fdm.validation import check_finite, check_image
 
-__all__ = ["CACHE_MODES", "FeatureCache", "encode_views"]
+__all__ = ["CACHE_DTYPES", "CACHE_MODES", "FeatureCache", "ShardedBatches", "encode_views", "shard_ranges"]
 
 logger = logging.getLogger(__name__)
 
 CACHE_MODES = ("memory", "disk", "none")
-_FORMAT = 2
-_ARRAYS = ("z", "z_q")
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
+"""Storage types of the cached ``z``; bfloat16 keeps float32's range (use it when float16 overflows)."""
+
+_FORMAT = 3
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# numpy has no bfloat16: its bits are stored as int16 and reinterpreted on reading
+_NUMPY_DTYPES = {"float16": np.float16, "bfloat16": np.int16, "float32": np.float32}
+_VERIFY_ROWS = 4096  # views checked at once when a shard is completed
 
 
 @torch.no_grad()
+def _encode(adapter: VQAdapter, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(z, z_q, indices)`` of a batch of views; raises InputError on bad images or a non-finite ``z``."""
+    check_image(images, factor=adapter.factor, name="training views")
+    check_finite(images, name="training views")
+    z = adapter.encode(images)
+    z_q, indices = adapter.quantize(z)
+    check_finite(z, name="encoded features z of the training views (the base model's output)")
+    return z.float(), z_q.float(), indices
+
+
 def encode_views(adapter: VQAdapter, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode and quantize a batch of training views with the frozen model.
 
@@ -49,32 +79,55 @@ def encode_views(adapter: VQAdapter, images: torch.Tensor) -> tuple[torch.Tensor
         images: (B, 3, H, W) in [-1, 1], on the model's device; H, W multiples of ``adapter.factor``.
 
     Returns:
-        ``z`` (B, C, h, w) continuous feature and ``z_q`` (B, C, h, w) its quantized version.
+        ``z`` (B, C, h, w) continuous feature and ``z_q`` (B, C, h, w) its quantized version, float32.
 
     Raises:
         InputError: wrong shape, or NaN / Inf in the images.
     """
-    check_image(images, factor=adapter.factor, name="training views")
-    check_finite(images, name="training views")
-    z = adapter.encode(images)
-    z_q, _ = adapter.quantize(z)
-    check_finite(z, name="encoded features z of the training views (the base model's output)")
-    return z.float(), z_q.float()
+    z, z_q, _ = _encode(adapter, images)
+    return z, z_q
+
+
+def shard_ranges(num_views: int, num_shards: int) -> list[range]:
+    """The views of each shard: ``num_shards`` contiguous ranges covering ``range(num_views)``, sizes within 1."""
+    return [range(s * num_views // num_shards, (s + 1) * num_views // num_shards) for s in range(num_shards)]
+
+
+def _owned_shards(num_shards: int, ctx: DistContext) -> list[int]:
+    """The shards process ``ctx.rank`` encodes and reads: ``s % world_size == rank``."""
+    if num_shards % ctx.world_size:
+        raise InputError(f"the feature cache has {num_shards} shards, which {ctx.world_size} processes cannot share "
+                         f"evenly: use a multiple of the number of processes (default: one shard per process).")
+    return list(range(ctx.rank, num_shards, ctx.world_size))
+
+
+@dataclass
+class _Shard:
+    """One shard's arrays: ``z`` (n, C, h, w) in the storage type and ``indices`` (n, h, w)."""
+
+    views: range
+    z: torch.Tensor | np.ndarray
+    indices: torch.Tensor | np.ndarray
 
 
 class FeatureCache:
-    """``(z, z_q)`` of each view of ``views``, by view index.
+    """``(z, z_q)`` of each view of ``views``, by view index, for the shards this process owns.
 
     Args:
         adapter: adapter of the frozen base model.
-        views: dataset of (3, S, S) training views; for ``mode="disk"`` it needs a ``fingerprint()`` method
-            (:class:`~fdm.training.ImageFolderViews` and :class:`~fdm.training.TensorViews` have one).
+        views: dataset of (3, S, S) training views. For ``mode="disk"`` it needs a ``fingerprint()`` method
+            (:class:`~fdm.training.SeededViews`, :class:`~fdm.training.ImageFolderViews` and
+            :class:`~fdm.training.TensorViews` have one). Views with an ``iter_views(start, stop)`` method and
+            ``random_access = False`` (streaming sources) are read sequentially.
         mode: ``"memory"``, ``"disk"`` or ``"none"`` (see the module docstring).
-        cache_dir: folder of disk caches (mode ``"disk"``); each model / view set gets its own sub-folder.
+        cache_dir: folder of disk caches (mode ``"disk"``); each model / view set / layout gets its own
+            sub-folder.
+        dtype: storage type of ``z``, one of :data:`CACHE_DTYPES`.
+        num_shards: number of shards; None: one per process. Must be a multiple of the number of processes.
         batch_size: views encoded at once while filling.
-        num_workers: data-loading worker processes while filling.
+        num_workers: data-loading worker processes while filling (random-access views).
         device: where the model runs and where :meth:`get` returns features (default: the model's device).
-        ctx: distributed context; the views are encoded shard by shard across the processes.
+        ctx: distributed context (which shards are this process's).
         progress: show a progress bar while filling (on the main process).
 
     Call :meth:`prepare` once before :meth:`get`.
@@ -87,6 +140,8 @@ class FeatureCache:
         *,
         mode: str = "memory",
         cache_dir: str | Path | None = None,
+        dtype: str = "float16",
+        num_shards: int | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
         device: str | torch.device | None = None,
@@ -95,26 +150,34 @@ class FeatureCache:
     ):
         if mode not in CACHE_MODES:
             raise InputError(f"cache mode must be one of {CACHE_MODES}; got {mode!r}.")
+        if dtype not in CACHE_DTYPES:
+            raise InputError(f"cache dtype must be one of {CACHE_DTYPES}; got {dtype!r}.")
         if mode == "disk" and cache_dir is None:
             raise InputError("cache mode 'disk' needs a cache_dir.")
         if mode == "disk" and not callable(getattr(views, "fingerprint", None)):
             raise InputError(
                 f"cache mode 'disk' needs views with a fingerprint() method to tell when the cache is stale; "
-                f"{type(views).__name__} has none. Use mode 'memory' or wrap the data in ImageFolderViews/TensorViews."
+                f"{type(views).__name__} has none. Use mode 'memory' or wrap the data in SeededViews/TensorViews."
             )
         self.adapter = adapter
         self.views = views
         self.mode = mode
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.dtype = dtype
         self.device = torch.device(device) if device is not None else adapter.device
         self.ctx = ctx or DistContext(device=self.device)
+        self.num_shards = num_shards if num_shards is not None else self.ctx.world_size
+        if self.num_shards < 1 or self.num_shards > max(1, len(views)):
+            raise InputError(f"num_shards must be between 1 and the number of views ({len(views)}); "
+                             f"got {self.num_shards}.")
+        self.shards = shard_ranges(len(views), self.num_shards)
+        self.owned = _owned_shards(self.num_shards, self.ctx)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
         self.progress = progress
         self.fill_seconds = 0.0
-        self._z: torch.Tensor | np.ndarray | None = None
-        self._z_q: torch.Tensor | np.ndarray | None = None
-        self._path: Path | None = None
+        self.encoded_views = 0  # views encoded by this process's last prepare() (0 when a disk cache was reused)
+        self._data: dict[int, _Shard] = {}
         self._binding: dict | None = None
 
     def __len__(self) -> int:
@@ -122,19 +185,17 @@ class FeatureCache:
 
     @property
     def path(self) -> Path | None:
-        """Folder of this model's and views' disk cache (mode ``"disk"``), else None; fixed at first use."""
+        """Folder of this model's and views' disk cache (mode ``"disk"``), else None."""
         if self.mode != "disk":
             return None
-        if self._path is None:
-            self._path = self.cache_dir / self.key()
-        return self._path
+        return self.cache_dir / self.key()
 
     def key(self) -> str:
         """Id of the cached content (the name of its folder): :meth:`binding` hashed."""
         return hashlib.sha256(json.dumps(self.binding(), sort_keys=True).encode()).hexdigest()[:16]
 
     def binding(self) -> dict:
-        """What a disk cache belongs to: cache format, base model weight digest and codebook, views."""
+        """What a disk cache belongs to: format, base model weight digest and codebook, views, storage, shards."""
         if self._binding is None:
             self._binding = {
                 "format": _FORMAT,
@@ -142,138 +203,311 @@ class FeatureCache:
                 "codebook": self.adapter.fingerprint(),
                 "views": self.views.fingerprint(),
                 "num_views": len(self.views),
+                "dtype": self.dtype,
+                "num_shards": self.num_shards,
             }
         return self._binding
 
+    def nbytes_per_view(self) -> float:
+        """Bytes of cached data per view (``z`` and the indices), over this process's prepared shards."""
+        total = sum(_nbytes(s.z) + _nbytes(s.indices) for s in self._data.values())
+        return total / max(1, sum(len(s.views) for s in self._data.values()))
+
     def prepare(self) -> None:
-        """Compute (or, for a valid disk cache, open) the features of every view; no-op for mode ``"none"``."""
-        if self.mode == "none" or self._z is not None:
+        """Compute (or, for a valid disk cache, open) this process's shards; no-op for mode ``"none"``."""
+        if self.mode == "none" or self._data:
             return
         start = time.perf_counter()
-        if self.mode == "memory":
-            self._z, self._z_q = self._fill("memory")
-        else:
-            self._prepare_disk()
+        self.encoded_views = 0
+        for shard in self.owned:
+            if self.mode == "memory":
+                self._data[shard] = self._fill_memory(shard)
+            else:
+                self._data[shard] = self._prepare_disk(shard)
+        barrier(self.ctx)
         self.fill_seconds = time.perf_counter() - start
         if self.ctx.is_main:
-            logger.info("features of %d views ready (%s cache) in %.1f s", len(self), self.mode,
-                        self.fill_seconds)
+            logger.info("features of %d views ready (%s cache, %s, %d shard(s)) in %.1f s", len(self), self.mode,
+                        self.dtype, self.num_shards, self.fill_seconds)
 
     def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``z`` and ``z_q``, each (B, C, h, w) float32 on ``device``, of the views ``indices``."""
+        """``z`` and ``z_q``, each (B, C, h, w) float32 on ``device``, of the views ``indices``.
+
+        Raises:
+            IndexError: a view in a shard this process does not own (the samplers never ask for one).
+        """
         if self.mode == "none":
             images = default_collate([self.views[i] for i in indices]).to(self.device)
             return encode_views(self.adapter, images)
-        if self._z is None:
+        if not self._data:
             raise RuntimeError("FeatureCache.prepare() must be called before get().")
-        if self.mode == "memory":
-            rows = torch.as_tensor(list(indices), dtype=torch.long)
-            z, z_q = self._z[rows], self._z_q[rows]
-        else:
-            rows = np.asarray(indices, dtype=np.int64)
-            z, z_q = torch.from_numpy(self._z[rows]), torch.from_numpy(self._z_q[rows])
-        return z.to(self.device, non_blocking=True), z_q.to(self.device, non_blocking=True)
+        views = np.asarray(indices, dtype=np.int64)
+        if views.size and (views.min() < 0 or views.max() >= len(self)):
+            raise IndexError(f"view indices must be in [0, {len(self)}); got {views.min()}..{views.max()}.")
+        shard_of = np.searchsorted([r.start for r in self.shards], views, side="right") - 1
+        z_parts, code_parts, order = [], [], []
+        for s in np.unique(shard_of):
+            shard = self._data.get(int(s))
+            if shard is None:
+                raise IndexError(f"views in shard {s} were asked for, which process {self.ctx.rank} does not own "
+                                 f"(it owns {self.owned}).")
+            positions = np.nonzero(shard_of == s)[0]
+            rows = views[positions] - shard.views.start
+            z_parts.append(_as_tensor(_take(shard.z, rows), self.dtype))
+            code_parts.append(torch.as_tensor(np.asarray(_take(shard.indices, rows))).long())
+            order.append(positions)
+        inverse = torch.from_numpy(np.argsort(np.concatenate(order), kind="stable"))
+        z = torch.cat(z_parts)[inverse].to(self.device, non_blocking=True)
+        codes = torch.cat(code_parts)[inverse].to(self.device, non_blocking=True)
+        return z, self.adapter.lookup(codes).float()
 
     # --- filling ---------------------------------------------------------------------------------------
 
-    def _prepare_disk(self) -> None:
-        folder = self.path
-        log = logger.info if self.ctx.is_main else logger.debug
-        if not (folder / "meta.json").is_file():
-            log("no feature cache at %s: computing it", folder)
-            partial = folder.with_name(folder.name + ".partial")
-            self._fill(partial if self.ctx.is_main else None)
-            if self.ctx.is_main:
-                shutil.rmtree(folder, ignore_errors=True)
-                partial.rename(folder)
-            barrier(self.ctx)
-        else:
-            log("checking and reusing the feature cache at %s", folder)
-        self._z, self._z_q = self._open_verified(folder)
+    def _batches(self, views: range) -> Iterator[torch.Tensor]:
+        """The images of ``views``, in order, ``batch_size`` at a time."""
+        if getattr(self.views, "random_access", True):
+            batches = [list(views[i:i + self.batch_size]) for i in range(0, len(views), self.batch_size)]
+            yield from DataLoader(self.views, batch_sampler=batches, num_workers=self.num_workers)
+            return
+        batch = []
+        for _, image in self.views.iter_views(views.start, views.stop):
+            batch.append(image)
+            if len(batch) == self.batch_size:
+                yield torch.stack(batch)
+                batch = []
+        if batch:
+            yield torch.stack(batch)
 
-    def _open_verified(self, folder: Path) -> tuple[np.ndarray, np.ndarray]:
-        """Memory-map the arrays of a disk cache after checking them against its ``meta.json``.
+    def _encode_into(self, shard: int, views: range, z_out, codes_out, offset: int, on_flush=None) -> None:
+        """Encode ``views`` (a tail of shard ``shard``) into rows ``offset...`` of the output arrays."""
+        bar = tqdm(total=len(self.shards[shard]), initial=offset, desc=f"caching features (shard {shard})",
+                   unit="view", disable=not (self.progress and self.ctx.is_main))
+        row = offset
+        for images in self._batches(views):
+            z, _, codes = _encode(self.adapter, images.to(self.device))
+            z = _to_storage(z.cpu(), self.dtype)
+            n = z.shape[0]
+            if isinstance(z_out, np.ndarray):
+                z_out[row:row + n] = z.numpy()
+                codes_out[row:row + n] = codes.cpu().numpy().astype(codes_out.dtype)
+            else:
+                z_out[row:row + n] = z
+                codes_out[row:row + n] = codes.cpu().to(codes_out.dtype)
+            row += n
+            self.encoded_views += n
+            if on_flush is not None:
+                on_flush(row)
+            bar.update(n)
+        bar.close()
+
+    def _shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-view shapes of ``z`` (C, h, w) and of the indices (h, w), from the model and the view size."""
+        size = self.views[0].shape[-2:] if getattr(self.views, "random_access", True) else \
+            next(iter(self.views.iter_views(0, 1)))[1].shape[-2:]
+        h, w = (s // self.adapter.factor for s in size)
+        return (self.adapter.channels, h, w), (h, w)
+
+    def _index_dtype(self) -> str:
+        """``"int16"`` for codebooks of up to 32768 codes, else ``"int32"``."""
+        return "int16" if self.adapter.codebook().shape[0] <= 2**15 else "int32"
+
+    def _fill_memory(self, shard: int) -> _Shard:
+        views = self.shards[shard]
+        z_shape, code_shape = self._shapes()
+        z = torch.empty((len(views), *z_shape), dtype=_to_storage(torch.zeros(0), self.dtype).dtype)
+        codes = torch.empty((len(views), *code_shape), dtype=getattr(torch, self._index_dtype()))
+        self._encode_into(shard, views, z, codes, 0)
+        self._check_arrays(z, codes, f"in-memory feature cache shard {shard}")
+        return _Shard(views, z, codes)
+
+    def _prepare_disk(self, shard: int) -> _Shard:
+        folder = self.path / f"shard-{shard:05d}-of-{self.num_shards:05d}"
+        if (folder / "meta.json").is_file():
+            logger.debug("checking and reusing the feature cache shard %s", folder)
+            return self._open_verified(shard, folder)
+        self._fill_disk(shard, folder)
+        return self._open_verified(shard, folder)
+
+    def _fill_disk(self, shard: int, folder: Path) -> None:
+        """Encode the shard into ``folder``, resuming after the last flushed batch of an interrupted pass."""
+        views = self.shards[shard]
+        z_file, codes_file, done = self._open_partial(shard, folder)
+        progress_file = folder / "progress.json"
+
+        def flush(rows: int) -> None:
+            z_file.flush()
+            codes_file.flush()
+            _write_json_atomic(progress_file, {"binding": self.binding(), "shard": shard, "done": rows})
+
+        self._encode_into(shard, range(views.start + done, views.stop), z_file, codes_file, done, flush)
+        self._check_arrays(z_file, codes_file, f"feature cache {folder}")
+        z_file.flush()
+        codes_file.flush()
+        meta = {"binding": self.binding(), "shard": shard, "views": [views.start, views.stop],
+                "images": self._image_names(views),
+                "sha256": {name: file_sha256(folder / f"{name}.npy") for name in ("z", "indices")}}
+        _write_json_atomic(folder / "meta.json", meta)
+        progress_file.unlink(missing_ok=True)
+
+    def _open_partial(self, shard: int, folder: Path) -> tuple[np.memmap, np.memmap, int]:
+        """The shard's arrays, writable, and how many views they already hold: those of an interrupted pass
+        when its ``progress.json`` belongs to this cache and the arrays have the expected layout, else new ones."""
+        views = self.shards[shard]
+        z_shape, code_shape = self._shapes()
+        expected = ((len(views), *z_shape), np.dtype(_NUMPY_DTYPES[self.dtype]),
+                    (len(views), *code_shape), np.dtype(self._index_dtype()))
+        try:
+            progress = json.loads((folder / "progress.json").read_text())
+            done = int(progress["done"])
+            if progress["binding"] == self.binding() and progress["shard"] == shard and 0 < done <= len(views):
+                z_file = np.lib.format.open_memmap(folder / "z.npy", mode="r+")
+                codes_file = np.lib.format.open_memmap(folder / "indices.npy", mode="r+")
+                if (z_file.shape, z_file.dtype, codes_file.shape, codes_file.dtype) == expected:
+                    logger.info("resuming the feature cache shard %s at view %d of %d", folder, done, len(views))
+                    return z_file, codes_file, done
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no usable partial pass: start the shard afresh
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        z_file = np.lib.format.open_memmap(folder / "z.npy", mode="w+", dtype=expected[1], shape=expected[0])
+        codes_file = np.lib.format.open_memmap(folder / "indices.npy", mode="w+", dtype=expected[3], shape=expected[2])
+        return z_file, codes_file, 0
+
+    def _check_arrays(self, z, codes, where: str) -> None:
+        """Refuse to complete a shard with a non-finite ``z`` (e.g. float16 overflow) or an index out of range.
 
         Raises:
-            CheckpointError: unreadable metadata, another model or other views, a missing, truncated or altered
-                array file.
+            TrainingError: naming ``where``, the views and the remedy; nothing is trained on or saved.
         """
-        remedy = f"Delete {folder} (it is recomputed on the next run)."
+        num_codes = self.adapter.codebook().shape[0]
+        for start in range(0, z.shape[0], _VERIFY_ROWS):
+            values = _as_tensor(z[start:start + _VERIFY_ROWS], self.dtype)
+            if not torch.isfinite(values).all():
+                hint = " Store z as bfloat16 or float32 (dtype / --cache-dtype)." if self.dtype == "float16" else ""
+                raise TrainingError(f"{where}: z holds NaN or Inf after conversion to {self.dtype} "
+                                    f"(views {start}..{start + len(values) - 1} of the shard).{hint}")
+            block = np.asarray(codes[start:start + _VERIFY_ROWS])
+            if block.size and (block.min() < 0 or block.max() >= num_codes):
+                raise TrainingError(f"{where}: code indices outside [0, {num_codes}).")
+
+    def _open_verified(self, shard: int, folder: Path) -> _Shard:
+        """Memory-map a shard's arrays after checking them against its ``meta.json``.
+
+        Raises:
+            CheckpointError: unreadable metadata, another model, views, storage type or shard layout, a missing,
+                truncated or altered array file.
+        """
+        remedy = f"Delete {self.path} (it is recomputed on the next run)."
         meta_file = folder / "meta.json"
         try:
             meta = json.loads(meta_file.read_text())
             recorded, binding = meta["sha256"], meta["binding"]
-            shape = tuple(int(s) for s in meta["shape"])
+            recorded_shard = meta["shard"]
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"feature cache metadata {meta_file} is unreadable ({err}). {remedy}") from err
-        if binding != self.binding():
-            differs = sorted(k for k in self.binding() if binding.get(k) != self.binding()[k])
+        if binding != self.binding() or recorded_shard != shard:
+            differs = sorted(k for k in self.binding() if not isinstance(binding, dict)
+                             or binding.get(k) != self.binding()[k]) or ["shard"]
             raise CheckpointError(f"feature cache {folder} was built for another {' and '.join(differs)} "
                                   f"than this run's. {remedy}")
-        arrays = []
-        for name in _ARRAYS:
+        views = self.shards[shard]
+        z_shape, code_shape = self._shapes()
+        expected = {"z": ((len(views), *z_shape), np.dtype(_NUMPY_DTYPES[self.dtype])),
+                    "indices": ((len(views), *code_shape), np.dtype(self._index_dtype()))}
+        arrays = {}
+        for name, (shape, dtype) in expected.items():
             file = folder / f"{name}.npy"
             if not file.is_file() or file_sha256(file) != recorded.get(name):
                 raise CheckpointError(f"feature cache file {file} is missing, truncated or altered: it does not "
                                       f"match the sha256 recorded in {meta_file}. {remedy}")
             array = np.load(file, mmap_mode="r", allow_pickle=False)
-            if array.shape != (len(self), *shape) or array.dtype != np.float32:
+            if array.shape != shape or array.dtype != dtype:
                 raise CheckpointError(f"feature cache file {file} holds {array.dtype} {array.shape}, expected "
-                                      f"float32 {(len(self), *shape)}. {remedy}")
-            arrays.append(array)
-        return arrays[0], arrays[1]
+                                      f"{dtype} {shape}. {remedy}")
+            arrays[name] = array
+        return _Shard(views, arrays["z"], arrays["indices"])
 
-    def _fill(self, target: str | Path | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Encode every view, the processes sharing the work.
+    def _image_names(self, views: range) -> list[str]:
+        """The images a shard's views come from (for a reader of ``meta.json``), or [] for in-memory views."""
+        names = getattr(self.views, "names", None)
+        names = names() if callable(names) else [str(p) for p in getattr(self.views, "files", [])]
+        per_image = getattr(self.views, "views_per_image", 1)
+        return list(names[views.start // per_image:(views.stop - 1) // per_image + 1])
 
-        ``target`` is ``"memory"`` (return the features as CPU tensors), a folder (write ``z.npy``,
-        ``z_q.npy`` and ``meta.json`` there) or None (this process only helps encoding).
 
-        Views are taken in chunks of ``batch_size * world_size``; process ``r`` encodes the ``r``-th slice of
-        each chunk (padded to ``batch_size`` with repeats so every process contributes equally) and the slices
-        are gathered on every process.
-        """
-        n, b, ctx = len(self), self.batch_size, self.ctx
-        chunks = [list(range(s, min(s + b * ctx.world_size, n))) for s in range(0, n, b * ctx.world_size)]
-        mine = []
-        for chunk in chunks:
-            part = chunk[ctx.rank * b:(ctx.rank + 1) * b]
-            mine.append(part + [chunk[-1]] * (b - len(part)) if ctx.distributed else part)
-        loader = DataLoader(self.views, batch_sampler=mine, num_workers=self.num_workers)
-        z_all = z_q_all = None
-        bar = tqdm(total=n, desc="caching features", unit="view", disable=not (self.progress and ctx.is_main))
-        for chunk, images in zip(chunks, loader):
-            z, z_q = encode_views(self.adapter, images.to(self.device))
-            counts = [len(chunk[r * b:(r + 1) * b]) for r in range(ctx.world_size)]
-            z = torch.cat([t[:c].cpu() for t, c in zip(all_gather_tensors(z, ctx), counts)])
-            z_q = torch.cat([t[:c].cpu() for t, c in zip(all_gather_tensors(z_q, ctx), counts)])
-            if target is not None:
-                if z_all is None:
-                    z_all, z_q_all = self._allocate((n, *z.shape[1:]), target)
-                z_all[chunk[0]:chunk[-1] + 1] = z if target == "memory" else z.numpy()
-                z_q_all[chunk[0]:chunk[-1] + 1] = z_q if target == "memory" else z_q.numpy()
-            bar.update(len(chunk))
-        bar.close()
-        if target is None or target == "memory":
-            return z_all, z_q_all
-        z_all.flush()
-        z_q_all.flush()
-        folder = Path(target)
-        meta = {"binding": self.binding(), "shape": list(z_all.shape[1:]), "images": self._image_list(),
-                "sha256": {name: file_sha256(folder / f"{name}.npy") for name in _ARRAYS}}
-        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-        return None, None
+class ShardedBatches:
+    """Phase 2's batches over a sharded cache: the same global batches whatever the number of processes.
 
-    def _image_list(self) -> list[str]:
-        """The image files the views come from (for a reader of ``meta.json``), or [] for in-memory views."""
-        return [str(p) for p in getattr(self.views, "files", [])]
+    Each epoch, every shard's views are shuffled with a generator seeded by ``(seed, epoch, shard)``. Step ``k``'s
+    global batch is, for every shard, the ``k``-th slice of ``global_batch / num_shards`` views of its order;
+    process ``r`` takes the slices of the shards it owns. One process reading a 2-shard cache and two processes
+    reading one shard each therefore train on the same global batches. An epoch ends when the smallest shard
+    has no full slice left (the few views left over are seen in later epochs' orders).
 
-    @staticmethod
-    def _allocate(shape: tuple[int, ...], target: str | Path) -> tuple:
-        if target == "memory":
-            return torch.empty(shape), torch.empty(shape)
-        folder = Path(target)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        return tuple(np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
-                     for name in ("z", "z_q"))
+    Args:
+        shards: the views of each shard (:func:`shard_ranges`).
+        batch_size: views per process and step.
+        ctx: the process's distributed context.
+        seed: seed of the orders.
+    """
+
+    def __init__(self, shards: list[range], batch_size: int, ctx: DistContext, *, seed: int):
+        self.shards = shards
+        self.owned = _owned_shards(len(shards), ctx)
+        global_batch = batch_size * ctx.world_size
+        if global_batch % len(shards):
+            raise InputError(f"the global batch ({batch_size} x {ctx.world_size} processes = {global_batch}) must be a "
+                             f"multiple of the number of cache shards ({len(shards)}).")
+        self.per_shard = global_batch // len(shards)
+        smallest = min(len(s) for s in shards)
+        if smallest < self.per_shard:
+            raise InputError(f"a cache shard holds {smallest} views, fewer than the {self.per_shard} each step takes "
+                             f"from it: use a smaller batch or fewer shards.")
+        self.steps_per_epoch = smallest // self.per_shard
+        self.seed = seed
+        self._epoch = -1
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def batch(self, step: int) -> list[int]:
+        """The view indices this process trains on at (0-based) ``step``."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._orders = {s: self._order(s, epoch) for s in self.owned}
+        lo, hi = position * self.per_shard, (position + 1) * self.per_shard
+        return [int(i) for s in self.owned for i in self._orders[s][lo:hi]]
+
+    def _order(self, shard: int, epoch: int) -> torch.Tensor:
+        seed = int(np.random.SeedSequence([self.seed, epoch, shard]).generate_state(1)[0])
+        views = self.shards[shard]
+        return torch.randperm(len(views), generator=torch.Generator().manual_seed(seed)) + views.start
+
+
+def _to_storage(z: torch.Tensor, dtype: str) -> torch.Tensor:
+    """float32 ``z`` -> its storage form (bfloat16 as its int16 bits)."""
+    stored = z.to(_TORCH_DTYPES[dtype])
+    return stored.view(torch.int16) if dtype == "bfloat16" else stored
+
+
+def _as_tensor(stored: torch.Tensor | np.ndarray, dtype: str) -> torch.Tensor:
+    """Storage form (tensor or array) -> a float32 tensor."""
+    tensor = torch.as_tensor(np.asarray(stored)) if isinstance(stored, np.ndarray) else stored
+    if dtype == "bfloat16":
+        tensor = tensor.view(torch.bfloat16)
+    return tensor.float()
+
+
+def _take(array: torch.Tensor | np.ndarray, rows: np.ndarray) -> torch.Tensor | np.ndarray:
+    """``array[rows]`` for an in-memory tensor or a memory-mapped array (read: a copy)."""
+    return array[torch.from_numpy(rows)] if isinstance(array, torch.Tensor) else array[rows]
+
+
+def _nbytes(array: torch.Tensor | np.ndarray) -> int:
+    return array.nbytes if isinstance(array, np.ndarray) else array.numel() * array.element_size()
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary file, so that a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)

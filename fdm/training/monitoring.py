@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fdm.errors import MissingExtraError, TrainingError
-from fdm.metrics import load_fid, load_stlpips, psnr, ssim
+from fdm.metrics import fid_score, inception_features, load_fid, load_stlpips, psnr, ssim
 
 __all__ = ["ImageMetrics", "check_finite_losses"]
 
@@ -67,12 +67,6 @@ class ImageMetrics:
         if self._lpips is not None:
             d = self._lpips(reconstruction.float().to(self.device), target.float().to(self.device))
             out["lpips"] = d.mean().item()
-        if self._fid is not None and reconstruction.shape[0] >= 2:
-            self._fid.begin_ref_stat()
-            self._fid.update_ref_stat(target.float(), data_range=[-1, 1])
-            self._fid.finish_ref_stat()
-            self._fid.begin_eval_stat()
-            self._fid.update_eval_stat(reconstruction.float(), data_range=[-1, 1])
-            self._fid.finish_eval_stat()
-            out["fid"] = float(self._fid.compute_fid_score())
+        if self._fid is not None and reconstruction.shape[0] >= 2:  # FID needs two images per set
+            out["fid"] = fid_score(inception_features(self._fid, target), inception_features(self._fid, reconstruction))
         return out

@@ -9,7 +9,6 @@ cells ``FDM(x, m) = z`` exactly, on generated cells ``FDM(x, m) - z = F([x, m]) 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, fields
@@ -27,23 +26,18 @@ from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
 from fdm.losses.qe import qe_loss
 from fdm.masks import DEFAULT_HOLE_RATIO, keep_known, latent_mask, random_irregular_mask
 from fdm.module import FDM
-from fdm.training.checkpointing import (
-    _capture_rng_state,
-    _restore_rng_state,
-    load_checkpoint,
-    save_checkpoint,
-)
+from fdm.precision import autocast, check_precision, grad_scaler, load_scaler_state
+from fdm.training.checkpointing import load_checkpoint, save_checkpoint
 from fdm.training.distributed import (
     DistContext,
     all_gather_objects,
     all_reduce_mean,
     barrier,
     init_distributed,
-    make_sampler,
     unwrap,
     wrap_ddp,
 )
-from fdm.training.feature_cache import CACHE_MODES, FeatureCache
+from fdm.training.feature_cache import CACHE_DTYPES, CACHE_MODES, FeatureCache, ShardedBatches
 from fdm.training.monitoring import check_finite_losses
 from fdm.training.schedule import (
     PAPER_BETAS,
@@ -59,7 +53,8 @@ __all__ = ["Phase2Config", "Phase2Trainer", "train_phase2"]
 logger = logging.getLogger(__name__)
 
 # config fields that must not change when a run is resumed (they shape the data order, masks or schedule)
-_RESUME_FIELDS = ("steps", "epochs", "batch_size", "lr", "warmup_steps", "min_lr", "betas", "hole_ratio", "seed")
+_RESUME_FIELDS = ("steps", "epochs", "batch_size", "lr", "warmup_steps", "min_lr", "betas", "hole_ratio", "seed",
+                  "cache_shards")
 
 
 @dataclass
@@ -79,10 +74,16 @@ class Phase2Config:
             class-conditional models).
         cache: ``"memory"``, ``"disk"`` or ``"none"`` (re-encode every step; see :class:`FeatureCache`).
         cache_dir: folder of the disk cache (``cache="disk"``); default ``<output_dir>/feature-cache``.
+        cache_dtype: storage type of the cached ``z``: ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``
+            (``z_q`` is never stored: it is looked up from the cached code indices).
+        cache_shards: number of cache shards (None: one per process); each process encodes and reads its own
+            shards, and the global batches are the same for any number of processes that divides it.
         num_workers: data-loading worker processes while the cache is filled.
         seed: seeds the FDM initialisation, the data order and the masks.
         device: ``"cpu"``, ``"cuda"``...; None keeps the base model's device. Under torchrun, ``"cuda"``
             means ``cuda:LOCAL_RANK``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :mod:`fdm.precision`): the FDM's forward pass under
+            autocast, the qe loss in float32, fp16 with gradient scaling; the weights stay float32.
         progress: show tqdm progress bars.
         log_every: log the mean loss every this many steps.
         checkpoint_every: save a resumable checkpoint every this many steps (0: never).
@@ -104,9 +105,12 @@ class Phase2Config:
     hole_ratio: tuple[float, float] | None = DEFAULT_HOLE_RATIO
     cache: str = "memory"
     cache_dir: str | None = None
+    cache_dtype: str = "float16"
+    cache_shards: int | None = None
     num_workers: int = 0
     seed: int = 0
     device: str | None = None
+    precision: str = "fp32"
     progress: bool = True
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -124,6 +128,11 @@ class Phase2Config:
                              f"{self.batch_size}.")
         if self.cache not in CACHE_MODES:
             raise InputError(f"cache must be one of {CACHE_MODES}; got {self.cache!r}.")
+        check_precision(self.precision)
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise InputError(f"cache_dtype must be one of {CACHE_DTYPES}; got {self.cache_dtype!r}.")
+        if self.cache_shards is not None and self.cache_shards < 1:
+            raise InputError(f"cache_shards must be >= 1 or None; got {self.cache_shards}.")
         self.betas = tuple(self.betas)
         if self.hole_ratio is not None:
             self.hole_ratio = tuple(self.hole_ratio)
@@ -199,6 +208,7 @@ class Phase2Trainer:
         self.history: list[dict[str, float]] = []
         self.cache_fill_seconds = 0.0
         self.final_loss: float | None = None
+        self.scaler = grad_scaler(config.device or self.adapter.device, config.precision)  # enabled for fp16 only
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -223,34 +233,28 @@ class Phase2Trainer:
         self.fdm.to(device).train()
         net = wrap_ddp(self.fdm, ctx)
         optimizer = paper_optimizer(self.fdm.parameters(), cfg.lr, cfg.betas)
-        sampler = make_sampler(len(self.views), ctx, seed=cfg.seed)
-        steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
-        total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
-        scheduler = WarmupCosineLR(optimizer, total, cfg.warmup_steps, cfg.min_lr)
-        mask_seed = int(np.random.SeedSequence([cfg.seed, ctx.rank]).generate_state(1)[0])  # one stream per process
-        mask_generator = torch.Generator().manual_seed(mask_seed)
-        generators = {"masks": mask_generator}
-        recent: deque[float] = deque(maxlen=max(1, cfg.log_every))  # losses of the last steps (final_loss)
-        if resume_from is not None:
-            recent.extend(self._resume(resume_from, ctx, optimizer, scheduler, generators))
         cache = FeatureCache(self.adapter, self.views, mode=cfg.cache,
                              cache_dir=cfg.cache_dir or Path(cfg.output_dir) / "feature-cache",
-                             batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, ctx=ctx,
-                             progress=cfg.progress)
+                             dtype=cfg.cache_dtype, num_shards=cfg.cache_shards, batch_size=cfg.batch_size,
+                             num_workers=cfg.num_workers, device=device, ctx=ctx, progress=cfg.progress)
+        batches = ShardedBatches(cache.shards, cfg.batch_size, ctx, seed=cfg.seed)
+        steps_per_epoch = batches.steps_per_epoch
+        total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+        scheduler = WarmupCosineLR(optimizer, total, cfg.warmup_steps, cfg.min_lr)
+        recent: deque[float] = deque(maxlen=max(1, cfg.log_every))  # losses of the last steps (final_loss)
+        if resume_from is not None:
+            recent.extend(self._resume(resume_from, ctx, optimizer, scheduler))
         cache.prepare()
         self.cache_fill_seconds = cache.fill_seconds
 
         bar = tqdm(total=total, initial=self.step, desc="FDM phase 2", unit="step",
                    disable=not (cfg.progress and ctx.is_main))
-        epoch, order, epoch_losses, epoch_start = -1, [], [], time.perf_counter()
+        epoch, epoch_losses, epoch_start = -1, [], time.perf_counter()
         while self.step < total:
             current, position = divmod(self.step, steps_per_epoch)
             if current != epoch:
                 epoch, epoch_losses, epoch_start = current, [], time.perf_counter()
-                sampler.set_epoch(epoch)
-                order = list(sampler)
-            indices = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
-            loss = self._train_step(net, cache, indices, optimizer, scheduler, mask_generator)
+            loss = self._train_step(net, cache, batches.batch(self.step), optimizer, scheduler)
             self.step += 1
             recent.append(loss)
             epoch_losses.append(loss)
@@ -262,7 +266,7 @@ class Phase2Trainer:
             if position == steps_per_epoch - 1 or self.step == total:
                 self._end_epoch(epoch, epoch_losses, time.perf_counter() - epoch_start, ctx)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self._save_checkpoint(ctx, optimizer, scheduler, generators, list(recent))
+                self._save_checkpoint(ctx, optimizer, scheduler, list(recent))
         bar.close()
         self.final_loss = float(all_reduce_mean(torch.tensor(np.mean(recent) if recent else float("nan")), ctx))
         return self._finish(ctx, total, seconds=time.perf_counter() - started)
@@ -276,26 +280,35 @@ class Phase2Trainer:
         indices: list[int],
         optimizer: torch.optim.Optimizer,
         scheduler: WarmupCosineLR,
-        mask_generator: torch.Generator,
     ) -> float:
         z, z_q = cache.get(indices)  # (B, C, h, w) each
         if self.config.hole_ratio is None:
             cells, x = None, z_q  # every cell generated
         else:
-            h, w = z.shape[-2:]
-            f = self.adapter.factor
-            holes = torch.stack([random_irregular_mask(h * f, w * f, self.config.hole_ratio, generator=mask_generator)
-                                 for _ in indices])  # (B, 1, H, W)
-            cells = latent_mask(holes, f).to(z.device)  # (B, 1, h, w), 1 = generated
+            cells = self._cell_masks(indices, z.shape[-2:]).to(z.device)  # (B, 1, h, w), 1 = generated
             x = keep_known(z, z_q, cells)
-        loss = qe_loss(net(x, cells), z, cells)  # = L1(F([x, m]) * m, (z - z_q) * m)
+        with autocast(z.device, self.config.precision):
+            z_dq = net(x, cells)  # float32: z_q + a residual computed at the run's precision
+        loss = qe_loss(z_dq, z, cells)  # = L1(F([x, m]) * m, (z - z_q) * m), in float32
         value = loss.item()
         check_finite_losses({"qe loss": value}, step=self.step + 1)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
+        self.scaler.update()
         scheduler.step()
         return value
+
+    def _cell_masks(self, indices: list[int], size: tuple[int, int]) -> torch.Tensor:
+        """(B, 1, h, w) cell masks of this step's views: view ``i``'s hole mask at step ``t`` is drawn from
+        ``(seed, t, i)`` alone, so it is the same whichever process trains on the view."""
+        f = self.adapter.factor
+        holes = []
+        for index in indices:
+            seed = int(np.random.SeedSequence([self.config.seed, self.step, index]).generate_state(1)[0])
+            holes.append(random_irregular_mask(size[0] * f, size[1] * f, self.config.hole_ratio,
+                                               generator=torch.Generator().manual_seed(seed)))
+        return latent_mask(torch.stack(holes), f)
 
     def _end_epoch(self, epoch: int, losses: list[float], seconds: float, ctx: DistContext) -> None:
         mean = float(all_reduce_mean(torch.tensor(float(np.mean(losses))), ctx))
@@ -305,9 +318,9 @@ class Phase2Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, ctx: DistContext, optimizer, scheduler, generators, recent: list[float]) -> None:
-        # per-process state: each process draws its own masks and sees its own losses
-        ranks = all_gather_objects({"rng": _capture_rng_state(generators), "recent_losses": recent}, ctx)
+    def _save_checkpoint(self, ctx: DistContext, optimizer, scheduler, recent: list[float]) -> None:
+        # per-process state: the losses each process saw (the data order and masks follow from the step)
+        ranks = all_gather_objects({"recent_losses": recent}, ctx)
         if ctx.is_main:
             state = {
                 "phase": 2,
@@ -315,14 +328,15 @@ class Phase2Trainer:
                 "world_size": ctx.world_size,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "ranks": ranks,
                 "history": self.history,
             }
             save_checkpoint(self.checkpoint_dir, self.step, {"fdm": self.fdm}, state, keep=self.config.keep_checkpoints)
         barrier(ctx)
 
-    def _resume(self, path: str | Path, ctx: DistContext, optimizer, scheduler, generators) -> list[float]:
-        """Load a checkpoint into the FDM, optimizer, scheduler and RNGs; returns the recent losses."""
+    def _resume(self, path: str | Path, ctx: DistContext, optimizer, scheduler) -> list[float]:
+        """Load a checkpoint into the FDM, optimizer and scheduler; returns the recent losses."""
         state = load_checkpoint(path, {"fdm": self.fdm})
         if state.get("phase") != 2:
             raise CheckpointError(f"{path} is not a phase-2 checkpoint (phase {state.get('phase')}).")
@@ -335,7 +349,7 @@ class Phase2Trainer:
                                   f"(got {ctx.world_size}).")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _restore_rng_state(state["ranks"][ctx.rank]["rng"], generators)
+        load_scaler_state(self.scaler, state.get("scaler"))
         self.history = list(state["history"])
         self.step = state["step"]
         return list(state["ranks"][ctx.rank]["recent_losses"])
@@ -347,19 +361,22 @@ class Phase2Trainer:
         module.base_model_fingerprint = self.adapter.fingerprint()
         if self.config.base_model is not None:
             module.base_model = self.config.base_model
-        root = getattr(self.views, "root", None)
+        root, source = getattr(self.views, "root", None), getattr(self.views, "source", None)
         module.training_info = {
             "phase": 2,
             "steps": total,
             "batch_size": self.config.batch_size,
             "world_size": ctx.world_size,
             "hole_ratio": list(self.config.hole_ratio) if self.config.hole_ratio is not None else None,
-            "data": Path(root).name if root is not None else type(self.views).__name__,
+            "data": (Path(root).name if root is not None else source.describe() if source is not None
+                     else type(self.views).__name__),
             "views": len(self.views),
             "crop_size": getattr(self.views, "crop_size", None),
             "lr": self.config.lr,
             "warmup_steps": self.config.warmup_steps,
             "seed": self.config.seed,
+            "precision": self.config.precision,
+            "cache_dtype": self.config.cache_dtype if self.config.cache != "none" else None,
             "final_loss": self.final_loss,
             "seconds": round(seconds, 1),
         }

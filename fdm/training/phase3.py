@@ -30,6 +30,7 @@ from fdm.images import image_grid
 from fdm.losses import LossSchedule, Phase3Loss
 from fdm.masks import DEFAULT_HOLE_RATIO, keep_known, latent_mask, random_irregular_mask
 from fdm.module import FDM
+from fdm.precision import autocast, check_precision, grad_scaler, load_scaler_state
 from fdm.training.backbones import BACKBONES, load_backbone
 from fdm.training.checkpointing import (
     _capture_rng_state,
@@ -89,7 +90,9 @@ class Phase3Config:
             drop-in for the unchanged base model (``finetuned_decoder=False``, no ``decoder.safetensors``).
         freeze_fdm: train the decoder alone, the FDM unchanged (with a new, identity FDM: decoder-only fine-tuning
             with the same losses, the ablation of the paper's joint training).
-        mixed_precision: float16 autocast + gradient scaling on CUDA (ignored on CPU).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :mod:`fdm.precision`): generator, backbone and
+            discriminator forward passes under autocast on any device, the losses reduced in float32, fp16 with one
+            gradient scaler per optimizer; the weights stay float32 and validation runs in float32.
         seed: seeds the data order, the masks and the discriminator initialisation.
         device: ``"cpu"``, ``"cuda"``...; None keeps the base model's device. Under torchrun, ``"cuda"`` means
             ``cuda:LOCAL_RANK``.
@@ -124,7 +127,7 @@ class Phase3Config:
     disc_channels: int = 64
     freeze_decoder: bool = False
     freeze_fdm: bool = False
-    mixed_precision: bool = True
+    precision: str = "fp32"
     seed: int = 0
     device: str | None = None
     output_dir: str = "fdm-phase3"
@@ -150,6 +153,7 @@ class Phase3Config:
             raise InputError(f"backbone must be one of {BACKBONES}; got {self.backbone!r}.")
         if self.freeze_decoder and self.freeze_fdm:
             raise InputError("freeze_decoder and freeze_fdm together leave nothing to train; set at most one.")
+        check_precision(self.precision)
         self.output_dir = str(self.output_dir)
         self.loss_schedule()  # validates the term names
 
@@ -257,14 +261,13 @@ class Phase3Trainer:
         self.net = wrap_ddp(self.generator, self.ctx)
         self.optimizer = paper_optimizer([p for p in self.generator.parameters() if p.requires_grad], cfg.lr)
         self.scheduler = WarmupCosineLR(self.optimizer, cfg.steps, cfg.warmup_steps, cfg.min_lr)
-        self.amp = cfg.mixed_precision and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaler = grad_scaler(self.device, cfg.precision)  # enabled for fp16 only
         if self.discriminator is not None:
             self.disc_net = wrap_ddp(self.discriminator, self.ctx)
             self.disc_optimizer = paper_optimizer(self.discriminator.parameters(), cfg.disc_lr)
             disc_steps = max(1, cfg.steps - self.schedule.start_steps["adversarial"])
             self.disc_scheduler = WarmupCosineLR(self.disc_optimizer, disc_steps, cfg.disc_warmup_steps, cfg.min_lr)
-            self.disc_scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+            self.disc_scaler = grad_scaler(self.device, cfg.precision)
         self.step = 0
         self.seconds = 0.0  # wall time of train() calls in this process (a resumed run counts its own part)
         self._mask_generator = torch.Generator()
@@ -320,7 +323,7 @@ class Phase3Trainer:
             seed = int(np.random.SeedSequence([cfg.seed, step, self.ctx.rank]).generate_state(1)[0])
             hole = self._masks(x, self._mask_generator.manual_seed(seed))
         inp = self._inputs(x, hole)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        with autocast(self.device, cfg.precision):  # the losses cast to float32 before reducing (fdm.losses)
             z_dq, recon = self.net(inp["z_in"], inp["cells"], self.adapter.decode_guide(x, hole))
             total, terms = self.loss.generator(x, recon, step, hole=hole, z_dq=z_dq, z=inp["z"],
                                                cell_mask=inp["cells"])
@@ -328,7 +331,7 @@ class Phase3Trainer:
         check_finite_losses(logs, step=step + 1)
         self._update(total, self.optimizer, self.scheduler, self.scaler, self.generator)
         if self.discriminator is not None and self.loss.discriminator_step_active(step):
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            with autocast(self.device, cfg.precision):
                 d_loss = self.loss.discriminator_loss(self.disc_net, x, recon)
             logs["discriminator"] = d_loss.item()
             check_finite_losses({"discriminator": logs["discriminator"]}, step=step + 1)
@@ -397,18 +400,23 @@ class Phase3Trainer:
         return modules
 
     def _stateful(self) -> dict[str, Any]:
-        objects = {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler}
+        objects = {"optimizer": self.optimizer, "scheduler": self.scheduler}
         if self.discriminator is not None:
-            objects |= {"disc_optimizer": self.disc_optimizer, "disc_scheduler": self.disc_scheduler,
-                        "disc_scaler": self.disc_scaler}
+            objects |= {"disc_optimizer": self.disc_optimizer, "disc_scheduler": self.disc_scheduler}
         return objects
+
+    def _scalers(self) -> dict[str, torch.amp.GradScaler]:
+        scalers = {"scaler": self.scaler}
+        if self.discriminator is not None:
+            scalers["disc_scaler"] = self.disc_scaler
+        return scalers
 
     def save_checkpoint(self) -> Path | None:
         """Write a resumable checkpoint of the current step (rank 0; every process waits for it)."""
         ranks = all_gather_objects({"rng": _capture_rng_state()}, self.ctx)  # each process's RNG states
         path = None
         if self.ctx.is_main:
-            state = {name: obj.state_dict() for name, obj in self._stateful().items()}
+            state = {name: obj.state_dict() for name, obj in (self._stateful() | self._scalers()).items()}
             state |= {"phase": 3, "config": self.config.to_dict(), "world_size": self.ctx.world_size, "ranks": ranks}
             path = save_checkpoint(self.checkpoint_dir, self.step, self._modules(), state,
                                    keep=self.config.keep_checkpoints)
@@ -417,6 +425,9 @@ class Phase3Trainer:
 
     def resume(self, path: str | Path) -> None:
         """Load a checkpoint written by :meth:`save_checkpoint` of a run with the same config.
+
+        ``precision`` may differ from the saved run's (e.g. a run moved to another device): the fp16 loss scale is
+        restored where both runs use fp16 and starts afresh otherwise.
 
         Raises:
             CheckpointError: not a phase-3 checkpoint, another config or process count, or weights that do
@@ -434,6 +445,8 @@ class Phase3Trainer:
                                   f"(got {self.ctx.world_size}).")
         for name, obj in self._stateful().items():
             obj.load_state_dict(state[name])
+        for name, scaler in self._scalers().items():  # the precision may differ from the saved run's
+            load_scaler_state(scaler, state.get(name))
         _restore_rng_state(state["ranks"][self.ctx.rank]["rng"])
         self.step = int(state["step"])
 
@@ -450,7 +463,8 @@ class Phase3Trainer:
             "steps": self.step, "batch_size": cfg.batch_size, "world_size": self.ctx.world_size,
             "hole_ratio": list(cfg.hole_ratio) if cfg.hole_ratio is not None else None, "lr": cfg.lr,
             "warmup_steps": cfg.warmup_steps, "seed": cfg.seed, "freeze_decoder": cfg.freeze_decoder,
-            "freeze_fdm": cfg.freeze_fdm, "backbone": cfg.backbone, "seconds": round(self.seconds, 1),
+            "freeze_fdm": cfg.freeze_fdm, "backbone": cfg.backbone, "precision": cfg.precision,
+            "seconds": round(self.seconds, 1),
             **self.schedule.to_dict()}}
         result = FDM(**config)
         result.load_state_dict(source.state_dict())
