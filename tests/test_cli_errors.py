@@ -4,14 +4,17 @@ types for the same bad inputs: unparsable YAML / JSON (file and line), unknown H
 without a cached copy, unreadable images and masks, 16-bit images read with their full range, masks of another
 size than their image.
 
-The command-line cases run `python -m fdm.cli` in a subprocess (about 2-3 s each: it imports torch), with an empty
-Hugging Face cache and offline mode on unless a test serves a local Hub (tests/hub_server.py).
+The command-line cases run `fdm.cli.main` in this process, with the command's own logging to stderr (fixture
+`run_here`); those that depend on what huggingface_hub reads from the environment at import (endpoint, offline
+mode) run `python -m fdm.cli` in a subprocess (about 3 s each: it imports torch), with an empty Hugging Face cache
+and offline mode on unless a test serves a local Hub (tests/hub_server.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -57,6 +60,31 @@ def fdm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def run_fdm(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fdm.cli", *args], cwd=tmp_path, env=fdm_env(tmp_path, **env),
                           capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def run_here(tmp_path, monkeypatch, capsys):
+    """``fdm ARGS`` run in this process as a fresh interpreter runs it: in ``tmp_path``, with the logging that
+    ``fdm.cli.main`` sets up writing to stderr (pytest's log capture set aside for the call), argparse's exit
+    turned into the exit code."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        root.handlers.clear()  # so that main's logging.basicConfig installs its stderr handler
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["fdm", *args], code, out, err)
+
+    return run
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *phrases: str) -> str:
@@ -170,8 +198,8 @@ def test_counts_and_ranges_are_argument_errors(capsys, argv, message):
     assert len(err.strip().splitlines()) == 1 and message in err, err
 
 
-def test_count_of_zero_from_the_command_line(tmp_path, image_dir):
-    line = assert_one_line_error(run_fdm(tmp_path, "eval", str(image_dir), "--views-per-image", "0"),
+def test_count_of_zero_from_the_command_line(run_here, image_dir):
+    line = assert_one_line_error(run_here("eval", str(image_dir), "--views-per-image", "0"),
                                  "argument --views-per-image: expected an integer >= 1; got 0")
     assert line.startswith("fdm eval: error:")
 
@@ -189,9 +217,9 @@ def test_out_folder_is_created_or_refused(tmp_path):
         cli.prepare_output_dir(tmp_path / "file.txt" / "sub")
 
 
-def test_invalid_out_from_the_command_line(tmp_path):
+def test_invalid_out_from_the_command_line(tmp_path, run_here):
     (tmp_path / "file.txt").write_text("x")
-    assert_one_line_error(run_fdm(tmp_path, "demo", "--out", "file.txt/figures"),
+    assert_one_line_error(run_here("demo", "--out", "file.txt/figures"),
                           "--out file.txt/figures: cannot create the output folder")
 
 
@@ -221,24 +249,24 @@ def test_fdm_config_json_that_does_not_parse(image_dir):
         fdm.FDM.from_pretrained(image_dir.parent / "fdm-cut")
 
 
-def test_yaml_that_does_not_parse_from_the_command_line(tmp_path):
+def test_yaml_that_does_not_parse_from_the_command_line(tmp_path, run_here):
     pytest.importorskip("taming")
     (tmp_path / "model.yaml").write_text("model:\n  target: taming.models.vqgan.VQModel\n  params: [1, 2\n")
     (tmp_path / "last.ckpt").write_bytes(b"")
     assert_one_line_error(
-        run_fdm(tmp_path, "sample", "unconditional", "--config", "model.yaml", "--checkpoint", "last.ckpt",
+        run_here("sample", "unconditional", "--config", "model.yaml", "--checkpoint", "last.ckpt",
                 "--out", "samples", "--no-fdm"),
         "taming config model.yaml is not valid YAML: line 4",
     )
 
 
-def test_json_that_does_not_parse_from_the_command_line(tmp_path, image_dir):
-    assert_one_line_error(run_fdm(tmp_path, "eval", str(image_dir), "--fdm", "fdm-cut"),
+def test_json_that_does_not_parse_from_the_command_line(run_here, image_dir):
+    assert_one_line_error(run_here("eval", str(image_dir), "--fdm", "fdm-cut"),
                           "FDM config fdm-cut/config.json is not valid JSON: line 4 column 1")
 
 
-def test_debug_shows_the_traceback(tmp_path, image_dir):
-    result = run_fdm(tmp_path, "--debug", "eval", str(image_dir), "--fdm", "fdm-cut")
+def test_debug_shows_the_traceback(run_here, image_dir):
+    result = run_here("--debug", "eval", str(image_dir), "--fdm", "fdm-cut")
     assert result.returncode == 2
     assert "Traceback (most recent call last)" in result.stderr and "json.decoder.JSONDecodeError" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("fdm eval: error: FDM config")
@@ -346,15 +374,15 @@ def test_unreadable_image_and_mask_files(tmp_path, image_dir):
         read_image(tmp_path / "missing.png")
 
 
-def test_unreadable_image_from_the_command_line(tmp_path, image_dir):
+def test_unreadable_image_from_the_command_line(run_here, image_dir):
     assert_one_line_error(
-        run_fdm(tmp_path, "inpaint", "--checkpoint", str(PUT_CODEC), "--image", "broken.png", "--mask", "mask32.png",
+        run_here("inpaint", "--checkpoint", str(PUT_CODEC), "--image", "broken.png", "--mask", "mask32.png",
                 "--out", "out"),
         "fdm inpaint: error: Cannot read image file broken.png",
     )
 
 
-def test_mask_of_another_size_is_refused_unless_resize_mask(tmp_path, image_dir):
+def test_mask_of_another_size_is_refused_unless_resize_mask(tmp_path, image_dir, run_here):
     from fdm.adapters.put.command import read_inputs
 
     photo, mask = str(image_dir / "photo.png"), str(tmp_path / "mask32.png")
@@ -367,7 +395,7 @@ def test_mask_of_another_size_is_refused_unless_resize_mask(tmp_path, image_dir)
     assert image.shape == (1, 3, 32, 40) and hole.shape == (1, 1, 32, 40)  # --size resizes both
 
     assert_one_line_error(
-        run_fdm(tmp_path, "inpaint", "--checkpoint", str(PUT_CODEC), "--image", photo, "--mask", "mask32.png",
+        run_here("inpaint", "--checkpoint", str(PUT_CODEC), "--image", photo, "--mask", "mask32.png",
                 "--out", "out"),
         "mask mask32.png is 32x32 but image", "is 64x64", "--resize-mask",
     )

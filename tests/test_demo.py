@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import socket
 
 import pytest
 import torch
@@ -32,11 +33,19 @@ from fdm.training import ImageFolderViews
 pytest.importorskip("taming")
 
 
+def _refuse_network(*args, **kwargs):
+    raise AssertionError("fdm demo attempted a network connection")
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    """``fdm demo --out DIR`` (the command of the README and docs/getting-started.md), offline: any connection
+    attempt fails the run."""
     out = tmp_path_factory.mktemp("demo")
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(buffer):
+        patch.setattr(socket.socket, "connect", _refuse_network)
+        patch.setattr(socket, "create_connection", _refuse_network)
         code = main(["demo", "--out", str(out), "--no-progress"])
     return code, out, buffer.getvalue()
 
@@ -77,6 +86,7 @@ def test_demo_fdm_improves_reconstruction_psnr(demo_run):
     assert all(row["feature_ratio"] < 0.93 for row in rows), rows
 
 
+@pytest.mark.slow  # 16 crops of 128 px through three decodes: ~20 s; the default run checks the demo images' gain
 def test_shipped_fdm_gains_on_the_validation_photos(photos_dir):
     """The shipped FDM on held-out photos (16 crops of 128 px of the 8 validation photos), where docs/quality.md
     measures it: every crop gains PSNR (measured +0.03 to +0.38 dB, mean +0.18), the feature error ratio is 0.75

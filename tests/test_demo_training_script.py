@@ -19,7 +19,8 @@ from fdm.finetuned_decoder import DECODER_WEIGHTS_NAME  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"
-pytestmark = pytest.mark.skipif(not (PHOTOS / "train").is_dir(), reason="needs ../shared/data/photos")
+pytestmark = [pytest.mark.skipif(not (PHOTOS / "train").is_dir(), reason="needs ../shared/data/photos"),
+              pytest.mark.slow]  # four training runs and the benchmark: about 30 s on 2 cores
 
 PHASE3 = ("fdm-addon", "fdm-joint", "decoder-only")
 

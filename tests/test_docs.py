@@ -108,12 +108,6 @@ SUBSTITUTIONS = {
         ("fdm.Dequantizer(vqgan, module, check_fingerprint=False)",
          "fdm.Dequantizer(vqgan, load_demo_fdm(), check_fingerprint=False)"),
     ],
-    "docs/taming.md": [
-        ("--config vqgan/configs/model.yaml --checkpoint vqgan/checkpoints/last.ckpt",
-         f"--config {DEMO_CONFIG} --checkpoint {DEMO_WEIGHTS}"),
-        ("--data ffhq_images/", f"--data {IMAGES}"),
-        ("--steps 20000", SHORT_RUN),
-    ],
     "docs/quality.md": [
         # FID and ST-LPIPS on CPU take minutes; tests/test_eval.py covers them; smaller and fewer crops, same path
         ("fdm eval ../shared/data/photos/val --crop 128 --views-per-image 4",

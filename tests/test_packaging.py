@@ -12,6 +12,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_import_touches_no_optional_dependency_and_no_network():
+    """One fresh interpreter: ``import fdm`` imports no model family (the registry imports them when asked), and
+    importing every family and the CLI imports no optional dependency and opens no connection."""
     result = _run(
         f"""
         import socket, sys
@@ -20,7 +22,9 @@ def test_import_touches_no_optional_dependency_and_no_network():
         socket.socket.connect = refuse
         socket.create_connection = refuse
         import torch
-        import fdm, fdm.adapters, fdm.adapters.taming, fdm.adapters.put, fdm.adapters.diffusers, fdm.cli
+        import fdm
+        print("FAMILIES", sorted(m for m in sys.modules if m.startswith("fdm.adapters")))
+        import fdm.adapters, fdm.adapters.taming, fdm.adapters.put, fdm.adapters.diffusers, fdm.cli
         module = fdm.FDM(8, hidden_channels=8, num_blocks=1)
         module(torch.zeros(1, 8, 2, 2))
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in {OPTIONAL!r})
@@ -28,7 +32,7 @@ def test_import_touches_no_optional_dependency_and_no_network():
         """
     )
     assert result.returncode == 0, result.stderr
-    assert "LOADED []" in result.stdout, result.stdout
+    assert "FAMILIES []" in result.stdout and "LOADED []" in result.stdout, result.stdout
 
 
 def test_public_names():

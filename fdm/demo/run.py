@@ -4,7 +4,6 @@ written as two labelled figures, a metrics table and ``metrics.json``."""
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from fdm.images import image_grid, read_image, to_pil
 
 __all__ = ["SAMPLE_IMAGES", "DemoResult", "box_mask", "format_table", "load_sample", "run_demo"]
 
-logger = logging.getLogger(__name__)
 
 #: Bundled sample images (scikit-image's data, public domain / CC0; see assets/SOURCES.md).
 SAMPLE_IMAGES = ("astronaut", "coffee", "chelsea")
@@ -158,5 +156,4 @@ def run_demo(out_dir: str | Path, *, progress: bool = True, device: str | torch.
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     bar.update(1)
     bar.close()
-    logger.info("wrote %s, %s and %s", *figures, out / METRICS_FILE)
     return DemoResult(figures=figures, metrics=metrics)
