@@ -24,6 +24,7 @@ indices in range.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -300,8 +301,10 @@ class FeatureCache:
             bar.update(n)
         bar.close()
 
-    def _shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Per-view shapes of ``z`` (C, h, w) and of the indices (h, w), from the model and the view size."""
+    @functools.cached_property
+    def _view_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-view shapes of ``z`` (C, h, w) and of the indices (h, w), from the model and the size of the first
+        view (read once)."""
         size = self.views[0].shape[-2:] if getattr(self.views, "random_access", True) else \
             next(iter(self.views.iter_views(0, 1)))[1].shape[-2:]
         h, w = (s // self.adapter.factor for s in size)
@@ -313,7 +316,7 @@ class FeatureCache:
 
     def _fill_memory(self, shard: int) -> _Shard:
         views = self.shards[shard]
-        z_shape, code_shape = self._shapes()
+        z_shape, code_shape = self._view_shapes
         z = torch.empty((len(views), *z_shape), dtype=_to_storage(torch.zeros(0), self.dtype).dtype)
         codes = torch.empty((len(views), *code_shape), dtype=getattr(torch, self._index_dtype()))
         self._encode_into(shard, views, z, codes, 0)
@@ -353,7 +356,7 @@ class FeatureCache:
         """The shard's arrays, writable, and how many views they already hold: those of an interrupted pass
         when its ``progress.json`` belongs to this cache and the arrays have the expected layout, else new ones."""
         views = self.shards[shard]
-        z_shape, code_shape = self._shapes()
+        z_shape, code_shape = self._view_shapes
         expected = ((len(views), *z_shape), np.dtype(_NUMPY_DTYPES[self.dtype]),
                     (len(views), *code_shape), np.dtype(self._index_dtype()))
         try:
@@ -411,7 +414,7 @@ class FeatureCache:
             raise CheckpointError(f"feature cache {folder} was built for another {' and '.join(differs)} "
                                   f"than this run's. {remedy}")
         views = self.shards[shard]
-        z_shape, code_shape = self._shapes()
+        z_shape, code_shape = self._view_shapes
         expected = {"z": ((len(views), *z_shape), np.dtype(_NUMPY_DTYPES[self.dtype])),
                     "indices": ((len(views), *code_shape), np.dtype(self._index_dtype()))}
         arrays = {}
