@@ -17,8 +17,8 @@ import torch
 import fdm
 from fdm.adapters.taming import load_model
 from fdm.adapters.taming.command import read_label_maps
-from fdm.adapters.taming.images import save_grid
 from fdm.adapters.taming.sampling import decode_indices, sample_semantic
+from fdm.images import save_grid
 
 
 def colorize(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -16,8 +16,8 @@ import torch
 
 import fdm
 from fdm.adapters.taming import load_model
-from fdm.adapters.taming.images import save_grid
 from fdm.adapters.taming.sampling import decode_indices, sample_unconditional
+from fdm.images import save_grid
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -1,5 +1,6 @@
 """Image files and tensors: (B, 3, H, W) / (3, H, W) float tensors in [-1, 1] to and from RGB files, and the one
-grid writer (:func:`image_grid`) behind the demo figures, the phase-3 validation grids and the examples.
+grid writer (:func:`image_grid`, and :func:`save_grid` for a batch) behind the demo figures, the phase-3 validation
+grids, ``fdm sample`` and the examples.
 
 Files are read with their full range: 8-bit images (RGB, grayscale, palette...) scale 0..255 to [-1, 1], 16-bit
 grayscale PNGs (Pillow modes ``I;16`` / ``I``) scale 0..65535. A file that is missing or cannot be decoded raises
@@ -9,6 +10,7 @@ grayscale PNGs (Pillow modes ``I;16`` / ``I``) scale 0..65535. A file that is mi
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,10 +20,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from fdm.errors import InputError
+from fdm.validation import check_image
 
 __all__ = [
-    "as_rgb8", "decode_image", "image_grid", "image_size", "open_image", "read_gray", "read_image", "save_image",
-    "to_pil",
+    "as_rgb8", "decode_image", "image_grid", "image_size", "open_image", "read_gray", "read_image", "save_grid",
+    "save_image", "save_images", "to_pil",
 ]
 
 #: Pillow modes of high-bit-depth single-channel images, read with 16-bit range (``I``: how some Pillow
@@ -130,6 +133,28 @@ def read_image(path: str | Path, size: tuple[int, int] | None = None) -> torch.T
 def save_image(image: torch.Tensor, path: str | Path) -> None:
     """Write a (3, H, W) tensor in [-1, 1] as an 8-bit PNG."""
     to_pil(image).save(path)
+
+
+def save_images(images: torch.Tensor, folder: str | Path, prefix: str = "sample") -> list[Path]:
+    """Write each of (N, 3, H, W) images in [-1, 1] as ``folder/{prefix}_{k:04d}.png``; returns the paths."""
+    check_image(images, name="images")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{prefix}_{k:04d}.png" for k in range(images.shape[0])]
+    for image, path in zip(images, paths):
+        save_image(image, path)
+    return paths
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Write (N, 3, H, W) images in [-1, 1] to ``path`` as one PNG grid of :func:`image_grid`, ``nrow`` per row
+    (default: about sqrt(N)); returns the path."""
+    check_image(images, name="images")
+    nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid([list(images[k:k + nrow]) for k in range(0, images.shape[0], nrow)]).save(path)
+    return path
 
 
 _PAD = 4  # pixels around and between tiles

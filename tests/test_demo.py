@@ -25,8 +25,9 @@ from fdm.demo.run import (
     box_mask,
     load_sample,
 )
+from fdm.errors import InputError
 from fdm.evaluation import compare
-from fdm.images import image_grid
+from fdm.images import image_grid, save_grid, save_images
 from fdm.metrics import load_stlpips
 from fdm.training import ImageFolderViews
 
@@ -165,3 +166,17 @@ def test_error_map_and_grid():
     assert plain.size == (2 * 8 + 3 * 4, 2 * 8 + 3 * 4)
     assert plain.getpixel((4, 4)) == (255, 255, 255) and plain.getpixel((16, 4)) == (0, 0, 0)
     assert plain.getpixel((16, 12)) == (255, 255, 255)  # background below the shorter tile
+
+
+def test_save_grid_and_save_images(tmp_path):
+    images = torch.linspace(-1, 1, 5).view(5, 1, 1, 1).expand(5, 3, 6, 8)  # five flat grays
+    path = save_grid(images, tmp_path / "sub" / "grid.png", nrow=2)  # rows of 2, 2 and 1 tiles
+    grid = Image.open(path)
+    assert grid.size == (2 * 8 + 3 * 4, 3 * 6 + 4 * 4)
+    assert grid.getpixel((4, 4)) == (0, 0, 0) and grid.getpixel((4 + 8 + 4, 4)) == (64, 64, 64)  # row 0: -1, -0.5
+    assert grid.getpixel((4, 4 + 6 + 4)) == (128, 128, 128)  # row 1 starts with the third image (0)
+    paths = save_images(images, tmp_path / "each", prefix="s")
+    assert [p.name for p in paths] == [f"s_{k:04d}.png" for k in range(5)]
+    assert Image.open(paths[4]).getpixel((0, 0)) == (255, 255, 255)
+    with pytest.raises(InputError, match=r"\(B, 3, H, W\)"):
+        save_grid(images[0], tmp_path / "bad.png")

@@ -1,9 +1,16 @@
-"""Packaging: import hygiene (no optional dependency, no network at import or construction), entry point."""
+"""Packaging: import hygiene (no optional dependency, no network at import or construction), entry point, the sdist's
+contents."""
 
+import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
+from pathlib import Path
 
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("taming", "diffusers", "torchvision", "pytorch_lightning", "omegaconf", "accelerate", "stlpips_pytorch")
 
 
@@ -55,3 +62,24 @@ def test_console_script_help():
     assert result.returncode == 0, result.stderr
     for command in ("demo", "eval", "train", "finetune", "sample", "inpaint", "push"):
         assert command in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")
+def test_sdist_carries_every_file_its_tests_and_docs_use(tmp_path):
+    """An sdist built from this checkout holds every tracked file of tests/, benchmarks/, docs/ and examples/ (what
+    pytest run from the unpacked sdist needs) and the demo's assets, and no training output."""
+    build = subprocess.run(
+        [sys.executable, "-c", "from setuptools import setup; setup()", "-q", "sdist", "--dist-dir", str(tmp_path),
+         "egg_info", "--egg-base", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    (archive,) = tmp_path.glob("fdm_vq-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    tracked = subprocess.run(["git", "ls-files", "tests", "benchmarks", "docs", "examples", "fdm/demo/assets"],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert len(tracked) > 50
+    assert sorted(set(tracked) - packed) == []
+    assert not any(name.startswith(("runs/", "training-checkpoints/")) for name in packed)

@@ -258,11 +258,11 @@ def test_examples(tmp_path, saved, name, task, extra):
                                 "--fdm", str(saved["fdm"]), "--top-k", "8", "--out", str(tmp_path), "--device", "cpu",
                                 *extra])
     grid = np.asarray(Image.open(path))
-    columns, width = (3, 48) if task == "semantic" else (2, 32)
-    assert grid.shape[1] == columns * width + (columns + 1) * 2
+    (columns, width), pad = ((3, 48) if task == "semantic" else (2, 32)), 4
+    assert grid.shape[1] == columns * width + (columns + 1) * pad
 
     def cell(column: int) -> np.ndarray:
-        x = 2 + column * (width + 2)
-        return grid[2:34, x:x + width]
+        x = pad + column * (width + pad)
+        return grid[pad:pad + 32, x:x + width]
 
     assert not np.array_equal(cell(columns - 2), cell(columns - 1))  # with FDM differs from without

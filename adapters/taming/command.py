@@ -89,7 +89,6 @@ def read_label_maps(paths: list[Path]) -> torch.Tensor:
 def run(args: argparse.Namespace) -> int:
     if args.model != "taming":
         raise UsageError(f"fdm sample works with taming transformers (--model taming); got --model {args.model}.")
-    from fdm.adapters.taming.images import save_grid, save_images
     from fdm.adapters.taming.sampling import (
         decode_indices,
         sample_class,
@@ -97,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         sample_unconditional,
     )
     from fdm.commands.model_options import load_base_model, load_fdm
+    from fdm.images import save_grid, save_images
 
     fdm_module = None if args.no_fdm else load_fdm(args)  # first: the cheapest to fail
     model = load_base_model(args)

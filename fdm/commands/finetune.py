@@ -22,6 +22,7 @@ from collections.abc import Callable
 from torch import nn
 
 from fdm.commands.argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int
+from fdm.commands.data_options import add_data_arguments
 from fdm.commands.model_options import add_model_arguments, load_base_model, load_fdm
 from fdm.errors import UsageError
 from fdm.losses import TERMS
@@ -56,20 +57,7 @@ def _term_value(kind: Callable[[str], float | int]) -> Callable[[str], tuple[str
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, metavar="SPEC",
-                      help="training images: a folder (searched recursively); WebDataset tar shards as a path, glob "
-                           "or brace pattern ('shards/train-{000000..000009}.tar'); or hf:PATH, a Hugging Face "
-                           "dataset folder (save_to_disk or imagefolder), options as in "
-                           "'hf:PATH?split=train&column=image&num_images=N' (no streaming: fine-tuning reads "
-                           "images by index; see docs/training.md, Data sources)")
-    data.add_argument("--val-data", metavar="SPEC",
-                      help="validation images, in the forms of --data (PNG grids and metrics every --val-every "
-                           "steps)")
-    data.add_argument("--crop-size", type=positive_int, default=256,
-                      help="side of the square training crops (default 256)")
-    data.add_argument("--views-per-image", type=positive_int, default=1,
-                      help="fixed random crops per image (default 1)")
+    add_data_arguments(parser, streaming=False, validation=True)
     group = parser.add_argument_group("fine-tuning")
     group.add_argument("--out", required=True, help="output folder: checkpoints, validation grids, metrics, OUT/fdm")
     group.add_argument("--steps", type=positive_int, required=True, help="number of optimizer steps")

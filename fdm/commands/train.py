@@ -22,6 +22,7 @@ from torch import nn
 
 from fdm.adapter import find_adapter
 from fdm.commands.argtypes import fraction, int_at_least, non_negative_int, positive_float, positive_int
+from fdm.commands.data_options import add_data_arguments
 from fdm.commands.model_options import add_model_arguments, load_base_model
 from fdm.errors import UsageError
 from fdm.masks import DEFAULT_HOLE_RATIO
@@ -49,17 +50,7 @@ DEFAULT_EPOCHS = 20
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, fdm=False)
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, metavar="SPEC",
-                      help="training images: a folder (searched recursively); WebDataset tar shards as a path, glob "
-                           "or brace pattern ('shards/train-{000000..000009}.tar'); or hf:PATH, a Hugging Face "
-                           "dataset folder (save_to_disk or imagefolder), options as in "
-                           "'hf:PATH?split=train&column=image&streaming=1&num_images=N' (streaming needs --cache "
-                           "memory or disk; see docs/training.md, Data sources)")
-    data.add_argument("--crop-size", type=positive_int, default=256,
-                      help="side of the square training crops (default 256)")
-    data.add_argument("--views-per-image", type=positive_int, default=1,
-                      help="fixed random crops per image (default 1)")
+    add_data_arguments(parser, streaming=True)
     run_group = parser.add_argument_group("training")
     run_group.add_argument("--out", required=True, help="output folder: the trained FDM and its checkpoints")
     length = run_group.add_mutually_exclusive_group()
