@@ -25,6 +25,7 @@ from fdm.precision import full_precision
 from fdm.validation import (
     check_binary_mask,
     check_dtype,
+    check_fdm_fits,
     check_image,
     check_latent,
     check_latent_mask,
@@ -84,11 +85,7 @@ class Dequantizer(nn.Module):
         self.adapter = adapter if adapter is not None else find_adapter(model)
         self.model = model
         self.fdm = fdm_module
-        if fdm_module.channels != self.adapter.channels:
-            raise FingerprintMismatchError(
-                f"The FDM works on {fdm_module.channels}-channel features but the model's quantized map has "
-                f"{self.adapter.channels} channels: this FDM was trained for another base model."
-            )
+        check_fdm_fits(fdm_module, self.adapter.channels)
         if not fdm_module.base_model_fingerprint:
             warnings.warn(
                 "This FDM records no base-model fingerprint, so nothing checks that it was trained for this model: it "

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from fdm.errors import InputError
+from fdm.errors import FingerprintMismatchError, InputError
 
 __all__ = [
-    "check_binary_mask", "check_dtype", "check_finite", "check_image", "check_latent", "check_latent_mask",
-    "check_pixel_mask",
+    "check_binary_mask", "check_dtype", "check_fdm_fits", "check_finite", "check_image", "check_latent",
+    "check_latent_mask", "check_pixel_mask",
 ]
 
 
@@ -123,3 +123,21 @@ def check_finite(x: torch.Tensor, *, name: str = "image") -> None:
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
         raise InputError(f"{name} holds {bad} NaN/Inf values; expected finite numbers.")
+
+
+def check_fdm_fits(fdm_module: torch.nn.Module, channels: int, *, masked: bool = False) -> None:
+    """Check that an FDM can serve a base model whose quantized map has ``channels`` channels and, with ``masked``,
+    that it takes the cell-mask input that training with hole masks feeds it.
+
+    Raises:
+        FingerprintMismatchError: the FDM works on another number of channels (it was made for another model).
+        InputError: ``masked`` but the FDM has no mask input (``mask_channels=0``).
+    """
+    if fdm_module.channels != channels:
+        raise FingerprintMismatchError(
+            f"The FDM works on {fdm_module.channels}-channel features but the model's quantized map has {channels} "
+            "channels: this FDM was made for another base model."
+        )
+    if masked and fdm_module.mask_channels == 0:
+        raise InputError("training with hole masks (hole_ratio set) needs an FDM with mask_channels=1; "
+                         "set hole_ratio=None for mask-free training.")

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from fdm.adapter import VQAdapter, find_adapter
-from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
+from fdm.errors import CheckpointError, InputError
 from fdm.losses.qe import qe_loss
 from fdm.masks import DEFAULT_HOLE_RATIO, keep_known, latent_mask, random_irregular_mask
 from fdm.module import FDM
@@ -47,6 +47,7 @@ from fdm.training.schedule import (
     WarmupCosineLR,
     paper_optimizer,
 )
+from fdm.validation import check_fdm_fits
 
 __all__ = ["Phase2Config", "Phase2Trainer", "train_phase2"]
 
@@ -197,12 +198,7 @@ class Phase2Trainer:
                 torch.manual_seed(config.seed)
                 fdm_module = FDM(self.adapter.channels, mask_channels=0 if config.hole_ratio is None else 1,
                                  hidden_channels=config.hidden_channels, num_blocks=config.num_blocks)
-        if fdm_module.channels != self.adapter.channels:
-            raise FingerprintMismatchError(f"the FDM works on {fdm_module.channels} channels but the model's latent "
-                                           f"map has {self.adapter.channels}: it was made for another base model.")
-        if config.hole_ratio is not None and fdm_module.mask_channels == 0:
-            raise InputError("training with hole masks (hole_ratio set) needs an FDM with mask_channels=1; "
-                             "set hole_ratio=None for mask-free training.")
+        check_fdm_fits(fdm_module, self.adapter.channels, masked=config.hole_ratio is not None)
         self.fdm = fdm_module
         self.step = 0
         self.history: list[dict[str, float]] = []

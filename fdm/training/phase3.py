@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from fdm.adapter import VQAdapter, find_adapter
-from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
+from fdm.errors import CheckpointError, InputError
 from fdm.finetuned_decoder import apply_decoder_state, decoder_state_dict
 from fdm.images import image_grid
 from fdm.losses import LossSchedule, Phase3Loss
@@ -51,6 +51,7 @@ from fdm.training.distributed import (
 from fdm.training.feature_cache import encode_views
 from fdm.training.monitoring import ImageMetrics, check_finite_losses
 from fdm.training.schedule import PAPER_LR, PAPER_MIN_LR, WarmupCosineLR, paper_optimizer
+from fdm.validation import check_fdm_fits
 
 __all__ = ["Phase3Config", "Phase3Trainer", "finetune"]
 
@@ -226,12 +227,7 @@ class Phase3Trainer:
         self.adapter = adapter if adapter is not None else find_adapter(model)
         if len(views) == 0:
             raise InputError("the training set is empty.")
-        if fdm_module.channels != self.adapter.channels:
-            raise FingerprintMismatchError(f"the FDM works on {fdm_module.channels} channels but the model's latent "
-                                           f"map has {self.adapter.channels}: it was made for another base model.")
-        if cfg.hole_ratio is not None and fdm_module.mask_channels == 0:
-            raise InputError("training with hole masks (hole_ratio set) needs an FDM with mask_channels=1; "
-                             "set hole_ratio=None for mask-free training.")
+        check_fdm_fits(fdm_module, self.adapter.channels, masked=cfg.hole_ratio is not None)
         if fdm_module.finetuned_decoder:  # fine-tuning a phase-3 FDM further: its decoder goes in first
             if fdm_module.decoder_state is None:
                 raise CheckpointError("this FDM was fine-tuned with a decoder (finetuned_decoder=True) but carries "
