@@ -304,7 +304,7 @@ class Phase2Trainer:
             seed = int(np.random.SeedSequence([self.config.seed, self.step, index]).generate_state(1)[0])
             holes.append(random_irregular_mask(size[0] * f, size[1] * f, self.config.hole_ratio,
                                                generator=torch.Generator().manual_seed(seed)))
-        return latent_mask(torch.stack(holes), f)
+        return latent_mask(torch.stack(holes), f, check_binary=False)  # binary by construction: no device sync
 
     def _end_epoch(self, epoch: int, losses: list[float], seconds: float, ctx: DistContext) -> None:
         mean = float(all_reduce_mean(torch.tensor(float(np.mean(losses))), ctx))

@@ -295,7 +295,8 @@ class Phase3Trainer:
         z, z_q = encode_views(self.adapter, x)  # (B, C, h, w) each
         if hole is None:
             return {"z_in": z_q, "z": z, "cells": None}
-        cells = latent_mask(hole, self.adapter.factor)  # (B, 1, h, w), 1 = generated
+        cells = latent_mask(hole, self.adapter.factor, check_binary=False)  # (B, 1, h, w), 1 = generated;
+        # the holes come from :meth:`_masks`, binary by construction: no check, no device sync
         z_known = self.adapter.encode_known(x, hole, z).float()  # PUT: the masked image's features
         return {"z_in": keep_known(z_known, z_q, cells), "z": z, "cells": cells}
 
