@@ -135,9 +135,9 @@ def test_a_channel_mismatch_is_the_same_error_everywhere(tmp_path):
 
     model, wrong = ToyVQ().eval(), fdm.FDM(16, hidden_channels=8, num_blocks=1)
     views = TensorViews(torch.rand(2, 3, 16, 16) * 2 - 1)
-    with pytest.raises(FingerprintMismatchError, match="16 channels"):
+    with pytest.raises(FingerprintMismatchError, match="16-channel features .* 8 channels"):
         Phase2Trainer(model, views, Phase2Config(steps=1, output_dir=str(tmp_path / "p2")), fdm_module=wrong)
-    with pytest.raises(FingerprintMismatchError, match="16 channels"):
+    with pytest.raises(FingerprintMismatchError, match="16-channel features .* 8 channels"):
         Phase3Trainer(model, wrong, views, Phase3Config(steps=1, output_dir=str(tmp_path / "p3"), drop_vgg_terms=True))
     with pytest.raises(FingerprintMismatchError, match="16-channel"):
         fdm.Dequantizer(model, wrong)
