@@ -1,5 +1,6 @@
-"""examples/train_demo_model.py (phase 2 and the three phase-3 runs) and benchmarks/quality.py run end to end on tiny
-budgets and write what docs/quality.md reads: FDM folders that change only what each run trains, and one table."""
+"""examples/train_demo_model.py (phase 2 and the three phase-3 runs) and the benchmarks of docs/quality.md
+(quality.py, detail_by_image.py) run end to end on tiny budgets and write what docs/quality.md reads: FDM folders that
+change only what each run trains, and the tables."""
 
 from __future__ import annotations
 
@@ -97,3 +98,23 @@ def test_quality_benchmark_table(runs, tmp_path, capsys):
     assert rows["decode(z), the bound"]["psnr"] > plain["psnr"]
     table = capsys.readouterr().out
     assert "decoder-only fine-tuning" in table and "8 views" in table
+
+
+def test_detail_by_image_table(tmp_path, capsys):
+    detail = _script("benchmarks/detail_by_image.py")
+    report = tmp_path / "detail.json"
+    assert detail.main([str(PHOTOS / "val"), "--sizes", "64", "--native", "64", "--threads", "1",
+                        "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    photos = sorted(p.name for p in (PHOTOS / "val").iterdir())
+    views = {(row["image"], row["view"]) for row in result["rows"]}
+    assert views == ({(f"demo: {name}", "as shipped") for name in ("astronaut", "coffee", "chelsea")}
+                     | {(name, view) for name in photos for view in ("whole, 64 px", "native, 64 px")})
+    for row in result["rows"]:
+        assert 10 < row["psnr_vq"] < 45 and 10 < row["psnr_fdm"] < 45 and 0 < row["stlpips_vq"] < 1
+    worse = {row["image"] for row in result["rows"]} - {
+        row["image"] for row in result["rows"] if row["stlpips_fdm"] <= row["stlpips_vq"]}
+    assert sorted(worse) == result["worse_at_every_view"]
+    assert "same way at every view" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        detail.main([str(PHOTOS / "val"), "--sizes", "63"])
