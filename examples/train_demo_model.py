@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="steps between resumable checkpoints in OUT/checkpoints (one kept; 0: none)")
 
     for name, (what, _) in PHASE3_RUNS.items():
-        p = _stage_parser(sub, name, what, train_phase3, out=ROOT / "runs" / name, steps=600, batch=8, lr=2e-4)
+        p = _stage_parser(sub, name, what, train_phase3, out=ROOT / "runs" / name, steps=400, batch=8, lr=2e-4)
         p.add_argument("--fdm-dir", type=Path, default=PHASE2_DIR, help="the phase-2 FDM to start from")
         p.add_argument("--work", type=Path, default=ROOT / "runs" / "phase3-work",
                        help="checkpoints and metrics.jsonl (in WORK/<command>); a run resumes from its checkpoint")
