@@ -20,13 +20,11 @@ import torch.nn.functional as F
 
 from fdm import Dequantizer
 from fdm.demo.model import load_demo_fdm, load_demo_vqgan
-from fdm.demo.run import load_sample
+from fdm.demo.run import SAMPLE_IMAGES, load_sample
 from fdm.evaluation import compare
 from fdm.images import read_image
 from fdm.metrics import load_stlpips
 from fdm.training import list_images
-
-DEMO_IMAGES = ("astronaut", "coffee", "chelsea")
 
 
 def _centre_square(x: torch.Tensor, side: int) -> torch.Tensor:
@@ -67,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     dequantizer, stlpips = Dequantizer(load_demo_vqgan(), load_demo_fdm()), load_stlpips()
 
     images = [] if args.no_demo_images else [(f"demo: {name}", [("as shipped", load_sample(name))])
-                                              for name in DEMO_IMAGES]
+                                              for name in SAMPLE_IMAGES]
     images += [(path.name, _views(path, args.sizes, args.native)) for path in list_images(args.folder)]
     rows = []
     for name, views in images:

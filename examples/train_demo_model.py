@@ -292,7 +292,7 @@ def train_fdm(args: argparse.Namespace) -> None:
     Masks: random irregular holes covering 30 % to 90 % of the pixels, so the FDM sees everything from partly
     known maps to all-ones cell masks (plain reconstruction, the case `fdm demo` and `fdm eval` measure).
     """
-    from fdm.training import Phase2Config, TensorViews, latest_checkpoint, train_phase2
+    from fdm.training import Phase2Config, Phase2Trainer, TensorViews, latest_checkpoint
 
     model = load_base(args)
     views = TensorViews(training_views(args))
@@ -302,8 +302,8 @@ def train_fdm(args: argparse.Namespace) -> None:
         keep_checkpoints=1, output_dir=str(args.out), log_every=250,
         base_model="fdm-vq demo VQGAN (fdm/demo/assets/vqgan.yaml)",
     )
-    resume = latest_checkpoint(Path(args.out) / "checkpoints")
-    module = train_phase2(model, views, config, resume_from=resume)
+    trainer = Phase2Trainer(model, views, config)
+    module = trainer.train(resume_from=latest_checkpoint(trainer.checkpoint_dir))
     log.info("FDM: %d parameters, saved to %s", sum(p.numel() for p in module.parameters()), args.out)
 
 

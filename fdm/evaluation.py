@@ -127,12 +127,13 @@ def evaluate_views(
             lpips = load_stlpips(device)
         except ImportError as err:
             notes.append(f"ST-LPIPS skipped: {err}")
-        try:
-            fid = load_fid(device) if len(views) >= 2 else None
-        except ImportError as err:
-            notes.append(f"FID skipped: {err}")
         if len(views) < 2:
             notes.append("FID skipped: it needs at least 2 views.")
+        else:
+            try:
+                fid = load_fid(device)
+            except ImportError as err:
+                notes.append(f"FID skipped: {err}")
     settings = ["reconstruction"] + (["inpainting (oracle)"] if holes else [])
     acc: dict[str, dict[str, list]] = {s: {} for s in settings}
     generator = torch.Generator().manual_seed(seed)

@@ -1,12 +1,15 @@
-"""Fingerprints of base VQ models: which codebook (and channel count) an FDM belongs to."""
+"""Fingerprints: which codebook (and channel count) an FDM belongs to, and short ids of JSON-able descriptions
+(training data, feature caches)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+from typing import Any
 
 import torch
 
-__all__ = ["codebook_fingerprint"]
+__all__ = ["codebook_fingerprint", "json_digest"]
 
 
 def codebook_fingerprint(codebook: torch.Tensor) -> str:
@@ -24,3 +27,8 @@ def codebook_fingerprint(codebook: torch.Tensor) -> str:
     data = codebook.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
     digest = hashlib.sha256(data).hexdigest()[:16]
     return f"n{codebook.shape[0]}-c{codebook.shape[1]}-{digest}"
+
+
+def json_digest(data: Any) -> str:
+    """16 hex digits of the sha256 of ``data`` written as sorted-key JSON: the same id for equal descriptions."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -288,10 +288,11 @@ class PVQVAE(nn.Module):
         p = self.patch_size
         if pixel_mask is None and image is not None:
             raise InputError("PUT's decoder was given an image but no pixel_mask saying which pixels are holes.")
-        if pixel_mask is None:
+        if pixel_mask is None:  # a pure decode: every pixel a hole, no guide (nothing to read back)
             pixel_mask = torch.ones(b, 1, h * p, w * p, dtype=z.dtype, device=z.device)
+            image = torch.zeros(b, 3, h * p, w * p, dtype=z.dtype, device=z.device)
             check_binary = False  # all holes, by construction
-        if image is None:
+        elif image is None:
             if not pixel_mask.bool().all():
                 raise InputError("PUT's decoder needs the image whose known pixels guide it: pass image=... "
                                  "together with a pixel_mask that has known pixels.")

@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 
 from fdm.commands.argtypes import positive_int
+from fdm.training.sources import DATA_FORMS
 
 __all__ = ["add_data_arguments"]
 
-_FORMS = ("a folder (searched recursively); WebDataset tar shards as a path, glob or brace pattern "
-          "('shards/train-{000000..000009}.tar'); or hf:PATH, a Hugging Face dataset folder (save_to_disk or "
-          "imagefolder)")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, streaming: bool, validation: bool = False) -> None:
@@ -25,7 +23,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, streaming: bool, vali
         options = ("options as in 'hf:PATH?split=train&column=image&num_images=N' (no streaming: this command "
                    "reads images by index; see docs/training.md, Data sources)")
     group = parser.add_argument_group("data")
-    group.add_argument("--data", required=True, metavar="SPEC", help=f"training images: {_FORMS}, {options}")
+    group.add_argument("--data", required=True, metavar="SPEC", help=f"training images: {DATA_FORMS}; {options}")
     if validation:
         group.add_argument("--val-data", metavar="SPEC",
                            help="validation images, in the forms of --data (PNG grids and metrics every --val-every "

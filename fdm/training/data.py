@@ -19,7 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fdm.errors import InputError
-from fdm.training.sources import IMAGE_EXTENSIONS, FolderSource, ImageSource, _bounds, _digest, list_images
+from fdm.fingerprint import json_digest
+from fdm.training.sources import IMAGE_EXTENSIONS, FolderSource, ImageSource, _bounds, list_images
 from fdm.validation import check_finite, check_image
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderViews", "SeededViews", "TensorViews", "list_images"]
@@ -147,7 +148,7 @@ class SeededViews(Dataset):
             "scale_range": self.scale_range,
             "flip": self.flip,
         }
-        return _digest(spec)
+        return json_digest(spec)
 
     def names(self) -> list[str]:
         """An identifier per image (not per view), in order: see :meth:`ImageSource.names`."""
@@ -179,10 +180,17 @@ class ImageFolderViews(SeededViews):
         scale_range: tuple[float, float] = (1.0, 1.125),
         flip: bool = True,
     ):
-        source = FolderSource(root)
-        super().__init__(source, crop_size, views_per_image, seed=seed, scale_range=scale_range, flip=flip)
-        self.root = source.root
-        self.files = source.files
+        super().__init__(FolderSource(root), crop_size, views_per_image, seed=seed, scale_range=scale_range, flip=flip)
+
+    @property
+    def root(self) -> Path:
+        """The image folder."""
+        return self.source.root
+
+    @property
+    def files(self) -> list[Path]:
+        """Its image files, sorted by relative path."""
+        return self.source.files
 
 
 class TensorViews(Dataset):

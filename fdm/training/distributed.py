@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -27,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 __all__ = [
+    "derived_seed",
     "DistContext",
     "all_gather_objects",
     "all_gather_tensors",
@@ -156,3 +158,9 @@ def all_gather_tensors(value: torch.Tensor, ctx: DistContext) -> list[torch.Tens
     gathered = [torch.empty_like(value) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, value)
     return gathered
+
+
+def derived_seed(*keys: int) -> int:
+    """A 32-bit seed determined by ``keys`` alone (e.g. run seed, step, view), so that what it draws does not depend
+    on how many processes share the work."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])

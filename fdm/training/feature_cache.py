@@ -25,7 +25,6 @@ indices in range.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -43,7 +42,8 @@ from tqdm.auto import tqdm
 from fdm.adapter import VQAdapter
 from fdm.checkpoint import file_sha256, state_dict_digest
 from fdm.errors import CheckpointError, InputError, TrainingError
-from fdm.training.distributed import DistContext, barrier
+from fdm.fingerprint import json_digest
+from fdm.training.distributed import DistContext, barrier, derived_seed
 from fdm.validation import check_finite, check_image
 
 __all__ = ["CACHE_DTYPES", "CACHE_MODES", "FeatureCache", "ShardedBatches", "encode_views", "shard_ranges"]
@@ -193,7 +193,7 @@ class FeatureCache:
 
     def key(self) -> str:
         """Id of the cached content (the name of its folder): :meth:`binding` hashed."""
-        return hashlib.sha256(json.dumps(self.binding(), sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(self.binding())
 
     def binding(self) -> dict:
         """What a disk cache belongs to: format, base model weight digest and codebook, views, storage, shards."""
@@ -481,7 +481,7 @@ class ShardedBatches:
         return [int(i) for s in self.owned for i in self._orders[s][lo:hi]]
 
     def _order(self, shard: int, epoch: int) -> torch.Tensor:
-        seed = int(np.random.SeedSequence([self.seed, epoch, shard]).generate_state(1)[0])
+        seed = derived_seed(self.seed, epoch, shard)
         views = self.shards[shard]
         return torch.randperm(len(views), generator=torch.Generator().manual_seed(seed)) + views.start
 

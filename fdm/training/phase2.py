@@ -33,6 +33,7 @@ from fdm.training.distributed import (
     all_gather_objects,
     all_reduce_mean,
     barrier,
+    derived_seed,
     init_distributed,
     unwrap,
     wrap_ddp,
@@ -284,7 +285,8 @@ class Phase2Trainer:
             cells = self._cell_masks(indices, z.shape[-2:]).to(z.device)  # (B, 1, h, w), 1 = generated
             x = keep_known(z, z_q, cells)
         with autocast(z.device, self.config.precision):
-            z_dq = net(x, cells)  # float32: z_q + a residual computed at the run's precision
+            z_dq = net(x, cells, check_binary=False)  # float32: z_q + a residual computed at the run's precision;
+            # cells come from _cell_masks, binary by construction: no check, no device sync
         loss = qe_loss(z_dq, z, cells)  # = L1(F([x, m]) * m, (z - z_q) * m), in float32
         value = loss.item()
         check_finite_losses({"qe loss": value}, step=self.step + 1)
@@ -301,7 +303,7 @@ class Phase2Trainer:
         f = self.adapter.factor
         holes = []
         for index in indices:
-            seed = int(np.random.SeedSequence([self.config.seed, self.step, index]).generate_state(1)[0])
+            seed = derived_seed(self.config.seed, self.step, index)
             holes.append(random_irregular_mask(size[0] * f, size[1] * f, self.config.hole_ratio,
                                                generator=torch.Generator().manual_seed(seed)))
         return latent_mask(torch.stack(holes), f, check_binary=False)  # binary by construction: no device sync
@@ -357,7 +359,8 @@ class Phase2Trainer:
         module.base_model_fingerprint = self.adapter.fingerprint()
         if self.config.base_model is not None:
             module.base_model = self.config.base_model
-        root, source = getattr(self.views, "root", None), getattr(self.views, "source", None)
+        source = getattr(self.views, "source", None)
+        root = getattr(source, "root", None)  # a folder: its name only (no local path in a published config)
         module.training_info = {
             "phase": 2,
             "steps": total,

@@ -44,6 +44,7 @@ from fdm.training.distributed import (
     all_gather_objects,
     all_reduce_mean,
     barrier,
+    derived_seed,
     init_distributed,
     make_sampler,
     wrap_ddp,
@@ -180,7 +181,8 @@ class _Generator(nn.Module):
     def forward(
         self, z_in: torch.Tensor, cell_mask: torch.Tensor | None, guide: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        z_dq = self.fdm(z_in, cell_mask)  # (B, C, h, w)
+        z_dq = self.fdm(z_in, cell_mask, check_binary=False)  # (B, C, h, w); the trainer's masks are binary by
+        # construction (Phase3Trainer._masks): no check, no device sync
         return z_dq, self._adapter.decode(z_dq, **guide)  # (B, 3, H, W); guide: adapter.decode_guide(x, hole)
 
 
@@ -317,7 +319,7 @@ class Phase3Trainer:
         x = x.to(self.device, non_blocking=True)
         hole = None
         if cfg.hole_ratio is not None:  # masks depend only on (seed, step, rank): nothing to carry on resume
-            seed = int(np.random.SeedSequence([cfg.seed, step, self.ctx.rank]).generate_state(1)[0])
+            seed = derived_seed(cfg.seed, step, self.ctx.rank)
             hole = self._masks(x, self._mask_generator.manual_seed(seed))
         inp = self._inputs(x, hole)
         with autocast(self.device, cfg.precision):  # the losses cast to float32 before reducing (fdm.losses)

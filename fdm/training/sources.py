@@ -23,9 +23,7 @@ records it may keep a part.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
 import os
 import re
@@ -41,9 +39,11 @@ from urllib.parse import parse_qsl
 from PIL import Image
 
 from fdm.errors import InputError, MissingExtraError, UsageError
+from fdm.fingerprint import json_digest
 from fdm.images import as_rgb8, decode_image, open_image
 
 __all__ = [
+    "DATA_FORMS",
     "IMAGE_EXTENSIONS",
     "MAX_MEMBER_BYTES",
     "FolderSource",
@@ -65,8 +65,10 @@ MAX_MEMBER_BYTES = 256 * 2**20
 _DATA_EXTRA = 'pip install ".[data]" (from a clone of fdm-vq)'
 _MAX_BRACE_EXPANSION = 100_000  # shard names one brace pattern may stand for
 _HF_OPTIONS = ("split", "column", "streaming", "num_images")
-_FORMS = ("a folder of images, WebDataset .tar shards (a path, a glob or a brace pattern such as "
-          "shards/train-{000000..000009}.tar) or hf:PATH for a Hugging Face dataset")
+DATA_FORMS = ("a folder of images (searched recursively), WebDataset .tar shards (a path, a glob or a brace "
+              "pattern such as shards/train-{000000..000009}.tar) or hf:PATH for a Hugging Face dataset folder "
+              "(save_to_disk or imagefolder)")
+"""What :func:`open_source` accepts, in words (for error messages and command-line help)."""
 
 
 def list_images(root: str | Path) -> list[Path]:
@@ -127,7 +129,7 @@ class ImageSource(ABC):
 
     def fingerprint(self) -> str:
         """Id of this exact list of images: :meth:`identity` hashed (16 hex digits)."""
-        return _digest(self.identity())
+        return json_digest(self.identity())
 
     @abstractmethod
     def names(self) -> list[str]:
@@ -326,7 +328,6 @@ class HFDatasetSource(ImageSource):
             raise InputError(f"Hugging Face dataset folder not found: {self.path} (expected a folder written by "
                              "save_to_disk, or a folder of images read as an imagefolder).")
         self.saved = (self.path / "state.json").is_file() or (self.path / "dataset_dict.json").is_file()
-        self.random_access = not streaming
         self._arrow_files: list[dict] = []  # a saved dataset's files (set by _load)
         data, recorded = self._load(datasets)
         self._check_column(data.features, datasets.Image)
@@ -334,6 +335,10 @@ class HFDatasetSource(ImageSource):
         self._data = data.select_columns([column]).cast_column(column, datasets.Image(decode=False))
         if not streaming and self._length < recorded:
             self._data = self._data.select(range(self._length))
+
+    @property
+    def random_access(self) -> bool:
+        return not self.streaming
 
     def __len__(self) -> int:
         return self._length
@@ -445,8 +450,8 @@ def open_source(spec: str | Path) -> ImageSource:
     if text.lower().endswith(".tar") or any(c in text for c in "*?[{"):
         return TarShardSource(text)
     if path.exists():
-        raise UsageError(f"--data {text}: not a folder, a .tar shard or hf:PATH; expected {_FORMS}.")
-    raise InputError(f"Training data not found: {text} (expected {_FORMS}).")
+        raise UsageError(f"--data {text}: not a folder, a .tar shard or hf:PATH; expected {DATA_FORMS}.")
+    raise InputError(f"Training data not found: {text} (expected {DATA_FORMS}).")
 
 
 def _hf_options(spec: str, query: str) -> dict[str, Any]:
@@ -574,11 +579,6 @@ def _file_stats(files: Sequence[Path], root: Path | None = None) -> list[tuple[s
         stats.append((str(path.relative_to(root)) if root is not None else path.name, stat.st_size,
                       stat.st_mtime_ns))
     return stats
-
-
-def _digest(data: Any) -> str:
-    """16 hex digits of the sha256 of ``data`` as sorted-key JSON."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _bounds(start: int, stop: int | None, length: int) -> tuple[int, int]:
