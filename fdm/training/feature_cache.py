@@ -254,12 +254,17 @@ class FeatureCache:
                                  f"(it owns {self.owned}).")
             positions = np.nonzero(shard_of == s)[0]
             rows = views[positions] - shard.views.start
-            z_parts.append(_as_tensor(_take(shard.z, rows), self.dtype))
-            code_parts.append(torch.as_tensor(np.asarray(_take(shard.indices, rows))).long())
+            z_parts.append(_take(shard.z, rows))
+            code_parts.append(_take(shard.indices, rows))
             order.append(positions)
-        inverse = torch.from_numpy(np.argsort(np.concatenate(order), kind="stable"))
-        z = torch.cat(z_parts)[inverse].to(self.device, non_blocking=True)
-        codes = torch.cat(code_parts)[inverse].to(self.device, non_blocking=True)
+        if len(order) == 1:  # one shard (one per process, the default): the rows are in the batch's order already
+            z, codes = z_parts[0], code_parts[0]
+        else:
+            inverse = torch.from_numpy(np.argsort(np.concatenate(order), kind="stable"))
+            z, codes = torch.cat(z_parts)[inverse], torch.cat(code_parts)[inverse]
+        # moved in their compact storage types, widened on the device
+        z = _from_storage(z.to(self.device, non_blocking=True), self.dtype)
+        codes = codes.to(self.device, non_blocking=True).long()
         return z, self.adapter.lookup(codes).float()
 
     # --- filling ---------------------------------------------------------------------------------------
@@ -328,11 +333,11 @@ class FeatureCache:
         if (folder / "meta.json").is_file():
             logger.debug("checking and reusing the feature cache shard %s", folder)
             return self._open_verified(shard, folder)
-        self._fill_disk(shard, folder)
-        return self._open_verified(shard, folder)
+        return self._fill_disk(shard, folder)
 
-    def _fill_disk(self, shard: int, folder: Path) -> None:
-        """Encode the shard into ``folder``, resuming after the last flushed batch of an interrupted pass."""
+    def _fill_disk(self, shard: int, folder: Path) -> _Shard:
+        """Encode the shard into ``folder``, resuming after the last flushed batch of an interrupted pass, and
+        map the arrays it wrote (checked as they were written: not hashed a second time)."""
         views = self.shards[shard]
         z_file, codes_file, done = self._open_partial(shard, folder)
         progress_file = folder / "progress.json"
@@ -351,6 +356,8 @@ class FeatureCache:
                 "sha256": {name: file_sha256(folder / f"{name}.npy") for name in ("z", "indices")}}
         _write_json_atomic(folder / "meta.json", meta)
         progress_file.unlink(missing_ok=True)
+        return _Shard(views, *(np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                               for name in ("z", "indices")))
 
     def _open_partial(self, shard: int, folder: Path) -> tuple[np.memmap, np.memmap, int]:
         """The shard's arrays, writable, and how many views they already hold: those of an interrupted pass
@@ -384,7 +391,7 @@ class FeatureCache:
         """
         num_codes = self.adapter.codebook().shape[0]
         for start in range(0, z.shape[0], _VERIFY_ROWS):
-            values = _as_tensor(z[start:start + _VERIFY_ROWS], self.dtype)
+            values = _from_storage(_take(z, np.arange(start, min(start + _VERIFY_ROWS, len(z)))), self.dtype)
             if not torch.isfinite(values).all():
                 hint = " Store z as bfloat16 or float32 (dtype / --cache-dtype)." if self.dtype == "float16" else ""
                 raise TrainingError(f"{where}: z holds NaN or Inf after conversion to {self.dtype} "
@@ -492,17 +499,14 @@ def _to_storage(z: torch.Tensor, dtype: str) -> torch.Tensor:
     return stored.view(torch.int16) if dtype == "bfloat16" else stored
 
 
-def _as_tensor(stored: torch.Tensor | np.ndarray, dtype: str) -> torch.Tensor:
-    """Storage form (tensor or array) -> a float32 tensor."""
-    tensor = torch.as_tensor(np.asarray(stored)) if isinstance(stored, np.ndarray) else stored
-    if dtype == "bfloat16":
-        tensor = tensor.view(torch.bfloat16)
-    return tensor.float()
+def _from_storage(stored: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Storage form -> a float32 tensor (on the device of ``stored``)."""
+    return (stored.view(torch.bfloat16) if dtype == "bfloat16" else stored).float()
 
 
-def _take(array: torch.Tensor | np.ndarray, rows: np.ndarray) -> torch.Tensor | np.ndarray:
-    """``array[rows]`` for an in-memory tensor or a memory-mapped array (read: a copy)."""
-    return array[torch.from_numpy(rows)] if isinstance(array, torch.Tensor) else array[rows]
+def _take(array: torch.Tensor | np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    """``array[rows]`` of an in-memory tensor or a memory-mapped array, as a tensor in the storage type (a copy)."""
+    return array[torch.from_numpy(rows)] if isinstance(array, torch.Tensor) else torch.from_numpy(array[rows])
 
 
 def _nbytes(array: torch.Tensor | np.ndarray) -> int:
