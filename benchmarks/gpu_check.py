@@ -166,17 +166,6 @@ class StepClock:
         return (len(ticks) - 1) / (ticks[-1] - ticks[0])
 
 
-class MissingPrecision(LookupError):
-    """The installed fdm-vq's trainer config has no ``precision`` field (bf16 training)."""
-
-
-def bf16(config_class: type) -> dict:
-    """``{"precision": "bf16"}`` for a trainer config, or :class:`MissingPrecision` if it has no such field."""
-    if "precision" not in {f.name for f in dataclasses.fields(config_class)}:
-        raise MissingPrecision(f"{config_class.__name__} has no `precision` field in this fdm-vq")
-    return {"precision": "bf16"}
-
-
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
 
@@ -282,7 +271,7 @@ def phase2_row(vqgan: nn.Module, views: TensorViews, device: torch.device, scale
     """A short mask-free phase-2 run in bf16: steps/s and a finite final loss."""
     config = Phase2Config(steps=scale.phase2_steps, batch_size=scale.batch, hole_ratio=None, warmup_steps=1,
                           device=str(device), progress=False, checkpoint_every=0, log_every=5,
-                          output_dir=f"{tmp}/phase2", **bf16(Phase2Config))
+                          output_dir=f"{tmp}/phase2", precision="bf16")
     trainer = Phase2Trainer(vqgan, views, config)
     clock = StepClock(trainer.fdm, device)
     trainer.train()
@@ -296,7 +285,7 @@ def phase3_row(vqgan: nn.Module, views: TensorViews, device: torch.device, scale
     config = Phase3Config(steps=scale.phase3_steps, batch_size=scale.phase3_batch, hole_ratio=None, warmup_steps=1,
                           disc_warmup_steps=1, start_steps=dict.fromkeys(TERMS, 0), device=str(device),
                           output_dir=f"{tmp}/phase3", log_every=scale.phase3_steps, val_every=0, checkpoint_every=0,
-                          extra_metrics=False, progress=False, **bf16(Phase3Config))
+                          extra_metrics=False, progress=False, precision="bf16")
     backbone = VGG19Features().eval().requires_grad_(False)  # random weights: cost and numerics only
     module = fdm.FDM(vqgan.quantize.e_dim, mask_channels=0)
     nn.init.normal_(module.head.weight, std=1e-3)  # as after phase 2: not the identity
@@ -316,14 +305,8 @@ def training_rows(device: torch.device, scale: Scale) -> list[Row]:
     size = vqgan.encoder.resolution
     views = TensorViews(smooth_images(max(scale.batch, scale.phase3_batch) * 2, size))
     what = f"taming VQGAN {'tiny' if scale.tiny else 'f16 FFHQ size'}, {size}px, mask-free"
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for phase, run in ((2, phase2_row), (3, phase3_row)):
-            try:
-                rows.append(run(vqgan, views, device, scale, what, tmp))
-            except MissingPrecision as error:
-                rows.append(Row(f"phase {phase} in bf16", what, f"not run: {error}", "skipped"))
-    return rows
+        return [run(vqgan, views, device, scale, what, tmp) for run in (phase2_row, phase3_row)]
 
 
 # --- 3. FDM's share of decoding and sampling ------------------------------------------------------------------
@@ -404,16 +387,12 @@ def cache_rows(device: torch.device, scale: Scale) -> list[Row]:
     vqgan = taming_vqgan(scale.tiny)
     size = vqgan.encoder.resolution
     views = TensorViews(smooth_images(scale.cache_views, size, seed=1))
-    try:
-        precision = bf16(Phase2Config)
-    except MissingPrecision:
-        precision = {}
     rates = {}
     with tempfile.TemporaryDirectory() as tmp:
         for cache, steps in (("memory", scale.cached_steps), ("none", scale.reencode_steps)):
             config = Phase2Config(steps=steps, batch_size=scale.batch, hole_ratio=None, cache=cache, warmup_steps=1,
                                   device=str(device), progress=False, checkpoint_every=0,
-                                  output_dir=f"{tmp}/{cache}", **precision)
+                                  output_dir=f"{tmp}/{cache}", precision="bf16")
             trainer = Phase2Trainer(vqgan, views, config)
             clock = StepClock(trainer.fdm, device)
             trainer.train()
@@ -422,7 +401,7 @@ def cache_rows(device: torch.device, scale: Scale) -> list[Row]:
                 fill = trainer.cache_fill_seconds
     what = "tiny taming VQGAN" if scale.tiny else "taming f16 encoder (FFHQ size)"
     setting = (f"{what}, {len(views)} synthetic {size}px views, batch {scale.batch}, "
-               f"{precision.get('precision', 'float32')}, mask-free")
+               "bf16, mask-free")
     return [Row("phase-2 feature cache speed-up", setting,
                 f"cached {rates['memory']:.1f} steps/s (filled in {fill:.2f} s), re-encoding {rates['none']:.2f} "
                 f"steps/s: {rates['memory'] / rates['none']:.1f}x", "info")]

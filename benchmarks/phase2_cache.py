@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import fdm
+from fdm.adapters.taming.adapter import VQModelAdapter
 from fdm.training import ImageFolderViews, Phase2Config, Phase2Trainer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos" / "train"
@@ -39,33 +40,16 @@ class TamingF16Encoder(nn.Module):
         self.quantize = VectorQuantizer2(1024, 256, beta=0.25, sane_index_shape=True)
 
 
-class TamingF16EncoderAdapter(fdm.VQAdapter):
-    """Encode / quantize only: all that phase 2 needs from the base model."""
+class TamingF16EncoderAdapter(VQModelAdapter):
+    """Encode / quantize only, as taming's VQModel adapter does: all that phase 2 needs from the base model."""
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return isinstance(model, TamingF16Encoder)
 
     @property
-    def factor(self) -> int:
-        return 16
-
-    @property
     def channels(self) -> int:
-        return 256
-
-    def codebook(self) -> torch.Tensor:
-        return self.model.quantize.embedding.weight
-
-    def encode(self, x: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.quant_conv(self.model.encoder(x))  # (B, 256, H/16, W/16)
-
-    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, _, (_, _, indices) = self.model.quantize(z)
-        return self.lookup(indices), indices
-
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.codebook()[indices].permute(0, 3, 1, 2)  # (B, h, w) -> (B, 256, h, w)
+        return 256  # no post_quant_conv to read it from
 
     def decode(self, z: torch.Tensor, **model_kwargs) -> torch.Tensor:
         raise NotImplementedError("this benchmark's model is an encoder only: phase 2 never decodes")
