@@ -25,6 +25,7 @@ import fdm
 from fdm.losses.qe import qe_loss
 from fdm.masks import keep_known
 from fdm.training import encode_views
+from fdm.training.feature_cache import index_dtype
 
 H100_BF16_DENSE_TFLOPS = 989.4
 """NVIDIA H100 SXM, dense bf16 tensor-core peak (1979 with 2:4 sparsity)."""
@@ -97,7 +98,7 @@ def cache_bytes_per_view(family: str, codes: int) -> tuple[int, int]:
     """(float16 z + int16 / int32 code index per cell, the earlier float32 z and z_q) in bytes per view."""
     adapter = fdm.find_adapter(base_model(family, codes))
     cells, channels = (VIEW // adapter.factor) ** 2, adapter.channels
-    index_bytes = 2 if codes <= 2**15 else 4
+    index_bytes = torch.empty((), dtype=getattr(torch, index_dtype(codes))).element_size()
     return cells * (channels * 2 + index_bytes), 2 * cells * channels * 4
 
 

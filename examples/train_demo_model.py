@@ -4,6 +4,7 @@
 Sub-commands (run in this order; each is seeded and runs on CPU, see docs/demo.md for timings):
 
     python examples/train_demo_model.py vqgan            # stage 1 -> fdm/demo/assets/vqgan.{yaml,safetensors}
+    python examples/train_demo_model.py vqgan-decoder    # stage 1b: its decoder alone, on z -> the same files
     python examples/train_demo_model.py fdm              # stage 2 (phase 2) -> runs/fdm-phase2/
     python examples/train_demo_model.py fdm-addon        # phase 3, decoder frozen: the add-on FDM -> runs/fdm-addon/
     python examples/train_demo_model.py fdm-joint        # phase 3, FDM + decoder (the paper) -> runs/fdm-joint/
@@ -185,6 +186,33 @@ def save_vqgan(model: nn.Module, n_embed: int, out_yaml: Path, out_weights: Path
     log.info("wrote %s and %s (%.2f MB)", out_yaml, out_weights, out_weights.stat().st_size / 2**20)
 
 
+def save_stage(directory: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
+               generators: dict[str, torch.Generator], **extra: torch.Tensor) -> None:
+    """Replace the stage's resumable checkpoint in ``directory``: weights, optimizer, every random state, ``extra``."""
+    from fdm.training.checkpointing import save_checkpoint
+
+    state = {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+             "generators": {name: g.get_state() for name, g in generators.items()}, **extra}
+    save_checkpoint(directory, step, {"vqgan": model}, state, keep=1)
+
+
+def resume_stage(directory: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                 generators: dict[str, torch.Generator]) -> dict | None:
+    """Restore the latest checkpoint that :func:`save_stage` wrote into ``directory``; -> its state (``"step"``,
+    the extras), or None when there is none (a fresh start)."""
+    from fdm.training.checkpointing import latest_checkpoint, load_checkpoint
+
+    if (resume := latest_checkpoint(directory)) is None:
+        return None
+    state = load_checkpoint(resume, {"vqgan": model})
+    opt.load_state_dict(state["optimizer"])
+    for name, g in generators.items():
+        g.set_state(state["generators"][name])
+    torch.set_rng_state(state["torch_rng"])
+    log.info("resumed from %s", resume)
+    return state
+
+
 # ----------------------------------------------------------------------------------------------- stage 1
 
 
@@ -195,8 +223,6 @@ def train_vqgan(args: argparse.Namespace) -> None:
     to ``--checkpoint-dir`` (the previous checkpoint is replaced); a later run with the same options continues from
     the latest one and ends with the same weights as an uninterrupted run.
     """
-    from fdm.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-
     torch.manual_seed(args.seed)
     data = CropSampler(args.data, size=args.crop, seed=args.seed)
     warm = CropSampler(args.data, size=args.warm_crop, seed=args.seed + 2)
@@ -205,16 +231,8 @@ def train_vqgan(args: argparse.Namespace) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
     gen = torch.Generator().manual_seed(args.seed + 1)
     generators = {"data": data.gen, "warm": warm.gen, "dropout": gen}
-    usage = torch.zeros(args.n_embed)
-    first = 0
-    if (resume := latest_checkpoint(args.checkpoint_dir)) is not None:
-        state = load_checkpoint(resume, {"vqgan": model})
-        opt.load_state_dict(state["optimizer"])
-        for name, g in generators.items():
-            g.set_state(state["generators"][name])
-        torch.set_rng_state(state["torch_rng"])
-        usage, first = state["usage"], state["step"]
-        log.info("resumed from %s", resume)
+    state = resume_stage(args.checkpoint_dir, model, opt, generators)
+    usage, first = (state["usage"], state["step"]) if state else (torch.zeros(args.n_embed), 0)
     start = time.time()
     for step in range(first, args.steps):
         for group in opt.param_groups:
@@ -242,9 +260,7 @@ def train_vqgan(args: argparse.Namespace) -> None:
                      restarted, opt.param_groups[0]["lr"], time.time() - start)
             usage.zero_()
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
-            state = {"optimizer": opt.state_dict(), "usage": usage, "torch_rng": torch.get_rng_state(),
-                     "generators": {name: g.get_state() for name, g in generators.items()}}
-            save_checkpoint(args.checkpoint_dir, step + 1, {"vqgan": model}, state, keep=1)
+            save_stage(args.checkpoint_dir, step + 1, model, opt, generators, usage=usage)
     model.eval()
     log_quantization_gap(model, DEFAULT_DATA.parent / "val", args.crop, args.seed)
     meta = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "crop": args.crop,
@@ -268,6 +284,56 @@ def log_quantization_gap(model: DemoVQGAN, folder: Path, crop: int, seed: int, v
 
     log.info("held-out crops (%s): PSNR decode(z_q) %.2f dB, decode(z) %.2f dB, ||z - z_q|| / ||z|| %.3f",
              folder.name, psnr(z_q), psnr(z), ((z - z_q).norm() / z.norm()).item())
+
+
+# ----------------------------------------------------------------------------------------------- stage 1b
+
+
+def train_decoder(args: argparse.Namespace) -> None:
+    """Stage 1b: the decoder (and ``post_quant_conv``) alone, on the continuous features ``z``; L1, Adam, warm-up +
+    cosine. The encoder, ``quant_conv`` and the codebook stay frozen, so ``z``, ``z_q`` and the codebook fingerprint
+    are those of stage 1 and a stage-2 FDM trained on them stays valid. Resumable like stage 1.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    torch.manual_seed(args.seed)
+    weights = args.vqgan_dir / "vqgan.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata() or {}
+    model = DemoVQGAN(DDCONFIG, N_EMBED, EMBED_DIM)
+    model.load_state_dict(load_file(str(weights)))
+    model.requires_grad_(False)
+    trained = [*model.decoder.parameters(), *model.post_quant_conv.parameters()]
+    for p in trained:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(trained, lr=args.lr, betas=(0.5, 0.9))
+    data = CropSampler(args.data, size=args.crop, seed=args.seed + 3)
+    state = resume_stage(args.checkpoint_dir, model, opt, {"data": data.gen})
+    first = state["step"] if state else 0
+    start = time.time()
+    for step in range(first, args.steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=args.steps // 20)
+        x = data.sample(args.batch)
+        with torch.no_grad():
+            z = model.encode_continuous(x)
+        rec = (x - model.decode(z)).abs().mean()
+        if not torch.isfinite(rec):
+            raise FloatingPointError(f"stage 1b: the loss is {rec.item()} at step {step + 1}; nothing saved")
+        opt.zero_grad(set_to_none=True)
+        rec.backward()
+        opt.step()
+        if (step + 1) % 100 == 0:
+            log.info("step %d/%d  l1 %.4f  lr %.2e  %.1f s", step + 1, args.steps, rec.item(),
+                     opt.param_groups[0]["lr"], time.time() - start)
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+            save_stage(args.checkpoint_dir, step + 1, model, opt, {"data": data.gen})
+    model.eval()
+    log_quantization_gap(model, DEFAULT_DATA.parent / "val", args.crop, args.seed)
+    meta |= {"decoder_steps": args.steps, "decoder_batch": args.batch, "decoder_lr": args.lr,
+             "decoder_script": "examples/train_demo_model.py vqgan-decoder"}
+    save_vqgan(model, N_EMBED, args.out / "vqgan.yaml", args.out / "vqgan.safetensors", meta)
 
 
 # ----------------------------------------------------------------------------------------------- stage 2
@@ -350,12 +416,14 @@ def train_phase3(args: argparse.Namespace) -> None:
 
 
 def _stage_parser(sub, name: str, what: str, func, *, out: Path, steps: int, batch: int, lr: float,
-                  base: bool = True, views: int = 4096) -> argparse.ArgumentParser:
-    """A sub-command with the options every stage has; ``base``: it also reads the VQGAN and fixed training views."""
+                  base: bool = True, views: int | None = 4096) -> argparse.ArgumentParser:
+    """A sub-command with the options every stage has; ``base``: it also reads the VQGAN; ``views``: it trains on
+    that many fixed crops (None: on fresh random crops)."""
     p = sub.add_parser(name, help=what)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     if base:
         p.add_argument("--vqgan-dir", type=Path, default=ASSETS)
+    if views is not None:
         p.add_argument("--views", type=int, default=views, help="fixed training crops (default %(default)s)")
     p.add_argument("--out", type=Path, default=out)
     p.add_argument("--crop", type=int, default=64)
@@ -373,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = _stage_parser(sub, "vqgan", "stage 1: train the demo VQGAN", train_vqgan, out=ASSETS, steps=4000, batch=16,
-                      lr=1e-3, base=False)
+                      lr=1e-3, base=False, views=None)
     p.add_argument("--warm-crop", type=int, default=32, help="smaller crops for the first steps (4x cheaper)")
     p.add_argument("--warm-fraction", type=float, default=0.4, help="fraction of steps on --warm-crop crops")
     p.add_argument("--checkpoint-dir", type=Path, default=ROOT / "training-checkpoints" / "demo-vqgan",
@@ -385,6 +453,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--continuous-fraction", type=float, default=CONTINUOUS_FRACTION,
                    help="fraction of the samples that the decoder sees unquantized (z instead of z_q)")
     p.add_argument("--restart-every", type=int, default=100)
+
+    p = _stage_parser(sub, "vqgan-decoder", "stage 1b: train the VQGAN's decoder alone on continuous features",
+                      train_decoder, out=ASSETS, steps=1000, batch=16, lr=2e-4, views=None)
+    p.add_argument("--checkpoint-dir", type=Path, default=ROOT / "training-checkpoints" / "demo-vqgan-decoder",
+                   help="resumable checkpoint (one, replaced); a run resumes from it when it exists")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (0: none)")
 
     p = _stage_parser(sub, "fdm", "stage 2: train the demo FDM with the phase-2 trainer", train_fdm, out=PHASE2_DIR,
                       steps=6000, batch=32, lr=1e-3, views=16384)

@@ -80,36 +80,39 @@ def test_demo_fdm_moves_features_towards_z(demo_run):
 def test_demo_fdm_improves_reconstruction_psnr(demo_run):
     _, out, _ = demo_run
     rows = json.loads((out / METRICS_FILE).read_text())["reconstruction"]
-    # measured (f4 VQGAN, phase-2 FDM 96 x 8): +0.04 / +0.07 / -0.01 dB on astronaut / coffee / chelsea (mean
-    # +0.03), ratio 0.76 / 0.72 / 0.92; a regression to no correction (gain 0, ratio 1) breaks these
-    assert all(row["psnr_fdm"] > row["psnr_vq"] - 0.03 for row in rows), rows
-    assert sum(row["psnr_fdm"] - row["psnr_vq"] for row in rows) / len(rows) > 0.02, rows
+    # measured (f4 VQGAN with its stage-1b decoder, phase-2 FDM 96 x 8): +0.21 / +0.28 / +0.03 dB on astronaut /
+    # coffee / chelsea (mean +0.17), ratio 0.76 / 0.72 / 0.92; a regression to no correction (gain 0, ratio 1)
+    # breaks these
+    assert all(row["psnr_fdm"] > row["psnr_vq"] - 0.02 for row in rows), rows
+    assert sum(row["psnr_fdm"] - row["psnr_vq"] for row in rows) / len(rows) > 0.10, rows
     assert all(row["feature_ratio"] < 0.93 for row in rows), rows
 
 
 @pytest.mark.slow  # 16 crops of 128 px through three decodes: ~20 s; the default run checks the demo images' gain
 def test_shipped_fdm_gains_on_the_validation_photos(photos_dir):
     """The shipped FDM on held-out photos (16 crops of 128 px of the 8 validation photos), where docs/quality.md
-    measures it: every crop gains PSNR (measured +0.03 to +0.38 dB, mean +0.18), the feature error ratio is 0.75
-    on average, and ST-LPIPS drops 0.1284 -> 0.1207 on average (where the eval extra is installed)."""
+    measures it: every crop gains PSNR (measured +0.03 to +0.62 dB, mean +0.34), the feature error ratio is 0.75
+    on average, and, where the eval extra is installed, ST-LPIPS drops 0.1293 -> 0.1090 on average and on 14 of
+    the 16 crops."""
     views = ImageFolderViews(photos_dir / "val", crop_size=128, views_per_image=2, seed=0)
     deq = Dequantizer(load_demo_vqgan(), load_demo_fdm())
     x = torch.stack([views[i] for i in range(len(views))])
     result = compare(deq, x)
     gain = result.psnr_fdm - result.psnr_vq
-    assert (gain > 0.01).all() and gain.mean() > 0.12, gain
+    assert (gain > 0.01).all() and gain.mean() > 0.25, gain
     assert result.feature_ratio.mean() < 0.80, result.feature_ratio
     try:
         lpips = load_stlpips("cpu")
     except ImportError:
         return
     with torch.no_grad():
-        before, after = lpips(result.vq, x).mean(), lpips(result.fdm, x).mean()
-    assert after < before - 0.004, (before, after)
+        before, after = lpips(result.vq, x), lpips(result.fdm, x)
+    assert after.mean() < before.mean() - 0.012, (before, after)
+    assert (after < before).sum() >= 12, (before, after)
 
 
 def test_demo_vqgan_reconstructs_recognisably(demo_run):
-    """The embedded VQGAN itself: measured 23.3 / 26.0 / 28.9 dB on the three sample images (the previous f8
+    """The embedded VQGAN itself: measured 23.3 / 25.8 / 28.9 dB on the three sample images (the previous f8
     model: 14.9-19.5 dB, unrecognisable)."""
     _, out, _ = demo_run
     rows = json.loads((out / METRICS_FILE).read_text())["reconstruction"]

@@ -1,4 +1,4 @@
-"""examples/train_demo_model.py (phase 2 and the three phase-3 runs) and the benchmarks of docs/quality.md
+"""examples/train_demo_model.py (stage 1b, phase 2 and the three phase-3 runs) and the benchmarks of docs/quality.md
 (quality.py, detail_by_image.py) run end to end on tiny budgets and write what docs/quality.md reads: FDM folders that
 change only what each run trains, and the tables."""
 
@@ -53,6 +53,35 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         train.main([command, *common, "--batch", "2", "--fdm-dir", str(out / "fdm-phase2"), "--out",
                     str(out / command), "--work", str(out / "work")])
     return {"fdm-phase2": out / "fdm-phase2"} | {command: out / command for command in PHASE3}
+
+
+def test_decoder_stage_trains_only_the_decoder_and_resumes(tmp_path):
+    """Stage 1b changes the decoder alone (so a stage-2 FDM stays valid: same z, z_q and codebook fingerprint), and a
+    run resumed from its checkpoint ends with the same weights as an uninterrupted one."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from fdm.demo.model import ASSETS
+
+    train = _script("examples/train_demo_model.py")
+    common = ["--vqgan-dir", str(ASSETS), "--steps", "3", "--batch", "2", "--crop", "32", "--threads", "1"]
+    train.main(["vqgan-decoder", *common, "--out", str(tmp_path / "straight"), "--checkpoint-every", "0",
+                "--checkpoint-dir", str(tmp_path / "none")])
+    resumed = ["vqgan-decoder", *common, "--out", str(tmp_path / "resumed"), "--checkpoint-every", "2",
+               "--checkpoint-dir", str(tmp_path / "checkpoints")]
+    train.main(resumed)  # writes the step-2 checkpoint on the way
+    (tmp_path / "resumed" / "vqgan.safetensors").unlink()
+    train.main(resumed)  # starts from step 2
+    shipped = load_file(str(ASSETS / "vqgan.safetensors"))
+    straight = load_file(str(tmp_path / "straight" / "vqgan.safetensors"))
+    assert sorted(straight) == sorted(shipped)
+    for key, value in shipped.items():
+        assert torch.equal(straight[key], value) != key.startswith(("decoder.", "post_quant_conv.")), key
+    resumed_weights = load_file(str(tmp_path / "resumed" / "vqgan.safetensors"))
+    assert all(torch.equal(resumed_weights[key], value) for key, value in straight.items())
+    with safe_open(str(tmp_path / "straight" / "vqgan.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["decoder_steps"] == "3" and meta["script"] == "examples/train_demo_model.py vqgan"
 
 
 def test_phase3_runs_train_only_what_they_claim(runs):

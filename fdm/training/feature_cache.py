@@ -46,7 +46,7 @@ from fdm.fingerprint import json_digest
 from fdm.training.distributed import DistContext, barrier, derived_seed
 from fdm.validation import check_finite, check_image
 
-__all__ = ["CACHE_DTYPES", "CACHE_MODES", "FeatureCache", "ShardedBatches", "encode_views", "shard_ranges"]
+__all__ = ["CACHE_DTYPES", "CACHE_MODES", "FeatureCache", "ShardedBatches", "encode_views", "index_dtype", "shard_ranges"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,11 @@ def encode_views(adapter: VQAdapter, images: torch.Tensor) -> tuple[torch.Tensor
     """
     z, z_q, _ = _encode(adapter, images)
     return z, z_q
+
+
+def index_dtype(codes: int) -> str:
+    """How the cache stores code indices: ``"int16"`` for codebooks of up to 32768 codes, else ``"int32"``."""
+    return "int16" if codes <= 2**15 else "int32"
 
 
 def shard_ranges(num_views: int, num_shards: int) -> list[range]:
@@ -316,8 +321,7 @@ class FeatureCache:
         return (self.adapter.channels, h, w), (h, w)
 
     def _index_dtype(self) -> str:
-        """``"int16"`` for codebooks of up to 32768 codes, else ``"int32"``."""
-        return "int16" if self.adapter.codebook().shape[0] <= 2**15 else "int32"
+        return index_dtype(self.adapter.codebook().shape[0])
 
     def _fill_memory(self, shard: int) -> _Shard:
         views = self.shards[shard]
