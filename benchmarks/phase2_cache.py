@@ -72,6 +72,16 @@ def time_epochs(model: nn.Module, views: ImageFolderViews, cache: str, args: arg
             "later": sum(seconds[1:]) / max(1, len(seconds) - 1)}
 
 
+def views_of(folder: Path, images: int, crop: int, work: Path) -> ImageFolderViews:
+    """One seeded ``crop`` x ``crop`` view of each of the first ``images`` images of ``folder`` (linked into
+    ``work/images``)."""
+    subset = work / "images"
+    subset.mkdir()
+    for path in fdm.training.list_images(folder)[:images]:
+        os.symlink(path.resolve(), subset / path.name)
+    return ImageFolderViews(subset, crop_size=crop, views_per_image=1, seed=0)
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo (Linux), else what the platform module knows."""
     cpuinfo = Path("/proc/cpuinfo")
@@ -97,11 +107,7 @@ def main() -> None:
     model = TamingF16Encoder().eval()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        subset = work / "images"
-        subset.mkdir()
-        for path in fdm.training.list_images(args.data)[:args.images]:
-            os.symlink(path.resolve(), subset / path.name)
-        views = ImageFolderViews(subset, crop_size=256, views_per_image=1)
+        views = views_of(args.data, args.images, 256, work)
         results = {mode: time_epochs(model, views, mode, args, work) for mode in ("none", "memory", "disk")}
 
     params = sum(p.numel() for p in model.parameters()) / 1e6

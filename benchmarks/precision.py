@@ -19,31 +19,23 @@ import argparse
 import copy
 import datetime
 import logging
+import math
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from phase2_cache import cpu_name, views_of
 
 import fdm
 from fdm.demo.model import load_demo_fdm, load_demo_vqgan
 from fdm.metrics import feature_error_ratio
 from fdm.precision import PRECISIONS, autocast
-from fdm.training import ImageFolderViews, Phase2Config, Phase2Trainer
+from fdm.training import Phase2Config, Phase2Trainer
 from fdm.training.phase3 import Phase3Config, Phase3Trainer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos" / "train"
-
-
-def views_of(folder: Path, images: int, crop: int, work: Path) -> ImageFolderViews:
-    """One seeded ``crop`` x ``crop`` view of each of the first ``images`` images of ``folder``."""
-    subset = work / "images"
-    subset.mkdir()
-    for path in fdm.training.list_images(folder)[:images]:
-        os.symlink(path.resolve(), subset / path.name)
-    return ImageFolderViews(subset, crop_size=crop, views_per_image=1, seed=0)
 
 
 @torch.no_grad()
@@ -103,12 +95,7 @@ def inference(deq: fdm.Dequantizer, x: torch.Tensor, precision: str, repeats: in
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    name = platform.processor() or platform.machine()
-    if cpuinfo.is_file():
-        name = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                     if line.startswith("model name")), name)
-    return f"{name}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} thread(s), capability " \
+    return f"{cpu_name()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} thread(s), capability " \
            f"{torch.backends.cpu.get_cpu_capability()}"
 
 
@@ -130,6 +117,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.precisions[0] != "fp32":
         parser.error("--precisions must start with fp32 (the reference)")
+    if args.phase2_steps < 2 * math.ceil(args.images / args.batch_size):
+        parser.error(f"--phase2-steps must cover at least two epochs of --images {args.images} in batches of "
+                     f"{args.batch_size} (the first epoch is not timed); got {args.phase2_steps}")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
