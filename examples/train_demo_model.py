@@ -295,14 +295,12 @@ def train_decoder(args: argparse.Namespace) -> None:
     are those of stage 1 and a stage-2 FDM trained on them stays valid. Resumable like stage 1.
     """
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     torch.manual_seed(args.seed)
-    weights = args.vqgan_dir / "vqgan.safetensors"
-    with safe_open(str(weights), "pt") as f:
-        meta = f.metadata() or {}
+    with safe_open(str(args.vqgan_dir / "vqgan.safetensors"), "pt") as f:  # one read: the weights and stage 1's record
+        meta, weights = f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
     model = DemoVQGAN(DDCONFIG, N_EMBED, EMBED_DIM)
-    model.load_state_dict(load_file(str(weights)))
+    model.load_state_dict(weights)
     model.requires_grad_(False)
     trained = [*model.decoder.parameters(), *model.post_quant_conv.parameters()]
     for p in trained:
