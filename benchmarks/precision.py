@@ -1,5 +1,5 @@
 """Benchmark: mixed precision (``--precision``, :mod:`fdm.precision`) against float32 for FDM's phase-2 training,
-phase-3 training and inference, on the embedded demo VQGAN (taming f8, 16 channels) and the shared training photos.
+phase-3 training and inference, on the embedded demo VQGAN and the shared training photos.
 Prints one table measured side by side in one run: throughput per precision, the time ratio to fp32, and the
 feature error ratio ``||z - z_dq|| / ||z - z_q||``.
 
@@ -143,7 +143,9 @@ def main() -> None:
                 "demo_ratio": feature_ratio(demo, x, precision),
             }
 
-    print(f"FDM mixed precision, demo VQGAN (f8, 16 channels, 512 codes) + FDM (hidden 64, 6 blocks), "
+    adapter = demo.adapter
+    print(f"FDM mixed precision, demo VQGAN (f{adapter.factor}, {adapter.channels} channels, "
+          f"{adapter.codebook().shape[0]} codes) + FDM (hidden 64, 6 blocks), "
           f"{len(views)} views of {args.crop}x{args.crop}; {datetime.date.today()}")
     print(f"machine: {machine(device)}, torch {torch.__version__}, device {device}\n")
     others = args.precisions[1:]
