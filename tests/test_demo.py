@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from fdm import FDM, Dequantizer
 from fdm.cli import main
-from fdm.demo.figures import error_map
+from fdm.demo.figures import error_change_map, error_map
 from fdm.demo.model import DEMO_FDM_DIR, DEMO_VQGAN_WEIGHTS, load_demo_fdm, load_demo_vqgan
 from fdm.demo.run import (
     INPAINTING_FIGURE,
@@ -162,6 +162,11 @@ def test_error_map_and_grid():
     x = torch.zeros(3, 8, 8)
     assert error_map(x, x).getextrema() == ((0, 0), (0, 0), (0, 0))
     assert error_map(x, x + 2).getextrema() == ((255, 255), (255, 255), (255, 255))
+    assert error_change_map(x, x + 1, x + 1).getextrema() == ((0, 0), (0, 0), (0, 0))  # unchanged: black
+    closer = error_change_map(x, x + 0.1, x)  # 0.05 closer on the [0, 1] scale: full green
+    assert closer.getextrema() == ((0, 0), (255, 255), (0, 0))
+    farther = error_change_map(x, x, x - 0.05)  # 0.025 farther: half magenta
+    assert farther.getpixel((0, 0)) == (128, 0, 128)
     tile = Image.new("RGB", (8, 8))
     fig = image_grid([[tile, tile]], ["a", "b"], title="t", caption="a long caption " * 10, row_labels=["r"])
     assert fig.width == 2 * 8 + 3 * 4

@@ -9,13 +9,22 @@ from PIL import Image, ImageDraw
 
 from fdm.images import to_pil
 
-__all__ = ["error_map", "masked_input", "outline", "worst_region", "zoom"]
+__all__ = ["error_change_map", "error_map", "masked_input", "outline", "worst_region", "zoom"]
 
 def error_map(x: torch.Tensor, y: torch.Tensor, *, vmax: float = 0.25) -> Image.Image:
     """Per-pixel error ``mean_c |x - y|`` of two (3, H, W) images in [-1, 1] on the [0, 1] scale, as a heat map
     (black = 0, through red and yellow to white at ``vmax`` and above)."""
     err = ((x - y).abs().mean(dim=0) / 2 / vmax).clamp(0, 1).cpu().numpy()  # (H, W) in [0, 1]
     rgb = np.stack([np.clip(3 * err, 0, 1), np.clip(3 * err - 1, 0, 1), np.clip(3 * err - 2, 0, 1)], axis=-1)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+
+
+def error_change_map(x: torch.Tensor, before: torch.Tensor, after: torch.Tensor, *, vmax: float = 0.05) -> Image.Image:
+    """Where ``after`` is closer to ``x`` than ``before`` (green) or farther (magenta), for (3, H, W) images in
+    [-1, 1]: the change of ``mean_c |x - y|`` on the [0, 1] scale, black = unchanged, full colour at ``vmax``."""
+    gain = ((x - before).abs().mean(dim=0) - (x - after).abs().mean(dim=0)) / 2 / vmax  # (H, W), > 0: closer
+    closer, farther = gain.clamp(0, 1).cpu().numpy(), (-gain).clamp(0, 1).cpu().numpy()
+    rgb = np.stack([farther, closer, farther], axis=-1)
     return Image.fromarray((rgb * 255).round().astype(np.uint8))
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fdm.demo.figures import error_map, masked_input, outline, worst_region, zoom
+from fdm.demo.figures import error_change_map, error_map, masked_input, outline, worst_region, zoom
 from fdm.demo.model import ASSETS, load_demo_fdm, load_demo_vqgan
 from fdm.dequantizer import Dequantizer
 from fdm.evaluation import Comparison, compare
@@ -26,6 +26,8 @@ SAMPLE_IMAGES = ("astronaut", "coffee", "chelsea")
 RECONSTRUCTION_FIGURE = "fdm_demo_reconstruction.png"
 INPAINTING_FIGURE = "fdm_demo_inpainting.png"
 METRICS_FILE = "metrics.json"
+CHANGE_CAPTION = ("Last column: green where FDM's pixels are closer to the original than plain VQ's, magenta where "
+                  "they are farther (full colour at a change of 0.05 in mean |difference|).")
 
 
 @dataclass
@@ -74,7 +76,7 @@ def format_table(metrics: dict[str, list[dict[str, float | str]]]) -> str:
 
 
 def _rows_with_zoom(results: list[Comparison], labels: list[str], *, seam: bool) -> tuple[list, list[str]]:
-    """Figure rows: per image, the five full tiles (the zoomed region outlined), then the same five zoomed.
+    """Figure rows: per image, the six full tiles (the zoomed region outlined), then the same six zoomed.
 
     The zoomed region is where plain VQ loses most (``seam=False``), or, for the inpainting figure, a window on the
     hole's top-left corner (``seam=True``), where generated and known cells meet.
@@ -91,7 +93,7 @@ def _rows_with_zoom(results: list[Comparison], labels: list[str], *, seam: bool)
         else:
             corner = worst_region(x, vq, side)
             first = to_pil(x)
-        full = [first, to_pil(vq), to_pil(fdm), error_map(x, vq), error_map(x, fdm)]
+        full = [first, to_pil(vq), to_pil(fdm), error_map(x, vq), error_map(x, fdm), error_change_map(x, vq, fdm)]
         rows.append([outline(tile, corner, side) for tile in full])
         rows.append([zoom(tile, corner, side, h) for tile in [to_pil(x), *full[1:]]])
         row_labels += [label, f"zoom x{h / side:.0f} on the yellow square"]
@@ -131,23 +133,23 @@ def run_demo(out_dir: str | Path, *, progress: bool = True, device: str | torch.
     rows, row_labels = _rows_with_zoom(plain, [_label(r) for r in plain], seam=False)
     recon = image_grid(
         rows,
-        ["original", "VQ reconstruction", "with FDM", "error, VQ", "error, with FDM"],
+        ["original", "VQ reconstruction", "with FDM", "error, VQ", "error, with FDM", "FDM closer / farther"],
         title=f"FDM on the embedded VQGAN (f{factor}, {codes} codes): reconstruction",
         row_labels=row_labels,
         caption="Every latent cell quantized to its nearest code; FDM predicts the quantization error z - z_q from "
                 "the codes and adds it back. Zoomed: where plain VQ loses most. Error maps: mean |difference|, "
-                "black = 0, white >= 0.25.",
+                f"black = 0, white >= 0.25. {CHANGE_CAPTION}",
     )
     rows, row_labels = _rows_with_zoom(masked, [_label(r) for r in masked], seam=True)
     inpaint = image_grid(
         rows,
-        ["masked input", "without FDM", "with FDM", "error, without", "error, with FDM"],
+        ["masked input", "without FDM", "with FDM", "error, without", "error, with FDM", "FDM closer / farther"],
         title=f"FDM on the embedded VQGAN (f{factor}, {codes} codes): inpainting-style decode (oracle sampler)",
         row_labels=row_labels,
         caption="Oracle sampler: hole cells get the nearest codebook entry of the true feature (a perfect sampler), "
                 "known cells keep their continuous encoder features. Without FDM the hole is decoded from codes "
                 "next to continuous features and shows a seam; FDM corrects the hole cells only. Zoomed: the "
-                "hole's corner (the zoomed original shows the true pixels).",
+                "hole's corner (the zoomed original shows the true pixels). " + CHANGE_CAPTION,
     )
     figures = [out / RECONSTRUCTION_FIGURE, out / INPAINTING_FIGURE]
     recon.save(figures[0])
