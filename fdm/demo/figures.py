@@ -9,23 +9,39 @@ from PIL import Image, ImageDraw
 
 from fdm.images import to_pil
 
-__all__ = ["error_change_map", "error_map", "masked_input", "outline", "worst_region", "zoom"]
+__all__ = ["CHANGE_MAP_FULL", "ERROR_MAP_WHITE", "error_change_map", "error_map", "masked_input", "outline",
+           "worst_region", "zoom"]
 
-def error_map(x: torch.Tensor, y: torch.Tensor, *, vmax: float = 0.25) -> Image.Image:
+#: Error (mean |difference| on the [0, 1] scale) drawn white by :func:`error_map`.
+ERROR_MAP_WHITE = 0.25
+#: Change of that error drawn in full colour by :func:`error_change_map`.
+CHANGE_MAP_FULL = 0.05
+
+
+def _pixel_error(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``mean_c |x - y|`` of two (3, H, W) images in [-1, 1], on the [0, 1] scale -> (H, W)."""
+    return (x - y).abs().mean(dim=0) / 2
+
+
+def _rgb_tile(r: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> Image.Image:
+    """An RGB image from three (H, W) channels in [0, 1] (clamped)."""
+    rgb = torch.stack([r, g, b], dim=-1).clamp(0, 1).cpu().numpy()
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+
+
+def error_map(x: torch.Tensor, y: torch.Tensor, *, vmax: float = ERROR_MAP_WHITE) -> Image.Image:
     """Per-pixel error ``mean_c |x - y|`` of two (3, H, W) images in [-1, 1] on the [0, 1] scale, as a heat map
     (black = 0, through red and yellow to white at ``vmax`` and above)."""
-    err = ((x - y).abs().mean(dim=0) / 2 / vmax).clamp(0, 1).cpu().numpy()  # (H, W) in [0, 1]
-    rgb = np.stack([np.clip(3 * err, 0, 1), np.clip(3 * err - 1, 0, 1), np.clip(3 * err - 2, 0, 1)], axis=-1)
-    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+    err = (_pixel_error(x, y) / vmax).clamp(0, 1)  # (H, W) in [0, 1]
+    return _rgb_tile(3 * err, 3 * err - 1, 3 * err - 2)
 
 
-def error_change_map(x: torch.Tensor, before: torch.Tensor, after: torch.Tensor, *, vmax: float = 0.05) -> Image.Image:
+def error_change_map(x: torch.Tensor, before: torch.Tensor, after: torch.Tensor, *,
+                     vmax: float = CHANGE_MAP_FULL) -> Image.Image:
     """Where ``after`` is closer to ``x`` than ``before`` (green) or farther (magenta), for (3, H, W) images in
     [-1, 1]: the change of ``mean_c |x - y|`` on the [0, 1] scale, black = unchanged, full colour at ``vmax``."""
-    gain = ((x - before).abs().mean(dim=0) - (x - after).abs().mean(dim=0)) / 2 / vmax  # (H, W), > 0: closer
-    closer, farther = gain.clamp(0, 1).cpu().numpy(), (-gain).clamp(0, 1).cpu().numpy()
-    rgb = np.stack([farther, closer, farther], axis=-1)
-    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+    gain = (_pixel_error(x, before) - _pixel_error(x, after)) / vmax  # (H, W), > 0: closer
+    return _rgb_tile(-gain, gain, -gain)
 
 
 def masked_input(x: torch.Tensor, mask: torch.Tensor) -> Image.Image:

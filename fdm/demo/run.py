@@ -11,7 +11,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fdm.demo.figures import error_change_map, error_map, masked_input, outline, worst_region, zoom
+from fdm.demo.figures import (
+    CHANGE_MAP_FULL,
+    ERROR_MAP_WHITE,
+    error_change_map,
+    error_map,
+    masked_input,
+    outline,
+    worst_region,
+    zoom,
+)
 from fdm.demo.model import ASSETS, load_demo_fdm, load_demo_vqgan
 from fdm.dequantizer import Dequantizer
 from fdm.evaluation import Comparison, compare
@@ -27,7 +36,7 @@ RECONSTRUCTION_FIGURE = "fdm_demo_reconstruction.png"
 INPAINTING_FIGURE = "fdm_demo_inpainting.png"
 METRICS_FILE = "metrics.json"
 CHANGE_CAPTION = ("Last column: green where FDM's pixels are closer to the original than plain VQ's, magenta where "
-                  "they are farther (full colour at a change of 0.05 in mean |difference|).")
+                  f"they are farther (full colour at a change of {CHANGE_MAP_FULL} in mean |difference|).")
 
 
 @dataclass
@@ -138,7 +147,7 @@ def run_demo(out_dir: str | Path, *, progress: bool = True, device: str | torch.
         row_labels=row_labels,
         caption="Every latent cell quantized to its nearest code; FDM predicts the quantization error z - z_q from "
                 "the codes and adds it back. Zoomed: where plain VQ loses most. Error maps: mean |difference|, "
-                f"black = 0, white >= 0.25. {CHANGE_CAPTION}",
+                f"black = 0, white >= {ERROR_MAP_WHITE}. {CHANGE_CAPTION}",
     )
     rows, row_labels = _rows_with_zoom(masked, [_label(r) for r in masked], seam=True)
     inpaint = image_grid(
