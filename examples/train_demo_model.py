@@ -299,7 +299,8 @@ def train_decoder(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     with safe_open(str(args.vqgan_dir / "vqgan.safetensors"), "pt") as f:  # one read: the weights and stage 1's record
         meta, weights = f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
-    model = DemoVQGAN(DDCONFIG, N_EMBED, EMBED_DIM)
+    n_embed, embed_dim = weights["quantize.embedding.weight"].shape  # the stage-1 codebook's size
+    model = DemoVQGAN(DDCONFIG, n_embed, embed_dim)
     model.load_state_dict(weights)
     model.requires_grad_(False)
     trained = [*model.decoder.parameters(), *model.post_quant_conv.parameters()]
@@ -331,7 +332,7 @@ def train_decoder(args: argparse.Namespace) -> None:
     log_quantization_gap(model, DEFAULT_DATA.parent / "val", args.crop, args.seed)
     meta |= {"decoder_steps": args.steps, "decoder_batch": args.batch, "decoder_lr": args.lr,
              "decoder_script": "examples/train_demo_model.py vqgan-decoder"}
-    save_vqgan(model, N_EMBED, args.out / "vqgan.yaml", args.out / "vqgan.safetensors", meta)
+    save_vqgan(model, n_embed, args.out / "vqgan.yaml", args.out / "vqgan.safetensors", meta)
 
 
 # ----------------------------------------------------------------------------------------------- stage 2

@@ -84,6 +84,21 @@ def test_decoder_stage_trains_only_the_decoder_and_resumes(tmp_path):
     assert meta["decoder_steps"] == "3" and meta["script"] == "examples/train_demo_model.py vqgan"
 
 
+def test_decoder_stage_keeps_a_non_default_codebook(tmp_path):
+    """Stage 1 with another codebook size (``--n-embed``, ``--embed-dim``), then stage 1b on it: the result keeps
+    that codebook and loads through the library's taming loader."""
+    from fdm.adapters.taming import load_model
+
+    train = _script("examples/train_demo_model.py")
+    tiny = ["--steps", "2", "--batch", "2", "--crop", "16", "--threads", "1", "--checkpoint-every", "0"]
+    train.main(["vqgan", *tiny, "--warm-crop", "16", "--n-embed", "32", "--embed-dim", "8",
+                "--out", str(tmp_path / "stage1"), "--checkpoint-dir", str(tmp_path / "none")])
+    train.main(["vqgan-decoder", *tiny, "--vqgan-dir", str(tmp_path / "stage1"), "--out", str(tmp_path / "stage1b"),
+                "--checkpoint-dir", str(tmp_path / "none")])
+    model = load_model(tmp_path / "stage1b" / "vqgan.yaml", tmp_path / "stage1b" / "vqgan.safetensors")
+    assert tuple(model.quantize.embedding.weight.shape) == (32, 8)
+
+
 def test_phase3_runs_train_only_what_they_claim(runs):
     phase2 = FDM.from_pretrained(runs["fdm-phase2"])
     demo = load_demo_vqgan()
