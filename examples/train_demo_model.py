@@ -178,9 +178,9 @@ def vqgan_yaml(n_embed: int, embed_dim: int, ddconfig: dict) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(cfg))
 
 
-def save_vqgan(model: nn.Module, n_embed: int, out_yaml: Path, out_weights: Path, meta: dict) -> None:
+def save_vqgan(model: nn.Module, out_yaml: Path, out_weights: Path, meta: dict) -> None:
     out_yaml.parent.mkdir(parents=True, exist_ok=True)
-    out_yaml.write_text(vqgan_yaml(n_embed, model.quantize.e_dim, DDCONFIG))
+    out_yaml.write_text(vqgan_yaml(model.quantize.n_e, model.quantize.e_dim, DDCONFIG))
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(out_weights), metadata={k: str(v) for k, v in meta.items()})
     log.info("wrote %s and %s (%.2f MB)", out_yaml, out_weights, out_weights.stat().st_size / 2**20)
@@ -266,7 +266,7 @@ def train_vqgan(args: argparse.Namespace) -> None:
     meta = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "crop": args.crop,
             "warm_crop": args.warm_crop, "warm_fraction": args.warm_fraction,
             "data": Path(args.data).name, "script": "examples/train_demo_model.py vqgan"}
-    save_vqgan(model, args.n_embed, args.out / "vqgan.yaml", args.out / "vqgan.safetensors", meta)
+    save_vqgan(model, args.out / "vqgan.yaml", args.out / "vqgan.safetensors", meta)
 
 
 @torch.no_grad()
@@ -299,8 +299,11 @@ def train_decoder(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     with safe_open(str(args.vqgan_dir / "vqgan.safetensors"), "pt") as f:  # one read: the weights and stage 1's record
         meta, weights = f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
-    n_embed, embed_dim = weights["quantize.embedding.weight"].shape  # the stage-1 codebook's size
-    model = DemoVQGAN(DDCONFIG, n_embed, embed_dim)
+    codebook = weights.get("quantize.embedding.weight")
+    if codebook is None or codebook.ndim != 2:
+        raise ValueError(f"{args.vqgan_dir / 'vqgan.safetensors'}: expected a stage-1 VQGAN with a (codes, channels) "
+                         f"quantize.embedding.weight; got {None if codebook is None else tuple(codebook.shape)}")
+    model = DemoVQGAN(DDCONFIG, *codebook.shape)
     model.load_state_dict(weights)
     model.requires_grad_(False)
     trained = [*model.decoder.parameters(), *model.post_quant_conv.parameters()]
@@ -332,7 +335,7 @@ def train_decoder(args: argparse.Namespace) -> None:
     log_quantization_gap(model, DEFAULT_DATA.parent / "val", args.crop, args.seed)
     meta |= {"decoder_steps": args.steps, "decoder_batch": args.batch, "decoder_lr": args.lr,
              "decoder_script": "examples/train_demo_model.py vqgan-decoder"}
-    save_vqgan(model, n_embed, args.out / "vqgan.yaml", args.out / "vqgan.safetensors", meta)
+    save_vqgan(model, args.out / "vqgan.yaml", args.out / "vqgan.safetensors", meta)
 
 
 # ----------------------------------------------------------------------------------------------- stage 2

@@ -99,6 +99,23 @@ def test_decoder_stage_keeps_a_non_default_codebook(tmp_path):
     assert tuple(model.quantize.embedding.weight.shape) == (32, 8)
 
 
+def test_decoder_stage_refuses_a_file_without_a_codebook(tmp_path):
+    """Stage 1b names the missing codebook of a tampered stage-1 file and saves nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from fdm.demo.model import ASSETS
+
+    weights = load_file(str(ASSETS / "vqgan.safetensors"))
+    del weights["quantize.embedding.weight"]
+    (tmp_path / "tampered").mkdir()
+    save_file(weights, str(tmp_path / "tampered" / "vqgan.safetensors"))
+    train = _script("examples/train_demo_model.py")
+    with pytest.raises(ValueError, match="quantize.embedding.weight"):
+        train.main(["vqgan-decoder", "--vqgan-dir", str(tmp_path / "tampered"), "--out", str(tmp_path / "out"),
+                    "--steps", "1", "--threads", "1", "--checkpoint-every", "0", "--checkpoint-dir", str(tmp_path / "none")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_phase3_runs_train_only_what_they_claim(runs):
     phase2 = FDM.from_pretrained(runs["fdm-phase2"])
     demo = load_demo_vqgan()
