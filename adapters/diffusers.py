@@ -10,7 +10,6 @@ a model is loaded (``pip install ".[diffusers]"`` from a clone).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,12 @@ from torch import nn
 from fdm.adapter import VQAdapter
 from fdm.config_io import read_json
 from fdm.errors import CheckpointError, FdmError, InputError, MissingExtraError
+from fdm.hub import locate, resolve_file
 from fdm.registry import CliModel, ModelFamily
 
 __all__ = ["FAMILY", "DiffusersVQAdapter", "import_vqmodel", "load_model"]
 
 logger = logging.getLogger(__name__)
-
-_HUB_SUBFOLDER = re.compile(r"^([\w.-]+/[\w.-]+)/(.+)$")  # owner/name/sub/folder
 
 
 def import_vqmodel() -> type[nn.Module]:
@@ -206,8 +204,9 @@ def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
 
     Args:
         path_or_repo_id: a folder written by ``VQModel.save_pretrained``, a saved pipeline folder (its
-            VQModel component is found through ``model_index.json``), a Hub repo id, or
-            ``owner/name/subfolder`` for the VQModel inside a Hub pipeline repo (``amused/amused-256/vqvae``).
+            VQModel component is found through ``model_index.json``), a Hub repo id ``owner/name``, or
+            ``hf://owner/name/subfolder`` for the VQModel inside a Hub pipeline repo
+            (``hf://amused/amused-256/vqvae``). :func:`fdm.hub.locate` decides what is local.
         **kwargs: passed to ``VQModel.from_pretrained`` (``subfolder``, ``revision``, ``torch_dtype``,
             ``cache_dir``, ``local_files_only``...).
 
@@ -221,28 +220,27 @@ def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
             config's model, have unexpected keys or other shapes (named as the file spells them); a folder
             diffusers cannot load.
         HubError: the Hub repo, revision or config.json cannot be had (offline without a cached copy...).
+        FileNotFoundError: ``file not found: PATH`` for a missing local path, at once.
     """
+    where = locate(path_or_repo_id)  # a missing local path fails here, before diffusers is imported or the Hub asked
     vqmodel_class = import_vqmodel()
-    source = str(path_or_repo_id)
-    folder = Path(source)
-    if "subfolder" not in kwargs:
-        if folder.is_dir():
-            if not (folder / "config.json").is_file() and (folder / "model_index.json").is_file():
-                kwargs["subfolder"] = _vqmodel_subfolder(folder)
-        elif not folder.is_absolute() and (match := _HUB_SUBFOLDER.match(source)):
-            source, kwargs["subfolder"] = match.groups()
+    if isinstance(where, Path):
+        source = str(where)
+        if "subfolder" not in kwargs and where.is_dir() and not (where / "config.json").is_file() \
+                and (where / "model_index.json").is_file():
+            kwargs["subfolder"] = _vqmodel_subfolder(where)
+    else:  # owner/name, or owner/name/subfolder (written hf://owner/name/subfolder)
+        parts = where.split("/", 2)
+        source = "/".join(parts[:2])
+        if len(parts) == 3 and kwargs.setdefault("subfolder", parts[2]) != parts[2]:
+            raise InputError(f"{path_or_repo_id} names the subfolder {parts[2]!r} and subfolder="
+                             f"{kwargs['subfolder']!r} was given too; give it once.")
     subfolder = kwargs.get("subfolder")
     logger.info("loading diffusers VQModel from %s%s", source, f" (subfolder {subfolder})" if subfolder else "")
     config_name = f"{subfolder}/config.json" if subfolder else "config.json"
-    if folder.is_dir():
-        config_file = folder / config_name
-        if not config_file.is_file():
-            raise CheckpointError(f"{folder} holds no {config_name}: not a folder written by VQModel.save_pretrained.")
-    else:  # fetched here so that Hub errors become fdm errors; diffusers then reads it from the cache
-        from fdm.hub import resolve_file
-
-        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
-        config_file = resolve_file(source, config_name, **hub_kwargs)
+    # a Hub config.json is fetched here so that Hub errors become fdm errors; diffusers then reads it from the cache
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+    config_file = resolve_file(source, config_name, layout="VQModel.save_pretrained", **hub_kwargs)
     read_json(config_file, "diffusers VQModel config")
     kwargs.setdefault("use_safetensors", True)  # never diffusers' pickled .bin fallback (see docs/security.md)
     kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, all at once, instead of the first only

@@ -1,6 +1,6 @@
 """Reconstruct an image with a diffusers ``VQModel`` without and with FDM (Park & Jung, WACV 2025), side by side.
 
-    python examples/diffusers_vqmodel.py --vqmodel path/or/owner/repo[/subfolder] --fdm path/or/owner/repo \\
+    python examples/diffusers_vqmodel.py --vqmodel FOLDER|owner/repo|hf://owner/repo/subfolder --fdm FOLDER|owner/repo \\
         --image photo.jpg --out side_by_side.png [--size 256] [--mask holes.png] [--image-range 0 1] [--device cuda]
 
 Writes one PNG with three panels (input | VQ reconstruction | VQ + FDM) and prints PSNR / SSIM against the
@@ -38,7 +38,7 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vqmodel", required=True,
-                        help="VQModel folder, saved pipeline folder, Hub repo id, or owner/repo/subfolder")
+                        help="VQModel folder, saved pipeline folder, Hub repo id, or hf://owner/repo/subfolder")
     parser.add_argument("--fdm", required=True, help="FDM folder or Hub repo id (FDM.save_pretrained layout)")
     parser.add_argument("--image", required=True, help="input image (any size; centre-cropped)")
     parser.add_argument("--out", default="diffusers_fdm.png", help="output PNG (input | VQ | VQ + FDM)")

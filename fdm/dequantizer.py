@@ -21,6 +21,7 @@ from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
 from fdm.finetuned_decoder import apply_decoder_state
 from fdm.masks import keep_known, latent_mask
 from fdm.module import FDM
+from fdm.padding import crop, pad_image, pad_mask, padded_size
 from fdm.precision import full_precision
 from fdm.validation import (
     check_binary_mask,
@@ -121,26 +122,52 @@ class Dequantizer(nn.Module):
         """Downsampling factor of the wrapped model."""
         return self.adapter.factor
 
-    def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, check_finite: bool = True) -> torch.Tensor:
-        """(B, 3, H, W) image in [-1, 1] -> (B, C, H/f, W/f) continuous feature ``z``.
+    def prepare(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, pad: bool = True, check_finite: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Check an image batch ``x`` (B, 3, H, W) and its hole mask (B, 1, H, W) and pad both to multiples of
+        the factor: what :meth:`encode` and :meth:`reconstruct` feed the model.
 
-        With ``mask`` (B, 1, H, W), 1 = hole, the features whose known cells an inpainting keeps
-        (:meth:`~fdm.VQAdapter.encode_known`: PUT encodes the masked image; other models the whole image).
+        H and W may be any size: ``x`` is padded at the bottom and right (:func:`fdm.padding.pad_image`: reflect,
+        replicate for a side shorter than its padding), ``mask`` with 0, i.e. the padding is known
+        (:func:`fdm.padding.pad_mask`). ``pad=False`` refuses sizes that are not multiples of the factor.
         ``check_finite=False`` skips the NaN/Inf check of ``x`` (one device sync) in tight loops over trusted data.
+
+        Returns:
+            ``(x, mask)`` padded; the tensors given when H and W are multiples of the factor already.
 
         Raises:
             InputError: wrong shape, an empty batch, a dtype other than the model's (see
-                :func:`fdm.validation.check_dtype`), or NaN/Inf values in ``x``.
+                :func:`fdm.validation.check_dtype`), NaN/Inf values in ``x``, a mask that is not binary or not
+                ``x``'s size, or (``pad=False``) a size that is not a multiple of the factor.
         """
-        check_image(x, factor=self.factor, name="x")
+        check_image(x, factor=None if pad else self.factor, name="x")
         check_dtype(x, self.adapter.dtype, name="x")
         if check_finite:
             _check_finite(x, name="x")
+        if mask is not None:
+            check_pixel_mask(mask, x)  # the one check of the mask (later steps take it as checked)
+        if not pad:
+            return x, mask
+        return pad_image(x, self.factor), None if mask is None else pad_mask(mask, self.factor)
+
+    def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, pad: bool = True,
+               check_finite: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) image in [-1, 1] -> (B, C, ceil(H/f), ceil(W/f)) continuous feature ``z``.
+
+        Any H and W: ``z`` is the feature of ``x`` padded to multiples of the factor (:meth:`prepare`); cell
+        ``(i, j)`` covers the same pixels as without padding, the last row and column also cover padding. Decode
+        it back to ``x``'s size with ``decode(z_q, size=x.shape[-2:])``. ``pad=False`` refuses sizes that are not
+        multiples of the factor. With ``mask`` (B, 1, H, W), 1 = hole, the features whose known cells an
+        inpainting keeps (:meth:`~fdm.VQAdapter.encode_known`: PUT encodes the masked image; other models the
+        whole image). ``check_finite``: see :meth:`prepare`.
+
+        Raises:
+            InputError: see :meth:`prepare`.
+        """
+        x, mask = self.prepare(x, mask, pad=pad, check_finite=check_finite)
         z = self.adapter.encode(x)
-        if mask is None:
-            return z
-        check_pixel_mask(mask, x)
-        return self.adapter.encode_known(x, mask, z)
+        return z if mask is None else self.adapter.encode_known(x, mask, z)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``z`` (B, C, h, w) -> (``z_q`` (B, C, h, w), indices (B, h, w)).
@@ -160,42 +187,54 @@ class Dequantizer(nn.Module):
     ) -> torch.Tensor | None:
         """Resolve a pixel hole mask (B, 1, H, W) or a latent-cell mask (B, 1, h, w) to the latter.
 
+        A pixel mask may have the size of the image before padding (any H, W with ``ceil(H / f) = h`` and
+        ``ceil(W / f) = w``, see :meth:`encode`); it is padded as known (:func:`fdm.padding.pad_mask`).
         ``check_binary=False`` skips the binary check of ``mask`` (a device sync) for a mask checked already.
         """
         if mask is None:
             return None
         h, w = z.shape[-2:]
-        if mask.dim() == 4 and mask.shape[-2:] == (h * self.factor, w * self.factor) and self.factor > 1:
-            return latent_mask(mask, self.factor, check_binary=check_binary).to(z.dtype)
+        f = self.factor
         if mask.dim() == 4 and mask.shape[-2:] == (h, w):
             check_latent_mask(mask, z, check_binary=check_binary)
             return mask.to(z.dtype)
+        if mask.dim() == 4 and (padded_size(mask.shape[-2], f), padded_size(mask.shape[-1], f)) == (h * f, w * f):
+            return latent_mask(pad_mask(mask, f), f, check_binary=check_binary).to(z.dtype)
         raise InputError(
-            f"mask must be a pixel mask (B, 1, {h * self.factor}, {w * self.factor}) or a latent-cell mask "
-            f"(B, 1, {h}, {w}) for features of shape {tuple(z.shape)}; got {tuple(mask.shape)}."
+            f"mask must be a pixel mask (B, 1, {h * f}, {w * f}) (or of the image's size before padding: height "
+            f"{(h - 1) * f + 1} to {h * f}, width {(w - 1) * f + 1} to {w * f}) or a latent-cell mask (B, 1, {h}, "
+            f"{w}) for features of shape {tuple(z.shape)}; got {tuple(mask.shape)}."
         )
 
     def correct(self, z_q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Apply FDM: ``z_q + F([z_q, m]) * m``; ``mask`` is a pixel or latent-cell mask, None = all cells."""
         return self.fdm(z_q, self.cell_mask(mask, z_q), check_binary=False)  # cell_mask checked it
 
-    def decode(self, z_q: torch.Tensor, mask: torch.Tensor | None = None, **model_kwargs: Any) -> torch.Tensor:
-        """Decode ``z_q`` (B, C, h, w) with FDM applied -> (B, 3, H, W) image in [-1, 1].
+    def decode(self, z_q: torch.Tensor, mask: torch.Tensor | None = None, *, size: tuple[int, int] | None = None,
+               **model_kwargs: Any) -> torch.Tensor:
+        """Decode ``z_q`` (B, C, h, w) with FDM applied -> (B, 3, h f, w f) image in [-1, 1], or (B, 3, H, W) with
+        ``size``.
 
         Args:
             z_q: quantized map; on known cells it may hold continuous features (inpainting).
-            mask: pixel hole mask (B, 1, H, W) or latent-cell mask (B, 1, h, w); None = every cell generated.
+            mask: pixel hole mask (B, 1, h f, w f), or of the image's size before padding (see :meth:`cell_mask`),
+                or latent-cell mask (B, 1, h, w); None = every cell generated.
+            size: (H, W) of the image whose padded feature ``z_q`` is (:meth:`encode`): the decoded image is
+                cropped to it (:func:`fdm.padding.crop`); None keeps (h f, w f).
             **model_kwargs: passed to the adapter's decode: what else the model's decoder reads, e.g. PUT's
                 guide ``image=x, pixel_mask=hole`` (the known pixels of ``x`` guide its decoder;
-                ``adapter.decode_guide(x, hole)`` builds them). The adapter checks their shapes, not their values.
+                ``adapter.decode_guide(*deq.prepare(x, hole))`` builds them at the padded size). The adapter
+                checks their shapes, not their values.
         """
         z_dq = self.correct(z_q, mask)
-        return self._decode_raw(z_dq, **model_kwargs)
+        return crop(self._decode_raw(z_dq, **model_kwargs), size, self.factor)
 
     def decode_indices(
-        self, indices: torch.Tensor, mask: torch.Tensor | None = None, **model_kwargs: Any
+        self, indices: torch.Tensor, mask: torch.Tensor | None = None, *, size: tuple[int, int] | None = None,
+        **model_kwargs: Any
     ) -> torch.Tensor:
-        """Look up code ``indices`` (B, h, w) and decode them with FDM applied (see :meth:`decode`).
+        """Look up code ``indices`` (B, h, w) and decode them with FDM applied (see :meth:`decode`, also for
+        ``size``, which crops the image to the size given to :meth:`encode`).
 
         Raises:
             InputError: not an integer (B, h, w) tensor, empty, or ids outside ``[0, codebook size)``.
@@ -205,33 +244,35 @@ class Dequantizer(nn.Module):
                              f"dtype {indices.dtype}.")
         if indices.numel() == 0:
             raise InputError(f"indices is empty (shape {tuple(indices.shape)}); expected at least one code.")
-        size = self.adapter.codebook().shape[0]
+        codes = self.adapter.codebook().shape[0]
         low, high = torch.stack(torch.aminmax(indices)).tolist()  # one device sync
-        if low < 0 or high >= size:
-            raise InputError(f"indices must lie in [0, {size}) (the codebook has {size} codes); got values from "
+        if low < 0 or high >= codes:
+            raise InputError(f"indices must lie in [0, {codes}) (the codebook has {codes} codes); got values from "
                              f"{low} to {high}.")
-        return self.decode(self.adapter.lookup(indices), mask, **model_kwargs)
+        return self.decode(self.adapter.lookup(indices), mask, size=size, **model_kwargs)
 
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, use_fdm: bool = True,
-                    check_finite: bool = True) -> torch.Tensor:
-        """Encode, quantize and decode ``x`` (B, 3, H, W) in [-1, 1].
+                    pad: bool = True, check_finite: bool = True) -> torch.Tensor:
+        """Encode, quantize and decode ``x`` (B, 3, H, W) in [-1, 1] -> (B, 3, H, W).
 
         Without a mask every cell is quantized (plain VQ reconstruction). With a hole mask (B, 1, H, W),
         known cells keep their continuous features and hole cells get their nearest codes: an oracle
         stand-in for a sampler, which shows what FDM does on generated cells next to known ones.
-        ``use_fdm=False`` gives the same without FDM, for comparison. ``check_finite``: see :meth:`encode`.
+        ``use_fdm=False`` gives the same without FDM, for comparison. Any H and W: ``x`` and ``mask`` are padded
+        to multiples of the factor and the result cropped back (:meth:`prepare`; bit-identical to no padding
+        when they are multiples already); ``pad=False`` refuses other sizes. ``check_finite``: see :meth:`prepare`.
         """
-        z = self.encode(x, check_finite=check_finite)
+        padded, padded_mask = self.prepare(x, mask, pad=pad, check_finite=check_finite)
+        z = self.adapter.encode(padded)
         z_q, _ = self._quantize(z)
         cells, guide = None, {}
-        if mask is not None:
-            check_pixel_mask(mask, x)  # the one check of the mask (later steps take it as checked)
-            cells = latent_mask(mask, self.factor, check_binary=False).to(z.dtype)  # (B, 1, h, w), 1 = generated
-            z_q = keep_known(self.adapter.encode_known(x, mask, z), z_q, cells)
-            guide = self.adapter.decode_guide(x, mask)
+        if padded_mask is not None:
+            cells = latent_mask(padded_mask, self.factor, check_binary=False).to(z.dtype)  # (B, 1, h, w), 1 = generated
+            z_q = keep_known(self.adapter.encode_known(padded, padded_mask, z), z_q, cells)
+            guide = self.adapter.decode_guide(padded, padded_mask)
         if use_fdm:
             z_q = self.fdm(z_q, cells, check_binary=False)
-        return self._decode_raw(z_q, **guide)
+        return crop(self._decode_raw(z_q, **guide), x.shape[-2:], self.factor)
 
     def _decode_raw(self, z: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
         """Decode ``z`` as given: an attached hook is lifted for the call, so it does not correct ``z`` again."""

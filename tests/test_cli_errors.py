@@ -307,8 +307,8 @@ HUB_ERRORS = """
         "repo": lambda: resolve_file("tester/no-such-repo", "model.safetensors"),
         "revision": lambda: resolve_file("tester/not-an-fdm", "model.safetensors", revision="v9"),
         "file": lambda: resolve_file("tester/not-an-fdm", "model.safetensors"),
-        "put": lambda: load_put("tester/not-an-fdm/p_vqvae.pth"),
-        "taming": lambda: load_taming("tester/not-an-fdm/configs/model.yaml", "tester/not-an-fdm/last.ckpt"),
+        "put": lambda: load_put("hf://tester/not-an-fdm/p_vqvae.pth"),
+        "taming": lambda: load_taming("hf://tester/not-an-fdm/configs/model.yaml", "hf://tester/not-an-fdm/last.ckpt"),
     }
     out = {}
     for name, call in calls.items():

@@ -120,7 +120,7 @@ def test_channel_mismatch_is_refused(toy_model):
 )
 def test_bad_images_are_rejected(deq, x, match):
     with pytest.raises(InputError, match=match):
-        deq.reconstruct(x)
+        deq.reconstruct(x, pad=False)  # pad=False: a size that is not a multiple of the factor is refused
 
 
 def test_bad_masks_are_rejected(deq):

@@ -297,7 +297,7 @@ def test_load_model_from_hub_repo_and_pipeline_folders(models, tmp_path):
         expected = model(x).sample
         for loaded in (
             load_model(pipeline),  # component found through model_index.json
-            load_model("someone/tiny-amused/vqvae", cache_dir=cache, local_files_only=True),
+            load_model("hf://someone/tiny-amused/vqvae", cache_dir=cache, local_files_only=True),
             load_model("someone/tiny-amused", subfolder="vqvae", cache_dir=cache, local_files_only=True),
         ):
             assert loaded.config.lookup_from_codebook and not loaded.training
@@ -311,7 +311,7 @@ def test_load_model_from_hub_repo_and_pipeline_folders(models, tmp_path):
 def test_missing_diffusers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(ImportError, match=r'pip install "\.\[diffusers\]"'):
-        load_model("anything")
+        load_model("owner/anything")
 
 
 def test_phase2_on_a_loaded_vqmodel_lowers_the_qe_loss(models, tmp_path):

@@ -129,12 +129,12 @@ def test_mismatched_transformer_pair_refused():
 def test_missing_file_and_bad_repo_id():
     with pytest.raises(FileNotFoundError, match="not found"):  # fdm.hub.resolve_file, shared by every loader
         load_model("/nonexistent/p_vqvae.pth")
-    with pytest.raises(FileNotFoundError, match="owner/repo/file"):
+    with pytest.raises(FileNotFoundError, match="^file not found: justaname.pth$"):  # not tried on the Hub
         load_model("justaname.pth")
 
 
 def test_hub_id_from_prepared_cache(tmp_path):
-    """'owner/repo/file' goes through huggingface_hub.hf_hub_download (offline: a prepared cache)."""
+    """'hf://owner/repo/file' goes through huggingface_hub.hf_hub_download (offline: a prepared cache)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "models--someone--put-places"
     (repo / "refs").mkdir(parents=True)
@@ -142,5 +142,5 @@ def test_hub_id_from_prepared_cache(tmp_path):
     snapshot = repo / "snapshots" / commit / "ckpt"
     snapshot.mkdir(parents=True)
     (snapshot / "p_vqvae.safetensors").write_bytes((DATA / "put_tiny_p_vqvae.safetensors").read_bytes())
-    model = load_model("someone/put-places/ckpt/p_vqvae.safetensors", cache_dir=tmp_path, local_files_only=True)
+    model = load_model("hf://someone/put-places/ckpt/p_vqvae.safetensors", cache_dir=tmp_path, local_files_only=True)
     assert model.transformer is None and model.codec.quantize.num_codes == 64

@@ -114,7 +114,7 @@ def test_bad_config_and_missing_file(tmp_path, vqgan):
     ckpt = save_lightning_ckpt(vqgan.state_dict(), tmp_path / "last.ckpt")
     with pytest.raises(CheckpointError, match="target"):
         load_model({"model": {"params": {}}}, ckpt)
-    with pytest.raises(FileNotFoundError, match="not a local file"):
+    with pytest.raises(FileNotFoundError, match="^file not found: .*nope.yaml$"):
         load_model(tmp_path / "nope.yaml", ckpt)
 
 
@@ -132,7 +132,7 @@ def test_hub_download_from_prepared_cache(tmp_path, monkeypatch, vqgan):
     save_lightning_ckpt(vqgan.state_dict(), snapshot / "last.ckpt", loss_keys=True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    loaded = load_model("someone/tiny-vqgan/configs/model.yaml", "someone/tiny-vqgan/last.ckpt")
+    loaded = load_model("hf://someone/tiny-vqgan/configs/model.yaml", "hf://someone/tiny-vqgan/last.ckpt")
     assert _same_weights(loaded, vqgan)
     loaded = load_model("configs/model.yaml", "last.ckpt", repo_id="someone/tiny-vqgan")
     assert _same_weights(loaded, vqgan)

@@ -278,8 +278,9 @@ def load_model(
 
     Args:
         checkpoint: the P-VQVAE: a PUT ``p_vqvae`` checkpoint, a PUT transformer checkpoint (its
-            ``content_codec``), or an FDM-authors checkpoint; a path, a loaded dict, or ``"owner/repo/file"``
-            on the Hugging Face Hub. If it also holds UQ-Transformer weights they are loaded too.
+            ``content_codec``), or an FDM-authors checkpoint; a path, a loaded dict, or ``"hf://owner/repo/file"``
+            on the Hugging Face Hub (a missing local path fails at once: :func:`fdm.hub.locate`). If it also
+            holds UQ-Transformer weights they are loaded too.
         transformer: a separate UQ-Transformer checkpoint (PUT transformer file or FDM ``generator.pth``).
         n_head / activation: UQ-Transformer settings the weights do not record (released: 8, ``"gelu2"``).
         revision / cache_dir / local_files_only: passed to ``hf_hub_download`` for Hub ids.

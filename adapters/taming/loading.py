@@ -48,8 +48,9 @@ def load_config(config: Any, *, repo_id: str | None = None, revision: str | None
     parsed with ``yaml.safe_load`` (no ``!!python`` tags).
 
     Args:
-        config: a path / Hub reference to a ``*-project.yaml`` or ``model.yaml``, or a dict / OmegaConf
-            holding either the whole file or its ``model`` section.
+        config: a path / Hub reference (``hf://owner/repo/path.yaml``) to a ``*-project.yaml`` or ``model.yaml``,
+            or a dict / OmegaConf holding either the whole file or its ``model`` section. A missing local path
+            fails at once (:func:`fdm.hub.locate`).
         trust_config: allow any class as a ``target``. By default every ``target`` of the model section, at every
             depth (``model.target``, ``model.params.first_stage_config.target``, ``lossconfig``...), must be one
             of taming's own classes (:data:`~fdm.adapters.taming.compat.ALLOWED_TARGETS`), checked before anything
@@ -138,10 +139,10 @@ def load_model(
     """Load a released (or your own) taming model.
 
     Args:
-        config: ``*-project.yaml`` / ``model.yaml`` path, ``owner/repo/path.yaml`` Hub reference, or a dict /
+        config: ``*-project.yaml`` / ``model.yaml`` path, ``hf://owner/repo/path.yaml`` Hub reference, or a dict /
             OmegaConf of the config (whole file or its ``model`` section).
         checkpoint: Lightning ``.ckpt`` (read without executing pickled code) or ``.safetensors``; local path
-            or Hub reference. Standalone VQGAN keys (``encoder.*``...; ``loss.*`` keys are dropped) and
+            or ``hf://`` Hub reference. Standalone VQGAN keys (``encoder.*``...; ``loss.*`` keys are dropped) and
             transformer keys (``first_stage_model.*``, ``cond_stage_model.*``, ``transformer.*``).
         repo_id: when given, string ``config`` and ``checkpoint`` are filenames in this Hub repo.
         revision: Hub revision (branch, tag or commit).
@@ -157,7 +158,8 @@ def load_model(
         CheckpointError: the checkpoint misses expected keys, has unexpected ones or wrong shapes (all named), or
             is refused by :func:`fdm.checkpoint.read_checkpoint`.
         ConfigError: the config does not parse, or names a class that is not allowed (key path and value).
-        FileNotFoundError: a file is neither local nor on the Hub.
+        FileNotFoundError: ``file not found: PATH`` for a missing local path (anything but ``hf://...`` or
+            ``repo_id=``: :func:`fdm.hub.locate`), at once, without trying the Hub.
 
     Example:
         >>> from fdm.adapters.taming import load_model                                  # doctest: +SKIP

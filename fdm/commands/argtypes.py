@@ -7,7 +7,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-__all__ = ["fraction", "int_at_least", "non_negative_float", "non_negative_int", "positive_float", "positive_int",
+__all__ = ["fraction", "held_out_fraction", "int_at_least", "non_negative_float", "non_negative_int", "positive_float", "positive_int",
            "unit_interval"]
 
 
@@ -54,6 +54,11 @@ def non_negative_float(text: str) -> float:
 def fraction(text: str) -> float:
     """A number in [0, 1] (hole-area ratios)."""
     return _float(text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def held_out_fraction(text: str) -> float:
+    """A number in [0, 1) (the part of the images held out)."""
+    return _float(text, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def unit_interval(text: str) -> float:

@@ -26,16 +26,18 @@ def model_choices() -> list[str]:
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, fdm: bool = True) -> None:
     """Add ``--model``, ``--config``, ``--trust-config``, ``--checkpoint``, ``--transformer``, ``--device`` (and
-    ``--fdm``)."""
+    ``--fdm``). What is a local path and what a Hub repo is decided by :func:`fdm.hub.locate`: a missing local
+    path fails at once (``file not found: PATH``, one line, exit code 2)."""
     group = parser.add_argument_group("base model")
     group.add_argument("--model", choices=model_choices(), default="demo",
                        help="model family (default: demo, the small VQGAN embedded in the package)")
-    group.add_argument("--config", help="taming: *-project.yaml / model.yaml path or Hub repo id")
+    group.add_argument("--config", help="taming: *-project.yaml / model.yaml path, or hf://owner/repo/path.yaml")
     group.add_argument("--trust-config", action="store_true",
                        help="taming: build any class the config names as a target (default: taming's own classes "
                             "only; a config names code that loading it runs)")
-    group.add_argument("--checkpoint", help="taming .ckpt, PUT codec .pth, or diffusers folder / Hub repo id")
-    group.add_argument("--transformer", help="PUT: UQ-Transformer checkpoint (sampling only)")
+    group.add_argument("--checkpoint", help="taming .ckpt, PUT codec .pth, or diffusers folder / Hub repo id; "
+                                            "hf://owner/repo/path for a file or folder inside a Hub repo")
+    group.add_argument("--transformer", help="PUT: UQ-Transformer checkpoint (sampling only), path or hf://...")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     if fdm:
         group.add_argument("--fdm", help="FDM folder or Hub repo id (default with --model demo: the embedded FDM)")

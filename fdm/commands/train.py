@@ -1,10 +1,13 @@
 """Train an FDM for a base VQ model on a set of images (phase 2: the paper's sampler-free qe loss).
 
-The base model stays frozen; its features of every training view are computed once and cached. The result
-is written to --out in the save_pretrained layout (load it with fdm.FDM.from_pretrained or --fdm DIR).
+The base model stays frozen; its features of every training view are computed once and cached. A tenth of the
+images is held out: the FDM is checked on them during the run, the best check's weights are saved, and the last
+line says whether the FDM beats plain VQ on images it never saw. The result is written to --out in the
+save_pretrained layout (load it with fdm.FDM.from_pretrained or --fdm DIR).
 Runs unchanged under `torchrun --nproc_per_node N -m fdm.cli train ...` and `accelerate launch`.
 
 Examples:
+  fdm train --data photos/ --out fdm-mine --minutes 4        # the embedded demo VQGAN, 4 minutes
   fdm train --model taming --config vqgan.yaml --checkpoint vqgan.ckpt --data photos/ --out fdm-vqgan --epochs 20
   fdm train --model diffusers --checkpoint ./vqmodel --data faces/ --out fdm-faces --steps 5000 --no-mask
   fdm train --model taming --config vqgan.yaml --checkpoint vqgan.ckpt --out fdm-in \
@@ -17,11 +20,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
+import torch
 from torch import nn
 
 from fdm.adapter import find_adapter
-from fdm.commands.argtypes import fraction, int_at_least, non_negative_int, positive_float, positive_int
+from fdm.commands.argtypes import (
+    fraction,
+    held_out_fraction,
+    int_at_least,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from fdm.commands.data_options import add_data_arguments
 from fdm.commands.model_options import add_model_arguments, load_base_model
 from fdm.errors import UsageError
@@ -37,33 +49,55 @@ from fdm.training import (
     latest_checkpoint,
     open_source,
     shutdown_distributed,
+    split_heldout,
 )
-from fdm.training.schedule import PAPER_LR, PAPER_WARMUP_STEPS
+from fdm.training.recipe import (
+    HELDOUT_CROP,
+    RECIPE_LR,
+    VIEW_SCALE_RANGE,
+    WARMUP_FRACTION,
+    crop_size_for,
+    views_per_image_for,
+)
 
 __all__ = ["add_arguments", "run", "train"]
 
 logger = logging.getLogger(__name__)
 
-#: Training length when neither --steps nor --epochs is given.
+#: Training length when none of --steps, --epochs and --minutes is given.
 DEFAULT_EPOCHS = 20
+#: Part of the images held out when --val-fraction is not given.
+DEFAULT_VAL_FRACTION = 0.1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, fdm=False)
-    add_data_arguments(parser, streaming=True)
+    add_data_arguments(parser, streaming=True, recipe=True)
     run_group = parser.add_argument_group("training")
     run_group.add_argument("--out", required=True, help="output folder: the trained FDM and its checkpoints")
     length = run_group.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int, help="number of optimizer steps (instead of --epochs)")
     length.add_argument("--epochs", type=positive_int,
-                        help=f"number of passes over the training views (default {DEFAULT_EPOCHS} when --steps is "
-                             "not given)")
+                        help=f"number of passes over the training views (default {DEFAULT_EPOCHS} when neither --steps "
+                             "nor --minutes is given)")
+    run_group.add_argument("--minutes", type=positive_float,
+                           help="wall-time budget of the whole run, feature cache included: train until it is spent "
+                                "(or until --steps/--epochs, whichever comes first), then save")
+    run_group.add_argument("--val-fraction", type=held_out_fraction, default=DEFAULT_VAL_FRACTION,
+                           help=f"part of the images held out to check the FDM on unseen images (default "
+                                f"{DEFAULT_VAL_FRACTION}, at least one image; 0: none)")
+    run_group.add_argument("--checks", type=positive_int, default=10,
+                           help="held-out checks per run, evenly spaced (default 10); the best one's weights are saved")
+    run_group.add_argument("--patience", type=non_negative_int, default=3,
+                           help="stop early after this many held-out checks in a row without improvement (default 3; "
+                                "0: never)")
     run_group.add_argument("--batch-size", type=positive_int, default=16,
                            help="views per step and process (default 16)")
-    run_group.add_argument("--lr", type=positive_float, default=PAPER_LR,
-                           help=f"peak learning rate (default {PAPER_LR})")
-    run_group.add_argument("--warmup-steps", type=non_negative_int, default=PAPER_WARMUP_STEPS,
-                           help=f"linear warm-up steps (default {PAPER_WARMUP_STEPS})")
+    run_group.add_argument("--lr", type=positive_float, default=RECIPE_LR,
+                           help=f"peak learning rate (default {RECIPE_LR})")
+    run_group.add_argument("--warmup-steps", type=non_negative_int,
+                           help=f"linear warm-up steps (default: the first {WARMUP_FRACTION:.0%} of the run, however "
+                                "long; needs --steps or --epochs)")
     masks = run_group.add_mutually_exclusive_group()
     masks.add_argument("--hole-ratio", type=fraction, nargs=2, metavar=("LO", "HI"), default=list(DEFAULT_HOLE_RATIO),
                        help="hole-area range of the random training masks (default %(default)s, the official recipe)")
@@ -81,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--num-workers", type=non_negative_int, default=0,
                            help="data-loading workers while caching")
     run_group.add_argument("--hidden-channels", type=int_at_least(2),
-                           help="FDM trunk width (default: the model's channels)")
+                           help="FDM trunk width (default: the model's channels, at least 64 and at most 256)")
     run_group.add_argument("--num-blocks", type=non_negative_int, default=8, help="FDM residual blocks (default 8)")
     run_group.add_argument("--precision", choices=PRECISIONS, default="fp32",
                            help="FDM forward passes in float32 (default), bfloat16 or float16 autocast (fp16 with "
@@ -107,9 +141,14 @@ def run(args: argparse.Namespace) -> int:
 def train(model: nn.Module, args: argparse.Namespace) -> FDM:
     """Train an FDM for ``model`` as the parsed ``fdm train`` options say; returns the trained FDM."""
     adapter = find_adapter(model)
+    no_length = args.steps is None and args.epochs is None and args.minutes is None
+    if args.warmup_steps is not None and args.steps is None and args.epochs is None and not no_length:
+        raise UsageError("--warmup-steps counts steps: give --steps or --epochs too, or leave it out (the warm-up "
+                         f"is then the first {WARMUP_FRACTION:.0%} of the run).")
     config = Phase2Config(
         steps=args.steps,
-        epochs=args.epochs if args.epochs is not None or args.steps is not None else DEFAULT_EPOCHS,
+        epochs=DEFAULT_EPOCHS if no_length else args.epochs,
+        minutes=args.minutes,
         batch_size=args.batch_size,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
@@ -128,19 +167,46 @@ def train(model: nn.Module, args: argparse.Namespace) -> FDM:
         hidden_channels=args.hidden_channels,
         num_blocks=args.num_blocks,
         base_model=args.base_model or _base_model_name(args),
+        checks=args.checks,
+        patience=args.patience or None,
     )
     source = open_source(args.data)
     if args.cache == "none" and not source.random_access:
         raise UsageError(f"--cache none re-encodes views by index at every step, which {source.describe()} cannot "
                          "do (it streams); use --cache memory or --cache disk.")
-    views = SeededViews(source, crop_size=args.crop_size, views_per_image=args.views_per_image, seed=args.seed)
-    trainer = Phase2Trainer(model, views, config, adapter=adapter)
+    source, heldout = split_heldout(source, args.val_fraction, seed=args.seed)
+    crop = args.crop_size or crop_size_for(adapter.factor)
+    per_image = args.views_per_image or views_per_image_for(len(source))
+    views = SeededViews(source, crop_size=crop, views_per_image=per_image, seed=args.seed,
+                        scale_range=VIEW_SCALE_RANGE)
+    heldout_views = None if heldout is None else SeededViews(
+        heldout, crop_size=max(crop, HELDOUT_CROP), views_per_image=4, seed=args.seed + 1, scale_range=(1.0, 2.0))
+    trainer = Phase2Trainer(model, views, config, adapter=adapter, heldout_views=heldout_views)
     resume_from = None
     if args.resume:
         resume_from = latest_checkpoint(trainer.checkpoint_dir)
         if resume_from is None:
             logger.info("--resume: no checkpoint in %s yet, starting from scratch", trainer.checkpoint_dir)
-    return trainer.train(resume_from)
+    module = trainer.train(resume_from)
+    _summarise(trainer, args.out)
+    return module
+
+
+def _summarise(trainer: Phase2Trainer, out: str) -> None:
+    """Print the run's last lines (first process only): where the FDM is and, with held-out images, whether it beats
+    plain VQ."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    print(f"saved the FDM to {out} ({trainer.step} steps)")
+    result = trainer.heldout_result
+    if result is None:
+        print("no images held out (--val-fraction 0 or a single image): measure the FDM with fdm eval on images "
+              "it did not see")
+        return
+    print(f"held-out ({trainer.heldout_views.source.describe()}): {result.describe()}")
+    if not result.helps:
+        print("this FDM does not beat plain VQ on the held-out images: train longer (--minutes, --steps), wider "
+              "(--hidden-channels), or on more images", file=sys.stderr)
 
 
 def _base_model_name(args: argparse.Namespace) -> str:

@@ -6,6 +6,7 @@ from fdm.training.checkpointing import latest_checkpoint, load_checkpoint, save_
 from fdm.training.data import IMAGE_EXTENSIONS, ImageFolderViews, SeededViews, TensorViews, list_images
 from fdm.training.distributed import DistContext, init_distributed, shutdown_distributed
 from fdm.training.feature_cache import CACHE_DTYPES, CACHE_MODES, FeatureCache, ShardedBatches, encode_views
+from fdm.training.holdout import HeldOutCheck, HeldOutResult, ImageSubset, split_heldout
 from fdm.training.phase2 import Phase2Config, Phase2Trainer, train_phase2
 from fdm.training.phase3 import Phase3Config, Phase3Trainer, finetune
 from fdm.training.schedule import WarmupCosineLR, paper_optimizer
@@ -18,9 +19,12 @@ __all__ = [
     "DistContext",
     "FeatureCache",
     "FolderSource",
+    "HeldOutCheck",
+    "HeldOutResult",
     "HFDatasetSource",
     "ImageFolderViews",
     "ImageSource",
+    "ImageSubset",
     "Phase2Config",
     "Phase2Trainer",
     "Phase3Config",
@@ -40,5 +44,6 @@ __all__ = [
     "paper_optimizer",
     "save_checkpoint",
     "shutdown_distributed",
+    "split_heldout",
     "train_phase2",
 ]

@@ -1,7 +1,8 @@
 """The paper's optimiser and learning-rate schedule (FDM, WACV 2025, sec. 4.1; hyudsl/FDM configs):
 Adam with betas (0, 0.9), linear warm-up to 2e-4, then cosine decay to 1e-6.
 
-Shared by the phase-2 and phase-3 trainers.
+:class:`WarmupCosineLR` counts steps (phase 3); :class:`RunBudget` and :class:`ProgressLR` follow a run's progress
+through its step count or its wall-time budget, whichever ends it first (phase 2, ``fdm train --minutes``).
 """
 
 from __future__ import annotations
@@ -9,11 +10,21 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["PAPER_BETAS", "PAPER_LR", "PAPER_MIN_LR", "PAPER_WARMUP_STEPS", "WarmupCosineLR", "paper_optimizer"]
+__all__ = [
+    "PAPER_BETAS",
+    "PAPER_LR",
+    "PAPER_MIN_LR",
+    "PAPER_WARMUP_STEPS",
+    "ProgressLR",
+    "RunBudget",
+    "WarmupCosineLR",
+    "paper_optimizer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +85,75 @@ class WarmupCosineLR(LRScheduler):
         if step < self.warmup_steps:
             return peak * (step + 1) / self.warmup_steps
         span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr + (peak - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return _cosine(peak, self.min_lr, (step - self.warmup_steps) / span)
 
     def get_lr(self) -> list[float]:
         return [self.lr_at(self.last_epoch, peak) for peak in self.base_lrs]
+
+
+def _cosine(peak: float, min_lr: float, progress: float) -> float:
+    """Cosine decay from ``peak`` (progress 0) to ``min_lr`` (progress 1 and beyond)."""
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
+@dataclass(frozen=True)
+class RunBudget:
+    """How long a run lasts: a number of optimizer steps, a wall-clock time, or both (whichever ends first).
+
+    Attributes:
+        steps: optimizer steps (None: no step limit).
+        seconds: seconds of training (None: no time limit).
+    """
+
+    steps: int | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.seconds is None:
+            raise ValueError("a run budget needs steps, seconds or both; got neither.")
+        if (self.steps is not None and self.steps < 1) or (self.seconds is not None and not self.seconds > 0):
+            raise ValueError(f"budget steps must be >= 1 and seconds > 0; got {self.steps} and {self.seconds}.")
+
+    def progress(self, steps_done: int, elapsed: float) -> float:
+        """Fraction of the budget used after ``steps_done`` steps and ``elapsed`` seconds, in [0, 1]."""
+        used = max(steps_done / self.steps if self.steps is not None else 0.0,
+                   elapsed / self.seconds if self.seconds is not None else 0.0)
+        return min(1.0, used)
+
+
+class ProgressLR:
+    """Linear warm-up from 0 over the first ``warmup`` fraction of a run, then cosine decay to ``min_lr`` at its
+    end, as a function of the run's progress (:meth:`RunBudget.progress`): a run limited by time decays on time.
+
+    Call :meth:`step` before every optimizer step with the progress the run will have reached after it. Nothing
+    needs saving for a resume: the rates follow from the progress alone.
+
+    Args:
+        optimizer: the optimizer; each group's ``lr`` when this is created is its peak rate.
+        warmup: fraction of the run spent warming up, in [0, 1).
+        min_lr: final learning rate.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup: float, min_lr: float = PAPER_MIN_LR):
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"warmup must be a fraction in [0, 1); got {warmup}.")
+        self.optimizer = optimizer
+        self.warmup = warmup
+        self.min_lr = min_lr
+        self.peaks = [group["lr"] for group in optimizer.param_groups]
+
+    def lr_at(self, progress: float, peak: float) -> float:
+        """Learning rate at ``progress`` (in [0, 1]) for a group whose peak rate is ``peak``."""
+        if progress < self.warmup:
+            return peak * progress / self.warmup
+        return _cosine(peak, self.min_lr, (progress - self.warmup) / (1.0 - self.warmup))
+
+    def step(self, progress: float) -> None:
+        """Set every group's rate for the step that brings the run to ``progress``."""
+        for group, peak in zip(self.optimizer.param_groups, self.peaks):
+            group["lr"] = self.lr_at(progress, peak)
+
+    @property
+    def last_lr(self) -> float:
+        """The first group's current rate."""
+        return self.optimizer.param_groups[0]["lr"]

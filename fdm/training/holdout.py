@@ -1,0 +1,223 @@
+"""Held-out images for phase 2: :func:`split_heldout` sets a part of the training images aside, and
+:class:`HeldOutCheck` measures on them, as ``fdm eval`` does, whether the FDM being trained beats plain VQ
+(feature error ratio ``||z - z_dq|| / ||z - z_q||`` and PSNR gain of the decoded images)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from fdm.adapter import VQAdapter
+from fdm.dequantizer import Dequantizer
+from fdm.errors import InputError
+from fdm.evaluation import Latents, encode_latents
+from fdm.masks import random_irregular_mask
+from fdm.metrics import feature_error_ratio, psnr
+from fdm.module import FDM
+from fdm.precision import autocast
+from fdm.training.data import SeededViews
+from fdm.training.sources import ImageSource
+
+__all__ = ["MAX_CHECK_VIEWS", "HeldOutCheck", "HeldOutResult", "ImageSubset", "split_heldout"]
+
+logger = logging.getLogger(__name__)
+
+MAX_CHECK_VIEWS = 32
+"""Most held-out views one check measures (spread over the held-out images)."""
+
+
+class ImageSubset(ImageSource):
+    """The images of ``source`` at ``indices`` (sorted), in order; streams when ``source`` does."""
+
+    def __init__(self, source: ImageSource, indices: list[int], role: str):
+        self.source = source
+        self.indices = sorted(indices)
+        self.role = role
+        self.random_access = source.random_access
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def image(self, index: int) -> Image.Image:
+        if not 0 <= index < len(self):
+            raise IndexError(f"image index {index} out of range for {len(self)} {self.role} images")
+        return self.source.image(self.indices[index])
+
+    def iter_images(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Image.Image]]:
+        if self.random_access:
+            yield from super().iter_images(start, stop)
+            return
+        stop = len(self) if stop is None else stop
+        wanted = {parent: own for own, parent in enumerate(self.indices[start:stop], start)}
+        if not wanted:
+            return
+        for parent, image in self.source.iter_images(min(wanted), max(wanted) + 1):
+            if parent in wanted:
+                yield wanted[parent], image
+
+    def identity(self) -> Any:
+        return {"source": self.source.identity(), self.role: self.indices}
+
+    def names(self) -> list[str]:
+        names = self.source.names()
+        return [names[i] for i in self.indices]
+
+    def describe(self) -> str:
+        return f"{len(self)} {self.role} images of {self.source.describe()}"
+
+
+def split_heldout(source: ImageSource, fraction: float, *, seed: int = 0) -> tuple[ImageSource, ImageSource | None]:
+    """Split ``source`` into (training images, held-out images).
+
+    ``round(fraction * len(source))`` images, at least one, are held out: drawn at random from ``seed``, or the
+    first ones of a streaming source (read in order only). ``fraction`` 0 holds nothing out (None). With fewer
+    than 2 images nothing can be held out: a warning is logged and None returned.
+
+    Raises:
+        InputError: ``fraction`` is not in [0, 1).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise InputError(f"the held-out fraction must be in [0, 1); got {fraction}.")
+    n = len(source)
+    if fraction == 0.0:
+        return source, None
+    if n < 2:
+        logger.warning("only %d image: nothing held out, so the FDM's gain on unseen images is not measured", n)
+        return source, None
+    count = min(n - 1, max(1, round(fraction * n)))
+    if source.random_access:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        held = order[:count]
+    else:
+        held = list(range(count))
+    rest = sorted(set(range(n)) - set(held))
+    return ImageSubset(source, rest, "training"), ImageSubset(source, held, "held-out")
+
+
+@dataclass(frozen=True)
+class HeldOutResult:
+    """One held-out check (means over the views; the feature ratio per view, over its generated cells); the PSNRs
+    are None for a check that did not decode."""
+
+    feature_ratio: float
+    views: int
+    psnr_vq: float | None = None
+    psnr_fdm: float | None = None
+
+    @property
+    def psnr_gain(self) -> float | None:
+        """PSNR with FDM minus plain VQ's, in dB."""
+        return None if self.psnr_fdm is None else self.psnr_fdm - self.psnr_vq
+
+    @property
+    def helps(self) -> bool:
+        """Whether the FDM beats plain VQ: features closer to ``z`` (and a PSNR gain, when measured)."""
+        return self.feature_ratio < 1.0 and (self.psnr_gain is None or self.psnr_gain > 0.0)
+
+    def to_dict(self) -> dict[str, float | None]:
+        """JSON-able numbers (``psnr_gain`` included)."""
+        return asdict(self) | {"psnr_gain": self.psnr_gain}
+
+    def describe(self) -> str:
+        """One line: the ratio, and the PSNR without and with FDM when measured."""
+        text = f"feature error ratio {self.feature_ratio:.3f}"
+        if self.psnr_fdm is not None:
+            text += f", PSNR {self.psnr_vq:.2f} -> {self.psnr_fdm:.2f} dB ({self.psnr_gain:+.2f})"
+        return text
+
+
+class HeldOutCheck:
+    """Measure an FDM on fixed views of held-out images, as ``fdm eval`` does (:func:`fdm.evaluation.compare`).
+
+    The views are encoded and quantized once, and plain VQ's images decoded once; a check then runs the FDM (the
+    feature error ratio: cheap) and, when asked, decodes its features (the PSNR gain). Without ``hole_ratio``
+    every cell is quantized (reconstruction); with it, each view gets a fixed random hole mask in that area range
+    and only the hole cells are quantized and corrected (oracle inpainting), the setting the FDM is trained for.
+
+    Args:
+        model: the frozen base model, on the device the checks run on.
+        adapter: its adapter.
+        views: the held-out views; at most :data:`MAX_CHECK_VIEWS` of them, evenly spaced, are measured.
+        hole_ratio: hole-area range of the check's masks, or None for reconstruction.
+        seed: seed of the masks.
+        batch_size: views per forward pass.
+        precision: autocast precision of the models (see :mod:`fdm.precision`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: VQAdapter,
+        views: SeededViews,
+        *,
+        hole_ratio: tuple[float, float] | None,
+        seed: int = 0,
+        batch_size: int = 16,
+        precision: str = "fp32",
+    ):
+        if len(views) == 0:
+            raise InputError("no held-out views to check on.")
+        count = min(len(views), MAX_CHECK_VIEWS)
+        picked = {round(i * len(views) / count) for i in range(count)}
+        x = torch.stack([view for index, view in views.iter_views() if index in picked])  # (N, 3, S, S)
+        masks = None
+        if hole_ratio is not None:
+            generator = torch.Generator().manual_seed(seed)
+            masks = torch.stack([random_irregular_mask(*x.shape[-2:], hole_ratio, generator=generator)
+                                 for _ in range(len(x))])  # (N, 1, S, S), 1 = hole
+        self.model = model
+        self.adapter = adapter
+        self.precision = precision
+        self.images = len(views) // views.views_per_image
+        self.setting = "reconstruction" if masks is None else "oracle inpainting"
+        self.views = len(x)
+        identity = FDM(adapter.channels, mask_channels=0 if masks is None else 1, hidden_channels=2, num_blocks=0,
+                       base_model_fingerprint=adapter.fingerprint())  # the Dequantizer's pipeline, without FDM
+        self._dequantizer = Dequantizer(model, identity.to(adapter.device), adapter=adapter, check_fingerprint=False)
+        self._batches: list[tuple[torch.Tensor, Latents, torch.Tensor | None]] = []  # (x, latents, psnr of plain VQ)
+        with torch.no_grad(), autocast(adapter.device, precision):
+            for start in range(0, len(x), batch_size):
+                xb = x[start:start + batch_size].to(adapter.device)
+                mb = None if masks is None else masks[start:start + batch_size].to(adapter.device)
+                self._batches.append((xb, encode_latents(self._dequantizer, xb, mb), None))
+
+    def describe(self) -> str:
+        """What is measured, e.g. ``"held-out (26 photos, 32 views, reconstruction)"``."""
+        return f"held-out ({self.images} photos, {self.views} views, {self.setting})"
+
+    @torch.no_grad()
+    def measure(self, fdm_module: FDM, *, decode: bool = False) -> HeldOutResult:
+        """The check's numbers for ``fdm_module``'s current weights (its train/eval mode is restored): the feature
+        error ratio, and with ``decode`` the PSNR of plain VQ and with FDM."""
+        was_training = fdm_module.training
+        fdm_module.eval()
+        ratios, psnr_vq, psnr_fdm = [], [], []
+        try:
+            for i, (x, lat, vq_psnr) in enumerate(self._batches):
+                with autocast(x.device, self.precision):
+                    z_dq = fdm_module(lat.z_q, lat.cells, check_binary=False)
+                    fdm_image = lat.decode(self._dequantizer, z_dq) if decode else None
+                    if decode and vq_psnr is None:  # plain VQ's images: decoded once
+                        vq_psnr = psnr(x, lat.decode(self._dequantizer, lat.z_q))
+                        self._batches[i] = (x, lat, vq_psnr)
+                ratios += [float(feature_error_ratio(*(t[j:j + 1].float() for t in (lat.z, lat.z_q, z_dq)),
+                                                     None if lat.cells is None else lat.cells[j:j + 1]))
+                           for j in range(len(x))]
+                if decode:
+                    psnr_vq += vq_psnr.tolist()
+                    psnr_fdm += psnr(x, fdm_image).tolist()
+        finally:
+            fdm_module.train(was_training)
+        return HeldOutResult(feature_ratio=_mean(ratios), views=self.views, psnr_vq=_mean(psnr_vq),
+                             psnr_fdm=_mean(psnr_fdm))
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
