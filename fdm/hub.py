@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -129,8 +129,16 @@ _TRAINING_LABELS = {
     "seed": "Seed",
     "final_loss": "Final qe loss",
     "seconds": "Training wall time (s)",
+    "minutes": "Time budget (minutes)",
+    "heldout.images": "Held-out images (not trained on)",
+    "heldout.views": "Held-out views measured",
+    "heldout.setting": "Held-out setting",
+    "heldout.step": "Weights saved from step (best held-out check)",
+    "heldout.feature_ratio": "Held-out feature error ratio",
+    "heldout.psnr_vq": "Held-out PSNR, plain VQ (dB)",
+    "heldout.psnr_fdm": "Held-out PSNR with FDM (dB)",
+    "heldout.psnr_gain": "Held-out PSNR gain (dB)",
 }
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 #: Prefix of an explicit Hugging Face Hub reference: ``hf://owner/name`` or ``hf://owner/name/path/in/repo``.
 HUB_PREFIX = "hf://"
@@ -361,7 +369,7 @@ def build_model_card(
     """
     data = ModelCardData(**card_data.to_dict())
     base_model = config.get("base_model")
-    if base_model and _REPO_ID.match(base_model):
+    if base_model and _is_repo_id(base_model):
         data.base_model = base_model
     fingerprint = config.get("base_model_fingerprint")
     finetuned = bool(config.get("finetuned_decoder"))
@@ -403,7 +411,21 @@ def _training_section(training: dict[str, Any] | None) -> str:
     if not training:
         return "No training record: an untrained FDM (an exact identity) or weights imported from elsewhere."
     rows = [f"| {_TRAINING_LABELS.get(key, key)} | {_cell(value)} |" for key, value in _flatten(training)]
-    return "| | |\n|---|---|\n" + "\n".join(rows)
+    table = "| | |\n|---|---|\n" + "\n".join(rows)
+    held = training.get("heldout")
+    if not _is_heldout_record(held):
+        return table
+    verdict = "beats" if held["feature_ratio"] < 1 and held["psnr_gain"] > 0 else "does not beat"
+    return (f"On {held['images']} images held out of its training data ({held['setting']}), this FDM {verdict} "
+            f"plain VQ: feature error ratio ||z - z_dq|| / ||z - z_q|| {_cell(held['feature_ratio'])}, PSNR gain "
+            f"{_cell(held['psnr_gain'])} dB.\n\n{table}")
+
+
+def _is_heldout_record(held: Any) -> bool:
+    """Whether ``held`` is a well-formed held-out record (a crafted config.json gets only the plain table)."""
+    return (isinstance(held, dict) and type(held.get("images")) is int
+            and held.get("setting") in ("reconstruction", "oracle inpainting")
+            and all(type(held.get(k)) is float and math.isfinite(held[k]) for k in ("feature_ratio", "psnr_gain")))
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -423,4 +445,5 @@ def _cell(value: Any) -> str:
         return f"{value:.6g}"
     if isinstance(value, (list, tuple)):
         return " - ".join(_cell(v) for v in value)
-    return str(value).replace("|", "\\|")
+    text = " ".join(str(value).split())  # one line: no Markdown structure from a crafted value
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;").replace("`", "\\`")

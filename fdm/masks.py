@@ -15,7 +15,7 @@ from fdm.errors import InputError
 from fdm.images import read_gray
 from fdm.validation import check_binary_mask
 
-__all__ = ["latent_mask", "keep_known", "load_mask", "random_irregular_mask", "DEFAULT_HOLE_RATIO"]
+__all__ = ["CellMaskBank", "latent_mask", "keep_known", "load_mask", "random_irregular_mask", "DEFAULT_HOLE_RATIO"]
 
 DEFAULT_HOLE_RATIO = (0.2, 0.6)
 """Hole-area range of the official FDM training recipe (hyudsl/FDM configs, ``use_provided_mask_ratio``)."""
@@ -137,3 +137,46 @@ def random_irregular_mask(
         keep = int(torch.searchsorted(rows, torch.tensor(hi)))
         hole[:, keep:] = 0
     return hole
+
+
+class CellMaskBank:
+    """A fixed bank of random irregular hole masks, as latent-cell masks, for training steps that need many.
+
+    ``count`` masks of ``(h * factor, w * factor)`` pixels are drawn once with :func:`random_irregular_mask`
+    (mask ``k`` from a seed derived from ``(seed, k)``: banks of different seeds share no mask) and reduced to cells; :meth:`pick` returns one of them under one of the eight
+    flips and rotations of the square (four flips for a non-square map), so a key selects among up to
+    ``8 * count`` masks in microseconds instead of drawing one (milliseconds).
+
+    Args:
+        size: (h, w) of the latent map.
+        factor: the model's downsampling factor.
+        hole_ratio: hole-area range of the drawn masks.
+        seed: seed of the bank.
+        count: masks drawn.
+    """
+
+    def __init__(self, size: tuple[int, int], factor: int, hole_ratio: tuple[float, float], *, seed: int = 0,
+                 count: int = 512):
+        h, w = size
+        holes = torch.stack([random_irregular_mask(h * factor, w * factor, hole_ratio,
+                                                   generator=torch.Generator().manual_seed(_mask_seed(seed, k)))
+                             for k in range(count)])  # (count, 1, H, W)
+        self.cells = latent_mask(holes, factor, check_binary=False)  # (count, 1, h, w), 1 = generated
+        self.variants = 8 if h == w else 4
+
+    def pick(self, key: int) -> torch.Tensor:
+        """The (1, h, w) cell mask that ``key`` (any non-negative integer) selects."""
+        index, variant = divmod(key % (len(self.cells) * self.variants), self.variants)
+        cells = self.cells[index]
+        if variant & 1:
+            cells = cells.flip(-1)
+        if variant & 2:
+            cells = cells.flip(-2)
+        if variant & 4:
+            cells = cells.transpose(-1, -2)
+        return cells
+
+
+def _mask_seed(seed: int, k: int) -> int:
+    """A 32-bit seed for mask ``k`` of the bank of ``seed``."""
+    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])

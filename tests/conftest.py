@@ -32,6 +32,16 @@ def toy_model() -> ToyVQ:
 
 
 @pytest.fixture
+def spread_toy_model() -> ToyVQ:
+    """A toy model whose codes spread over the range of its encoder's features, so cells use several codes."""
+    torch.manual_seed(1)
+    toy = ToyVQ().eval()
+    with torch.no_grad():
+        toy.codebook.weight.mul_(0.3)
+    return toy
+
+
+@pytest.fixture
 def photos_dir() -> Path:
     if not (PHOTOS / "train").is_dir():
         pytest.skip(f"shared photos not found at {PHOTOS}")

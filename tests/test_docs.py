@@ -50,7 +50,7 @@ DEMO_WEIGHTS = str(ASSETS / "vqgan.safetensors")
 DEMO_FDM = str(ASSETS / "fdm")
 PHOTO = str(ASSETS / "chelsea.png")
 IMAGES = "images"  # a folder of the three sample photos, created in every document's working directory
-SHORT_RUN = "--steps 2 --batch-size 2 --crop-size 64"
+SHORT_RUN = "--steps 2 --batch-size 2 --crop-size 64 --views-per-image 1"
 
 _DEMO_OBJECTS = f"""
 import torch
@@ -80,7 +80,7 @@ SUBSTITUTIONS = {
         ('"photo.png"', repr(PHOTO)),
         ("--config model.yaml --checkpoint last.ckpt", f"--config {DEMO_CONFIG} --checkpoint {DEMO_WEIGHTS}"),
         ("--data images/", f"--data {IMAGES}"),
-        ("--steps 2000", SHORT_RUN),
+        ("--minutes 4", SHORT_RUN),
         ('"your-name/fdm-mine"', '"fdm-mine"'),  # the folder `fdm train` wrote above; `fdm push` is skipped
         ("fdm eval path/to/images", f"fdm eval {IMAGES} --no-extras --crop 64 --views-per-image 1"),
     ],
@@ -112,6 +112,8 @@ SUBSTITUTIONS = {
         # FID and ST-LPIPS on CPU take minutes; tests/test_eval.py covers them; smaller and fewer crops, same path
         ("fdm eval ../shared/data/photos/val --crop 128 --views-per-image 4",
          f"fdm eval {IMAGES} --no-extras --crop 64 --views-per-image 1"),
+        ("fdm eval data/eval-photos --json",
+         f"fdm eval {ROOT / 'data' / 'eval-photos'} --no-extras --crop 64 --views-per-image 1 --json"),
     ],
 }
 

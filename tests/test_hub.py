@@ -99,7 +99,9 @@ def test_model_card_names_base_model_training_and_decoder(tmp_path, phase):
     fingerprint = fdm.codebook_fingerprint(toy.codebook.weight)
     if phase == 2:
         module = trained_fdm(base_model="tester/toy-vq", base_model_fingerprint=fingerprint,
-                             training={"phase": 2, "steps": 12, "data": "photos", "hole_ratio": [0.2, 0.6]})
+                             training={"phase": 2, "steps": 12, "data": "photos", "hole_ratio": [0.2, 0.6],
+                                       "heldout": {"images": 3, "setting": "oracle inpainting", "step": 8,
+                                                   "feature_ratio": 0.91, "psnr_gain": 0.12}})
     else:
         module = trained_fdm(mask_channels=0, base_model="toy.ckpt", base_model_fingerprint=fingerprint,
                              finetuned_decoder=True,
@@ -122,6 +124,9 @@ def test_model_card_names_base_model_training_and_decoder(tmp_path, phase):
     assert "fdm.Dequantizer(model, fdm.FDM.from_pretrained(" in text
     if phase == 2:
         assert "| Hole ratio of the random masks | 0.2 - 0.6 |" in text
+        assert ("On 3 images held out of its training data (oracle inpainting), this FDM beats plain VQ: feature "
+                "error ratio ||z - z_dq|| / ||z - z_q|| 0.91, PSNR gain 0.12 dB.") in text
+        assert "| Held-out PSNR gain (dB) | 0.12 |" in text
         assert "dequantizer.reconstruct(x, mask)" in text and "decoder.safetensors" not in text
     else:
         assert "| phase3.steps | 5 |" in text and "## Fine-tuned decoder" in text
@@ -308,3 +313,14 @@ def test_fdm_push_validates_then_uploads_the_fdm_files(local_hub, tmp_path):
     assert "blocks.2" in out["error"] and "does not match its weights" in out["error"]
     assert "tester/fdm-broken" not in local_hub.repos
     assert not any("fdm-broken" in path for _, path in local_hub.requests)
+
+
+def test_model_card_takes_no_markdown_from_a_crafted_training_record(tmp_path):
+    crafted = {"phase": 2, "data": "a\n# Injected heading <script>x</script> `code`",
+               "heldout": {"images": 3, "setting": "reconstruction\n\n# Injected", "feature_ratio": 0.5,
+                           "psnr_gain": 1.0}}
+    module = trained_fdm(training=crafted)
+    module.save_pretrained(tmp_path)
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert "\n# Injected" not in text and "<script>" not in text and "this FDM beats" not in text
+    assert "| Training data | a # Injected heading &lt;script&gt;x&lt;/script&gt; \\`code\\` |" in text

@@ -81,6 +81,22 @@ def test_random_irregular_mask_is_seeded_binary_and_in_range():
     assert torch.equal(a, b)
 
 
+def test_cell_mask_bank_picks_seeded_cell_masks_under_flips():
+    bank = fdm.masks.CellMaskBank((8, 8), 4, (0.2, 0.6), seed=5, count=16)
+    again = fdm.masks.CellMaskBank((8, 8), 4, (0.2, 0.6), seed=5, count=16)
+    assert torch.equal(bank.cells, again.cells) and bank.cells.shape == (16, 1, 8, 8)
+    other = fdm.masks.CellMaskBank((8, 8), 4, (0.2, 0.6), seed=6, count=16)
+    assert not any(torch.equal(a, b) for a in bank.cells for b in other.cells)  # other seeds share no mask
+    seed = fdm.masks._mask_seed(5, 0)
+    first = fdm.latent_mask(fdm.random_irregular_mask(32, 32, (0.2, 0.6), generator=torch.Generator().manual_seed(seed))[None], 4)[0]
+    assert torch.equal(bank.pick(0), first)  # key 0: mask 0 as drawn
+    variants = {tuple(bank.pick(k).flatten().tolist()) for k in range(8)}  # the 8 flips / rotations of mask 0
+    assert len(variants) > 1 and all(sum(v) == first.sum() for v in variants)
+    assert torch.equal(bank.pick(8), bank.cells[1]) and torch.equal(bank.pick(8 + 16 * 8), bank.pick(8))
+    wide = fdm.masks.CellMaskBank((4, 8), 4, (0.2, 0.6), count=2)
+    assert {tuple(wide.pick(k).shape) for k in range(16)} == {(1, 4, 8)}  # no transposes of a non-square map
+
+
 def test_random_irregular_mask_rejects_bad_ratio():
     with pytest.raises(InputError, match="hole_ratio"):
         fdm.random_irregular_mask(32, 32, (0.7, 0.2))

@@ -37,7 +37,7 @@ def add_data_arguments(
                            help="side of the square training crops (default: 16 latent cells, 64 px for a factor-4 "
                                 "model, 256 px for factor 16)")
         group.add_argument("--views-per-image", type=positive_int,
-                           help="fixed random crops per image (default: about 4096 views in all, at most 64 per image)")
+                           help="fixed random crops per image (default: about 1024 views in all, at most 64 per image)")
     else:
         group.add_argument("--crop-size", type=positive_int, default=256,
                            help="side of the square training crops (default 256)")

@@ -53,6 +53,7 @@ from fdm.training import (
 )
 from fdm.training.recipe import (
     HELDOUT_CROP,
+    RECIPE_BATCH,
     RECIPE_LR,
     VIEW_SCALE_RANGE,
     WARMUP_FRACTION,
@@ -91,8 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--patience", type=non_negative_int, default=3,
                            help="stop early after this many held-out checks in a row without improvement (default 3; "
                                 "0: never)")
-    run_group.add_argument("--batch-size", type=positive_int, default=16,
-                           help="views per step and process (default 16)")
+    run_group.add_argument("--batch-size", type=positive_int, default=RECIPE_BATCH,
+                           help=f"views per step and process (default {RECIPE_BATCH})")
     run_group.add_argument("--lr", type=positive_float, default=RECIPE_LR,
                            help=f"peak learning rate (default {RECIPE_LR})")
     run_group.add_argument("--warmup-steps", type=non_negative_int,
@@ -115,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--num-workers", type=non_negative_int, default=0,
                            help="data-loading workers while caching")
     run_group.add_argument("--hidden-channels", type=int_at_least(2),
-                           help="FDM trunk width (default: the model's channels, at least 64 and at most 256)")
+                           help="FDM trunk width (default: the model's channels, at least 32 and at most 256)")
     run_group.add_argument("--num-blocks", type=non_negative_int, default=8, help="FDM residual blocks (default 8)")
     run_group.add_argument("--precision", choices=PRECISIONS, default="fp32",
                            help="FDM forward passes in float32 (default), bfloat16 or float16 autocast (fp16 with "

@@ -83,7 +83,7 @@ class SeededViews(Dataset):
         generator = torch.Generator().manual_seed(seed)
         # one row per view: (scale, top, left, flip), each uniform in [0, 1)
         self._params = torch.rand(len(self), 4, generator=generator, dtype=torch.float64).numpy()
-        logger.info("%d training views of %d images from %s (crop %d)", len(self), len(source),
+        logger.info("%d views of %d images from %s (crop %d)", len(self), len(source),
                     source.describe(), crop_size)
 
     @property

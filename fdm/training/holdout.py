@@ -23,14 +23,17 @@ from fdm.metrics import feature_error_ratio, psnr
 from fdm.module import FDM
 from fdm.precision import autocast
 from fdm.training.data import SeededViews
-from fdm.training.sources import ImageSource
+from fdm.training.sources import ImageSource, _bounds
 
-__all__ = ["MAX_CHECK_VIEWS", "HeldOutCheck", "HeldOutResult", "ImageSubset", "split_heldout"]
+__all__ = ["MAX_CHECK_VIEWS", "MAX_HELDOUT_IMAGES", "MIN_IMPROVEMENT", "HeldOutCheck", "HeldOutRecord", "HeldOutResult", "ImageSubset",
+           "split_heldout"]
 
 logger = logging.getLogger(__name__)
 
 MAX_CHECK_VIEWS = 32
 """Most held-out views one check measures (spread over the held-out images)."""
+MAX_HELDOUT_IMAGES = 256
+"""Most images held out, whatever the fraction: a check measures a few dozen views, the rest is for training."""
 
 
 class ImageSubset(ImageSource):
@@ -51,16 +54,18 @@ class ImageSubset(ImageSource):
         return self.source.image(self.indices[index])
 
     def iter_images(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Image.Image]]:
-        if self.random_access:
-            yield from super().iter_images(start, stop)
-            return
-        stop = len(self) if stop is None else stop
-        wanted = {parent: own for own, parent in enumerate(self.indices[start:stop], start)}
-        if not wanted:
-            return
-        for parent, image in self.source.iter_images(min(wanted), max(wanted) + 1):
-            if parent in wanted:
-                yield wanted[parent], image
+        """Runs of consecutive indices are read through the parent's :meth:`iter_images` (a tar shard is opened
+        once per run, a stream is read once); images between runs are skipped by index where the source allows."""
+        start, stop = _bounds(start, stop, len(self))
+        own = start
+        while own < stop:
+            end = own + 1
+            while end < stop and self.indices[end] == self.indices[end - 1] + 1:
+                end += 1
+            first = self.indices[own]
+            for parent, image in self.source.iter_images(first, self.indices[end - 1] + 1):
+                yield own + parent - first, image
+            own = end
 
     def identity(self) -> Any:
         return {"source": self.source.identity(), self.role: self.indices}
@@ -70,14 +75,14 @@ class ImageSubset(ImageSource):
         return [names[i] for i in self.indices]
 
     def describe(self) -> str:
-        return f"{len(self)} {self.role} images of {self.source.describe()}"
+        return f"{len(self)} {self.role} image{'s' if len(self) != 1 else ''} of {self.source.describe()}"
 
 
 def split_heldout(source: ImageSource, fraction: float, *, seed: int = 0) -> tuple[ImageSource, ImageSource | None]:
     """Split ``source`` into (training images, held-out images).
 
-    ``round(fraction * len(source))`` images, at least one, are held out: drawn at random from ``seed``, or the
-    first ones of a streaming source (read in order only). ``fraction`` 0 holds nothing out (None). With fewer
+    ``round(fraction * len(source))`` images, at least one and at most :data:`MAX_HELDOUT_IMAGES`, are held out:
+    drawn at random from ``seed``, or the first ones of a streaming source (read in order only). ``fraction`` 0 holds nothing out (None). With fewer
     than 2 images nothing can be held out: a warning is logged and None returned.
 
     Raises:
@@ -91,7 +96,7 @@ def split_heldout(source: ImageSource, fraction: float, *, seed: int = 0) -> tup
     if n < 2:
         logger.warning("only %d image: nothing held out, so the FDM's gain on unseen images is not measured", n)
         return source, None
-    count = min(n - 1, max(1, round(fraction * n)))
+    count = min(n - 1, MAX_HELDOUT_IMAGES, max(1, round(fraction * n)))
     if source.random_access:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
         held = order[:count]
@@ -162,11 +167,15 @@ class HeldOutCheck:
         batch_size: int = 16,
         precision: str = "fp32",
     ):
-        if len(views) == 0:
-            raise InputError("no held-out views to check on.")
+        if not isinstance(views, SeededViews) or len(views) == 0:
+            raise InputError(f"held-out views must be a non-empty fdm.training.SeededViews; got {type(views).__name__} "
+                             f"of {len(views) if isinstance(views, SeededViews) else '?'} views.")
         count = min(len(views), MAX_CHECK_VIEWS)
-        picked = {round(i * len(views) / count) for i in range(count)}
-        x = torch.stack([view for index, view in views.iter_views() if index in picked])  # (N, 3, S, S)
+        picked = sorted({round(i * len(views) / count) for i in range(count)})
+        if views.random_access:
+            x = torch.stack([views[i] for i in picked])  # (N, 3, S, S)
+        else:  # a stream: read up to the last picked view only
+            x = torch.stack([view for index, view in views.iter_views(0, picked[-1] + 1) if index in set(picked)])
         masks = None
         if hole_ratio is not None:
             generator = torch.Generator().manual_seed(seed)
@@ -175,7 +184,7 @@ class HeldOutCheck:
         self.model = model
         self.adapter = adapter
         self.precision = precision
-        self.images = len(views) // views.views_per_image
+        self.images = len({i // views.views_per_image for i in picked})  # images the picked views show
         self.setting = "reconstruction" if masks is None else "oracle inpainting"
         self.views = len(x)
         identity = FDM(adapter.channels, mask_channels=0 if masks is None else 1, hidden_channels=2, num_blocks=0,
@@ -221,3 +230,45 @@ class HeldOutCheck:
 
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
+
+
+MIN_IMPROVEMENT = 1e-3
+"""Decrease of the held-out feature error ratio that counts as progress (early stopping)."""
+
+
+class HeldOutRecord:
+    """The held-out checks of one run: every check's numbers, the best weights so far, when to stop early.
+
+    Args:
+        patience: stop when the last ``patience`` checks did not beat the earlier ones by :data:`MIN_IMPROVEMENT`
+            (None: never).
+
+    ``checks`` (one dict per check: ``step``, ``progress`` and :class:`HeldOutResult`'s numbers) and ``best``
+    (``{"check": index, "weights": state dict}``) are plain data, saved in training checkpoints as they are.
+    """
+
+    def __init__(self, patience: int | None):
+        self.patience = patience
+        self.checks: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+
+    def add(self, module: nn.Module, result: HeldOutResult, step: int, progress: float) -> bool:
+        """Record a check of ``module``'s current weights (kept when they are the best so far); returns whether
+        to stop early (never at the end of the run, ``progress`` 1)."""
+        self.checks.append({"step": step, "progress": round(progress, 4), **result.to_dict()})
+        ratios = [c["feature_ratio"] for c in self.checks]
+        if self.best is None or result.feature_ratio < ratios[self.best["check"]]:
+            weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            self.best = {"check": len(self.checks) - 1, "weights": weights}
+        n = self.patience
+        if n is None or len(ratios) <= n or progress >= 1.0:
+            return False
+        return min(ratios[-n:]) > min(ratios[:-n]) - MIN_IMPROVEMENT
+
+    def keep(self, module: nn.Module, *, best: bool) -> dict[str, Any]:
+        """Load the best check's weights into ``module`` when ``best`` and they are not the last; returns the
+        kept check."""
+        kept = self.checks[self.best["check"]] if best else self.checks[-1]
+        if kept is not self.checks[-1]:
+            module.load_state_dict(self.best["weights"])
+        return kept

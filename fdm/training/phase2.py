@@ -8,13 +8,12 @@ cells ``FDM(x, m) = z`` exactly, on generated cells ``FDM(x, m) - z = F([x, m]) 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +24,9 @@ from tqdm.auto import tqdm
 from fdm.adapter import VQAdapter, find_adapter
 from fdm.errors import CheckpointError, InputError
 from fdm.losses.qe import qe_loss
-from fdm.masks import DEFAULT_HOLE_RATIO, keep_known, latent_mask, random_irregular_mask
+from fdm.masks import CellMaskBank, keep_known
 from fdm.module import FDM
-from fdm.precision import autocast, check_precision, grad_scaler, load_scaler_state
+from fdm.precision import autocast, grad_scaler, load_scaler_state
 from fdm.training.checkpointing import load_checkpoint, save_checkpoint
 from fdm.training.distributed import (
     DistContext,
@@ -39,145 +38,17 @@ from fdm.training.distributed import (
     unwrap,
     wrap_ddp,
 )
-from fdm.training.feature_cache import CACHE_DTYPES, CACHE_MODES, FeatureCache, ShardedBatches
-from fdm.training.holdout import HeldOutCheck, HeldOutResult
+from fdm.training.feature_cache import FeatureCache, ShardedBatches
+from fdm.training.holdout import MIN_IMPROVEMENT, HeldOutCheck, HeldOutRecord, HeldOutResult, ImageSubset
 from fdm.training.monitoring import check_finite_losses
-from fdm.training.recipe import RECIPE_LR, WARMUP_FRACTION, fdm_width
-from fdm.training.schedule import PAPER_BETAS, PAPER_MIN_LR, ProgressLR, RunBudget, paper_optimizer
+from fdm.training.phase2_config import RESUME_FIELDS, Phase2Config
+from fdm.training.recipe import WARMUP_FRACTION, fdm_width
+from fdm.training.schedule import ProgressLR, RunBudget, loop_seconds, paper_optimizer
 from fdm.validation import check_fdm_fits
 
 __all__ = ["Phase2Config", "Phase2Trainer", "train_phase2"]
 
 logger = logging.getLogger(__name__)
-
-# config fields that must not change when a run is resumed (they shape the data order, masks or schedule)
-_RESUME_FIELDS = ("steps", "epochs", "minutes", "batch_size", "lr", "warmup_steps", "min_lr", "betas", "hole_ratio",
-                  "seed", "cache_shards", "checks", "patience")
-
-
-@dataclass
-class Phase2Config:
-    """Settings of a phase-2 run; every field is JSON-able (:meth:`to_dict` / :meth:`from_dict`).
-
-    Defaults follow the recipe of :mod:`fdm.training.recipe` (measured in docs/training.md), not the paper's
-    week-long schedule: a trunk at least 64 wide, peak rate 1e-3, warm-up over the first 5 % of the run.
-
-    Attributes:
-        steps: number of optimizer steps; give this or ``epochs``, or ``minutes``, or ``minutes`` and one of them.
-        epochs: number of passes over the views (per process).
-        minutes: wall-time budget of the whole run (feature cache included): training stops when it is spent
-            (or at ``steps`` / ``epochs``, whichever comes first), and the learning rate decays on time.
-        batch_size: views per optimizer step and process (the effective batch is ``batch_size * world_size``).
-        lr: peak learning rate after the warm-up (recipe: 1e-3; paper: 2e-4).
-        warmup_steps: linear warm-up length in steps (needs ``steps`` or ``epochs``); None (default) warms up
-            over the first :data:`~fdm.training.recipe.WARMUP_FRACTION` of the run, however it is limited.
-        min_lr: learning rate at the end of the cosine decay (paper: 1e-6).
-        betas: Adam betas (paper: (0, 0.9)).
-        hole_ratio: (low, high) hole-area range of the random irregular masks drawn at every step (the
-            official recipe by default); None trains mask-free, every cell generated (unconditional and
-            class-conditional models).
-        cache: ``"memory"``, ``"disk"`` or ``"none"`` (re-encode every step; see :class:`FeatureCache`).
-        cache_dir: folder of the disk cache (``cache="disk"``); default ``<output_dir>/feature-cache``.
-        cache_dtype: storage type of the cached ``z``: ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``
-            (``z_q`` is never stored: it is looked up from the cached code indices).
-        cache_shards: number of cache shards (None: one per process); each process encodes and reads its own
-            shards, and the global batches are the same for any number of processes that divides it.
-        num_workers: data-loading worker processes while the cache is filled.
-        seed: seeds the FDM initialisation, the data order and the masks.
-        device: ``"cpu"``, ``"cuda"``...; None keeps the base model's device. Under torchrun, ``"cuda"``
-            means ``cuda:LOCAL_RANK``.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :mod:`fdm.precision`): the FDM's forward pass under
-            autocast, the qe loss in float32, fp16 with gradient scaling; the weights stay float32.
-        progress: show tqdm progress bars.
-        log_every: log the mean loss every this many steps.
-        checkpoint_every: save a resumable checkpoint every this many steps (0: never).
-        keep_checkpoints: number of most recent checkpoints kept (None: all).
-        output_dir: where checkpoints and the final FDM (``save_pretrained`` layout) are written.
-        hidden_channels: trunk width of the FDM the trainer creates when none is given (default:
-            :func:`~fdm.training.recipe.fdm_width` of the model's channel count).
-        num_blocks: residual blocks of that FDM (paper: 8).
-        base_model: free-text name of the base model, recorded in the saved FDM's config.
-        checks: held-out checks per run, evenly spaced over its progress (with held-out views only).
-        patience: stop early after this many checks in a row without a better held-out feature error ratio
-            (None: never).
-        keep_best: save the FDM of the best held-out check rather than the last one.
-    """
-
-    steps: int | None = None
-    epochs: int | None = None
-    minutes: float | None = None
-    batch_size: int = 16
-    lr: float = RECIPE_LR
-    warmup_steps: int | None = None
-    min_lr: float = PAPER_MIN_LR
-    betas: tuple[float, float] = PAPER_BETAS
-    hole_ratio: tuple[float, float] | None = DEFAULT_HOLE_RATIO
-    cache: str = "memory"
-    cache_dir: str | None = None
-    cache_dtype: str = "float16"
-    cache_shards: int | None = None
-    num_workers: int = 0
-    seed: int = 0
-    device: str | None = None
-    precision: str = "fp32"
-    progress: bool = True
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    keep_checkpoints: int | None = 2
-    output_dir: str = "fdm-phase2"
-    hidden_channels: int | None = None
-    num_blocks: int = 8
-    base_model: str | None = None
-    checks: int = 10
-    patience: int | None = 3
-    keep_best: bool = True
-
-    def __post_init__(self) -> None:
-        if self.steps is not None and self.epochs is not None:
-            raise InputError(f"give steps or epochs, not both; got steps={self.steps}, epochs={self.epochs}.")
-        if self.steps is None and self.epochs is None and self.minutes is None:
-            raise InputError("give the run's length: steps, epochs or minutes (or minutes with one of the others).")
-        if (self.steps or self.epochs or 1) < 1 or self.batch_size < 1:
-            raise InputError(f"steps/epochs and batch_size must be >= 1; got {self.steps or self.epochs} and "
-                             f"{self.batch_size}.")
-        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
-            raise InputError(f"minutes must be a positive number; got {self.minutes}.")
-        if self.warmup_steps is not None and (self.warmup_steps < 0 or (self.steps is None and self.epochs is None)):
-            raise InputError(f"warmup_steps needs a step count (steps or epochs) and must be >= 0; got "
-                             f"{self.warmup_steps} (leave it None to warm up over the first "
-                             f"{WARMUP_FRACTION:.0%} of the run).")
-        if self.checks < 1 or (self.patience is not None and self.patience < 1):
-            raise InputError(f"checks and patience must be >= 1 (patience None: never stop early); got "
-                             f"{self.checks} and {self.patience}.")
-        if self.cache not in CACHE_MODES:
-            raise InputError(f"cache must be one of {CACHE_MODES}; got {self.cache!r}.")
-        check_precision(self.precision)
-        if self.cache_dtype not in CACHE_DTYPES:
-            raise InputError(f"cache_dtype must be one of {CACHE_DTYPES}; got {self.cache_dtype!r}.")
-        if self.cache_shards is not None and self.cache_shards < 1:
-            raise InputError(f"cache_shards must be >= 1 or None; got {self.cache_shards}.")
-        self.betas = tuple(self.betas)
-        if self.hole_ratio is not None:
-            self.hole_ratio = tuple(self.hole_ratio)
-            lo, hi = self.hole_ratio
-            if not 0.0 <= lo <= hi <= 1.0:
-                raise InputError(f"hole_ratio must satisfy 0 <= low <= high <= 1; got {self.hole_ratio}.")
-        self.output_dir = str(self.output_dir)
-        self.cache_dir = None if self.cache_dir is None else str(self.cache_dir)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Phase2Config:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise InputError(f"unknown Phase2Config fields {unknown}; known: {sorted(names)}.")
-        return cls(**data)
-
 
 class Phase2Trainer:
     """Train an FDM for a frozen VQ model on a dataset of training views.
@@ -196,7 +67,7 @@ class Phase2Trainer:
             beats plain VQ, keeps the best weights (``config.keep_best``) and stops early (``config.patience``).
 
     After :meth:`train`, ``history`` holds one dict per epoch (``epoch``, ``seconds``, ``loss``),
-    ``checks`` one dict per held-out check (``step``, ``progress`` and :class:`~fdm.training.HeldOutResult`'s
+    ``heldout.checks`` one dict per held-out check (``step``, ``progress`` and :class:`~fdm.training.HeldOutResult`'s
     numbers), ``heldout_result`` the numbers of the saved FDM, and ``cache_fill_seconds`` the time spent computing
     cached features.
 
@@ -236,12 +107,13 @@ class Phase2Trainer:
         self.train_seconds = 0.0  # time spent in the training loop (held-out checks included), over resumes
         self.loop_seconds: float | None = None  # the loop's time budget (runs with minutes), kept over resumes
         self.history: list[dict[str, float]] = []
-        self.checks: list[dict[str, float]] = []
+        self.heldout = HeldOutRecord(config.patience)  # checks and best weights (with held-out views)
         self.heldout_result: HeldOutResult | None = None  # the saved FDM's check
         self.heldout_step: int | None = None  # ... and its step
-        self._best: dict[str, Any] | None = None  # {"step", "check": index in self.checks, "weights"}
+        self.heldout_images: int | None = None  # ... and the number of held-out images it measured
         self.cache_fill_seconds = 0.0
         self.final_loss: float | None = None
+        self._mask_bank: CellMaskBank | None = None  # drawn at the first masked step, from config.seed
         self.scaler = grad_scaler(config.device or self.adapter.device, config.precision)  # enabled for fp16 only
 
     @property
@@ -285,7 +157,9 @@ class Phase2Trainer:
             batch_size=cfg.batch_size, precision=cfg.precision)
         cache.prepare()
         self.cache_fill_seconds = cache.fill_seconds
-        budget = RunBudget(total, self._loop_seconds(time.perf_counter() - started))
+        if cfg.minutes is not None and self.loop_seconds is None:  # a resumed run keeps the budget it started with
+            self.loop_seconds = loop_seconds(cfg.minutes, spent=time.perf_counter() - started)
+        budget = RunBudget(total, self.loop_seconds)
 
         loop_start = time.perf_counter() - self.train_seconds
         progress = self._progress(budget, self.step, loop_start, ctx)
@@ -310,7 +184,7 @@ class Phase2Trainer:
                             schedule.last_lr)
             if position == steps_per_epoch - 1 or progress >= 1.0:
                 self._end_epoch(epoch, epoch_losses, time.perf_counter() - epoch_start, ctx)
-            if check is not None and (progress >= 1.0 or math.floor(progress * cfg.checks) > len(self.checks)):
+            if check is not None and (progress >= 1.0 or math.floor(progress * cfg.checks) > len(self.heldout.checks)):
                 stop = self._check(check, progress, ctx)
             self.train_seconds = time.perf_counter() - loop_start
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -319,25 +193,11 @@ class Phase2Trainer:
                     logger.info("%s at checkpoint %d: %s", check.describe(), self.step,
                                 check.measure(unwrap(self.fdm), decode=True).describe())
         bar.close()
-        if check is not None and (not self.checks or self.checks[-1]["step"] != self.step):
+        if check is not None and (not self.heldout.checks or self.heldout.checks[-1]["step"] != self.step):
             self._check(check, progress, ctx)  # stopped early, or resumed at the end: measure the last weights
         self.final_loss = float(all_reduce_mean(torch.tensor(np.mean(recent) if recent else float("nan")), ctx))
         self._keep_best(check, ctx)
         return self._finish(ctx, seconds=time.perf_counter() - started)
-
-    def _loop_seconds(self, spent: float) -> float | None:
-        """The training loop's time budget: ``minutes`` less what the run spent before the loop (feature cache),
-        at least a tenth of ``minutes``; a resumed run keeps the budget it started with."""
-        if self.config.minutes is None:
-            return None
-        if self.loop_seconds is not None:  # resumed
-            return self.loop_seconds
-        budget = self.config.minutes * 60.0
-        if spent > 0.9 * budget:
-            logger.warning("preparing the run took %.1f min of the %.1f-minute budget: training for %.1f min (a tenth "
-                           "of it) anyway", spent / 60, self.config.minutes, budget / 600)
-        self.loop_seconds = max(budget - spent, budget / 10)
-        return self.loop_seconds
 
     @staticmethod
     def _progress(budget: RunBudget, steps_done: int, loop_start: float, ctx: DistContext) -> float:
@@ -369,15 +229,12 @@ class Phase2Trainer:
         return value
 
     def _cell_masks(self, indices: list[int], size: tuple[int, int]) -> torch.Tensor:
-        """(B, 1, h, w) cell masks of this step's views: view ``i``'s hole mask at step ``t`` is drawn from
-        ``(seed, t, i)`` alone, so it is the same whichever process trains on the view."""
-        f = self.adapter.factor
-        holes = []
-        for index in indices:
-            seed = derived_seed(self.config.seed, self.step, index)
-            holes.append(random_irregular_mask(size[0] * f, size[1] * f, self.config.hole_ratio,
-                                               generator=torch.Generator().manual_seed(seed)))
-        return latent_mask(torch.stack(holes), f, check_binary=False)  # binary by construction: no device sync
+        """(B, 1, h, w) cell masks of this step's views: view ``i``'s mask at step ``t`` is picked from the run's
+        mask bank by ``(seed, t, i)`` alone, so it is the same whichever process trains on the view."""
+        if self._mask_bank is None or tuple(self._mask_bank.cells.shape[-2:]) != tuple(size):
+            self._mask_bank = CellMaskBank(size, self.adapter.factor, self.config.hole_ratio, seed=self.config.seed)
+        return torch.stack([self._mask_bank.pick(derived_seed(self.config.seed, self.step, index))
+                            for index in indices])
 
     def _end_epoch(self, epoch: int, losses: list[float], seconds: float, ctx: DistContext) -> None:
         mean = float(all_reduce_mean(torch.tensor(float(np.mean(losses))), ctx))
@@ -388,38 +245,32 @@ class Phase2Trainer:
     # --- held-out checks ----------------------------------------------------------------------------------
 
     def _check(self, check: HeldOutCheck, progress: float, ctx: DistContext) -> bool:
-        """Measure the current weights on the held-out views, keep them if they are the best so far; returns
-        whether to stop early (``patience`` checks in a row without a better feature error ratio)."""
+        """Measure the current weights on the held-out views (kept if the best so far); returns whether to stop."""
         result = check.measure(unwrap(self.fdm))
-        self.checks.append({"step": self.step, "progress": round(progress, 4), **result.to_dict()})
-        best = None if self._best is None else self.checks[self._best["check"]]
-        if best is None or result.feature_ratio < best["feature_ratio"]:
-            weights = {k: v.detach().clone() for k, v in unwrap(self.fdm).state_dict().items()}
-            self._best = {"check": len(self.checks) - 1, "weights": weights}
+        ratio = float(all_reduce_mean(torch.tensor(result.feature_ratio, dtype=torch.float64), ctx))
+        result = dataclasses.replace(result, feature_ratio=ratio)  # every process decides on the same number
+        stop = self.heldout.add(unwrap(self.fdm), result, self.step, progress)
         if ctx.is_main:
             logger.info("%s at step %d: %s", check.describe(), self.step, result.describe())
-        patience = self.config.patience
-        stale = len(self.checks) - 1 - self._best["check"]
-        if patience is not None and stale >= patience and progress < 1.0:
-            if ctx.is_main:
-                logger.info("stopping early at step %d (%.0f %% of the run): no better held-out feature error ratio "
-                            "in the last %d checks", self.step, 100 * progress, patience)
-            return True
-        return False
+            if stop:
+                logger.info("stopping early at step %d (%.0f %% of the run): the held-out feature error ratio has not "
+                            "improved by %g in the last %d checks", self.step, 100 * progress, MIN_IMPROVEMENT,
+                            self.config.patience)
+        return stop
 
     def _keep_best(self, check: HeldOutCheck | None, ctx: DistContext) -> None:
         """Load the best checked weights when they beat the last ones (``keep_best``), and measure what is kept,
         PSNR included (``heldout_result``, ``heldout_step``)."""
         if check is None:
             return
-        kept = self.checks[self._best["check"]] if self.config.keep_best else self.checks[-1]
-        if kept is not self.checks[-1]:
-            unwrap(self.fdm).load_state_dict(self._best["weights"])
-            if ctx.is_main:
-                logger.info("kept the weights of step %d, the best held-out check (feature error ratio %.3f; the last "
-                            "step's: %.3f)", kept["step"], kept["feature_ratio"], self.checks[-1]["feature_ratio"])
+        kept = self.heldout.keep(unwrap(self.fdm), best=self.config.keep_best)
+        last = self.heldout.checks[-1]
+        if kept is not last and ctx.is_main:
+            logger.info("kept the weights of step %d, the best held-out check (feature error ratio %.3f; the last "
+                        "step's: %.3f)", kept["step"], kept["feature_ratio"], last["feature_ratio"])
         self.heldout_result = check.measure(unwrap(self.fdm), decode=True)
         self.heldout_step = kept["step"]
+        self.heldout_images = check.images
 
     # --- checkpoints --------------------------------------------------------------------------------------
 
@@ -435,10 +286,11 @@ class Phase2Trainer:
                 "scaler": self.scaler.state_dict(),
                 "ranks": ranks,
                 "history": self.history,
+                "data": self._data_identity(),
                 "train_seconds": self.train_seconds,
                 "loop_seconds": budget.seconds,
-                "checks": self.checks,
-                "best": self._best,
+                "checks": self.heldout.checks,
+                "best": self.heldout.best,
             }
             save_checkpoint(self.checkpoint_dir, self.step, {"fdm": self.fdm}, state, keep=self.config.keep_checkpoints)
         barrier(ctx)
@@ -449,9 +301,13 @@ class Phase2Trainer:
         if state.get("phase") != 2:
             raise CheckpointError(f"{path} is not a phase-2 checkpoint (phase {state.get('phase')}).")
         saved, now = state["config"], self.config.to_dict()
-        changed = {k: (saved.get(k), now[k]) for k in _RESUME_FIELDS if saved.get(k) != now[k]}
+        changed = {k: (saved.get(k), now[k]) for k in RESUME_FIELDS if saved.get(k) != now[k]}
         if changed:
             raise CheckpointError(f"cannot resume {path} with a different config: {changed} (saved, now).")
+        if state.get("data") != self._data_identity():
+            raise CheckpointError(f"{path} was written by a run on other training or held-out views (images, crops, "
+                                  "views per image, --val-fraction or seed differ); resume it with the same data, or "
+                                  "start a new run in another --out folder.")
         if state["world_size"] != ctx.world_size:
             raise CheckpointError(f"{path} was written by {state['world_size']} processes; resume it with as many "
                                   f"(got {ctx.world_size}).")
@@ -460,10 +316,16 @@ class Phase2Trainer:
         self.history = list(state["history"])
         self.train_seconds = float(state["train_seconds"])
         self.loop_seconds = state["loop_seconds"]
-        self.checks = list(state["checks"])
-        self._best = state["best"]
+        self.heldout.checks = list(state["checks"])
+        self.heldout.best = state["best"]
         self.step = state["step"]
         return list(state["ranks"][ctx.rank]["recent_losses"])
+
+    def _data_identity(self) -> dict[str, str | None]:
+        """Fingerprints of the training and held-out views (what a resumed run must train and check on)."""
+        def fingerprint(views: Dataset | None) -> str | None:
+            return None if views is None else views.fingerprint() if hasattr(views, "fingerprint") else str(len(views))
+        return {"views": fingerprint(self.views), "heldout": fingerprint(self.heldout_views)}
 
     # --- the result ---------------------------------------------------------------------------------------
 
@@ -472,6 +334,8 @@ class Phase2Trainer:
         if self.config.base_model is not None:
             module.base_model = self.config.base_model
         source = getattr(self.views, "source", None)
+        while isinstance(source, ImageSubset):  # the training part of a held-out split: name the whole folder
+            source = source.source
         root = getattr(source, "root", None)  # a folder: its name only (no local path in a published config)
         module.training_info = {
             "phase": 2,
@@ -494,7 +358,7 @@ class Phase2Trainer:
         }
         if self.heldout_result is not None:
             module.training_info["heldout"] = {
-                "images": len(self.heldout_views) // self.heldout_views.views_per_image,
+                "images": self.heldout_images,
                 "setting": "reconstruction" if self.config.hole_ratio is None else "oracle inpainting",
                 "step": self.heldout_step,
                 **{k: round(v, 4) for k, v in self.heldout_result.to_dict().items()},

@@ -3,9 +3,9 @@ measured on the demo VQGAN to help at any budget (docs/training.md, "The default
 
 The paper trains a 256-wide, 8-block FDM on 256-channel features with a peak rate of 2e-4 for days. Here the
 FDM keeps the paper's architecture (8 residual blocks) with a trunk at least :data:`MIN_WIDTH` wide (a trunk as
-narrow as a small model's 16 channels learns almost nothing), a higher peak rate for short runs, a warm-up and
-decay proportional to the run's length, and enough fixed views per image that a few photos still give thousands
-of different training crops.
+narrow as a small model's 16 channels learns almost nothing), a higher peak rate for short runs,
+a warm-up and decay proportional to the run's length, and several fixed views per image, so that a few photos
+still give hundreds of different training crops.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ __all__ = [
     "MAX_VIEWS_PER_IMAGE",
     "MAX_WIDTH",
     "MIN_WIDTH",
+    "RECIPE_BATCH",
     "RECIPE_LR",
     "TARGET_VIEWS",
     "VIEW_SCALE_RANGE",
@@ -27,15 +28,17 @@ __all__ = [
     "views_per_image_for",
 ]
 
-MIN_WIDTH = 64
+MIN_WIDTH = 32
 """Narrowest default FDM trunk; models with more channels get a trunk as wide as their channel count (the paper)."""
 MAX_WIDTH = 256
 """Widest default FDM trunk (the paper's, at 256 channels)."""
-RECIPE_LR = 1e-3
+RECIPE_LR = 2e-3
 """Default peak learning rate (the paper's 2e-4 suits its week-long runs; short runs need more)."""
+RECIPE_BATCH = 8
+"""Default views per step (8 and 16 learned about as much in 4 minutes: docs/training.md)."""
 WARMUP_FRACTION = 0.05
 """Fraction of a run spent warming the learning rate up, whatever its length."""
-TARGET_VIEWS = 4096
+TARGET_VIEWS = 1024
 """Training views per epoch the default aims at (more views per image when there are few images)."""
 MAX_VIEWS_PER_IMAGE = 64
 """Most default views of one image."""

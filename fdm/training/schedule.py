@@ -23,6 +23,7 @@ __all__ = [
     "ProgressLR",
     "RunBudget",
     "WarmupCosineLR",
+    "loop_seconds",
     "paper_optimizer",
 ]
 
@@ -119,6 +120,16 @@ class RunBudget:
         used = max(steps_done / self.steps if self.steps is not None else 0.0,
                    elapsed / self.seconds if self.seconds is not None else 0.0)
         return min(1.0, used)
+
+
+def loop_seconds(minutes: float, spent: float) -> float:
+    """The training loop's share of a ``minutes`` budget: what is left after the ``spent`` seconds of preparation
+    (the feature cache), at least a tenth of the budget (a warning says so)."""
+    budget = minutes * 60.0
+    if spent > 0.9 * budget:
+        logger.warning("preparing the run took %.1f min of the %g-minute budget: training for %.1f min (a tenth of "
+                       "it) anyway", spent / 60, minutes, budget / 600)
+    return max(budget - spent, budget / 10)
 
 
 class ProgressLR:
