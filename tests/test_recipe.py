@@ -274,3 +274,19 @@ def test_image_subsets_read_their_own_images_from_indexed_and_streamed_sources(f
     assert check.views == 8 and check.images == 2
     with pytest.raises(InputError, match="SeededViews"):
         HeldOutCheck(toy, fdm.find_adapter(toy), fdm.training.TensorViews(torch.zeros(2, 3, 16, 16)), hole_ratio=None)
+
+
+def test_a_short_budget_gets_fewer_views(tmp_path, model, folder, monkeypatch, capsys):
+    """With --minutes, the views' feature cache may take at most a quarter of the budget (measured per view)."""
+    monkeypatch.setattr(train_command, "load_base_model", lambda args: model)
+    seconds = {}
+    measure = train_command._seconds_per_view
+    monkeypatch.setattr(train_command, "_seconds_per_view", lambda *a: seconds.setdefault("v", measure(*a)))
+    code, _ = run_train_command(["--data", str(folder), "--out", str(tmp_path / "t"), "--minutes", "0.05",
+                                 "--crop-size", "16", "--no-progress", "--hidden-channels", "8", "--num-blocks", "1"],
+                                capsys)
+    views = json.loads((tmp_path / "t" / "config.json").read_text())["training"]["views"]
+    assert code == 0 and seconds["v"] > 0
+    assert views == 9 * views_per_image_for(9, budget_seconds=3.0, seconds_per_view=seconds["v"])
+    assert views_per_image_for(9, budget_seconds=3.0, seconds_per_view=1.0) == 1  # never fewer than one
+    assert views_per_image_for(9, budget_seconds=1e6, seconds_per_view=1e-3) == views_per_image_for(9)

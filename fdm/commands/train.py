@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 import torch
 from torch import nn
 
-from fdm.adapter import find_adapter
+from fdm.adapter import VQAdapter, find_adapter
 from fdm.commands.argtypes import (
     fraction,
     held_out_fraction,
@@ -43,9 +44,11 @@ from fdm.precision import PRECISIONS
 from fdm.training import (
     CACHE_DTYPES,
     CACHE_MODES,
+    ImageSource,
     Phase2Config,
     Phase2Trainer,
     SeededViews,
+    encode_views,
     latest_checkpoint,
     open_source,
     shutdown_distributed,
@@ -177,7 +180,9 @@ def train(model: nn.Module, args: argparse.Namespace) -> FDM:
                          "do (it streams); use --cache memory or --cache disk.")
     source, heldout = split_heldout(source, args.val_fraction, seed=args.seed)
     crop = args.crop_size or crop_size_for(adapter.factor)
-    per_image = args.views_per_image or views_per_image_for(len(source))
+    per_image = args.views_per_image or views_per_image_for(
+        len(source), budget_seconds=None if args.minutes is None else 60 * args.minutes,
+        seconds_per_view=None if args.minutes is None else _seconds_per_view(adapter, source, crop, args.seed))
     views = SeededViews(source, crop_size=crop, views_per_image=per_image, seed=args.seed,
                         scale_range=VIEW_SCALE_RANGE)
     heldout_views = None if heldout is None else SeededViews(
@@ -191,6 +196,17 @@ def train(model: nn.Module, args: argparse.Namespace) -> FDM:
     module = trainer.train(resume_from)
     _summarise(trainer, args.out)
     return module
+
+
+def _seconds_per_view(adapter: VQAdapter, source: ImageSource, crop: int, seed: int) -> float:
+    """Wall time to read, crop and encode one training view (measured on up to 8 views of the first images)."""
+    probe = SeededViews(source, crop_size=crop, views_per_image=1, seed=seed, scale_range=VIEW_SCALE_RANGE)
+    count = min(8, len(probe))
+    started = time.perf_counter()
+    images = torch.stack([view for _, view in probe.iter_views(0, count)]).to(adapter.device)
+    with torch.no_grad():
+        encode_views(adapter, images)
+    return (time.perf_counter() - started) / count
 
 
 def _summarise(trainer: Phase2Trainer, out: str) -> None:

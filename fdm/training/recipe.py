@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "CACHE_SHARE",
     "HELDOUT_CROP",
     "LATENT_SIDE",
     "MAX_VIEWS_PER_IMAGE",
@@ -46,6 +47,8 @@ LATENT_SIDE = 16
 """Default training crops cover this many latent cells per side (64 px at factor 4, 256 px at factor 16)."""
 VIEW_SCALE_RANGE = (1.0, 2.0)
 """Default scale range of the training views (shorter image side in units of the crop), as in ``fdm eval``."""
+CACHE_SHARE = 0.25
+"""Most of a time budget (``--minutes``) the default views' feature cache may take."""
 HELDOUT_CROP = 128
 """Smallest crop side of the held-out views (``fdm eval``'s default crop)."""
 
@@ -60,8 +63,14 @@ def crop_size_for(factor: int) -> int:
     return LATENT_SIDE * factor
 
 
-def views_per_image_for(num_images: int) -> int:
-    """Default fixed views per image: about :data:`TARGET_VIEWS` in all, 1 to :data:`MAX_VIEWS_PER_IMAGE` each."""
+def views_per_image_for(num_images: int, *, budget_seconds: float | None = None,
+                        seconds_per_view: float | None = None) -> int:
+    """Default fixed views per image: about :data:`TARGET_VIEWS` in all, 1 to :data:`MAX_VIEWS_PER_IMAGE` each; with
+    a time budget and the measured cost of one view's features, no more than fill :data:`CACHE_SHARE` of it."""
     if num_images < 1:
         raise ValueError(f"need at least one image; got {num_images}.")
-    return max(1, min(MAX_VIEWS_PER_IMAGE, math.ceil(TARGET_VIEWS / num_images)))
+    per_image = max(1, min(MAX_VIEWS_PER_IMAGE, math.ceil(TARGET_VIEWS / num_images)))
+    if budget_seconds is not None and seconds_per_view:
+        affordable = math.floor(CACHE_SHARE * budget_seconds / seconds_per_view / num_images)
+        per_image = max(1, min(per_image, affordable))
+    return per_image
