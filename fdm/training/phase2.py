@@ -154,7 +154,7 @@ class Phase2Trainer:
             recent.extend(self._resume(resume_from, ctx, optimizer))
         check = None if self.heldout_views is None else HeldOutCheck(
             self.model, self.adapter, self.heldout_views, hole_ratio=cfg.hole_ratio, seed=cfg.seed,
-            batch_size=cfg.batch_size, precision=cfg.precision)
+            batch_size=cfg.batch_size)  # in float32 whatever the run's precision: a measurement, and cheap
         cache.prepare()
         self.cache_fill_seconds = cache.fill_seconds
         if cfg.minutes is not None and self.loop_seconds is None:  # a resumed run keeps the budget it started with
