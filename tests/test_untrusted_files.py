@@ -413,8 +413,8 @@ from fdm.errors import CheckpointError
 from taming_tiny import vqgan_config
 
 outcomes = {}
-for name, load in [("taming", lambda: load_taming(vqgan_config(), "tester/evil/last.ckpt")),
-                   ("put", lambda: load_put("tester/evil/p_vqvae.pth", n_head=2))]:
+for name, load in [("taming", lambda: load_taming(vqgan_config(), "hf://tester/evil/last.ckpt")),
+                   ("put", lambda: load_put("hf://tester/evil/p_vqvae.pth", n_head=2))]:
     try:
         load()
         outcomes[name] = "loaded"
