@@ -175,7 +175,8 @@ class HeldOutCheck:
         if views.random_access:
             x = torch.stack([views[i] for i in picked])  # (N, 3, S, S)
         else:  # a stream: read up to the last picked view only
-            x = torch.stack([view for index, view in views.iter_views(0, picked[-1] + 1) if index in set(picked)])
+            wanted = set(picked)
+            x = torch.stack([view for index, view in views.iter_views(0, picked[-1] + 1) if index in wanted])
         masks = None
         if hole_ratio is not None:
             generator = torch.Generator().manual_seed(seed)
