@@ -35,7 +35,8 @@ def earlier_layout(adapter: fdm.VQAdapter, views, folder: Path, batch_size: int)
     z_file = z_q_file = None
     row = 0
     for images in DataLoader(views, batch_size=batch_size):
-        z, z_q = encode_views(adapter, images)
+        latents = encode_views(adapter, images)
+        z, z_q = latents.z.float(), latents.z_q.float()
         if z_file is None:
             shape = (len(views), *z.shape[1:])
             z_file, z_q_file = (np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32,

@@ -37,7 +37,7 @@ from fdm.adapters.put import PUT, PVQVAE, UQTransformer, sample_codes
 from fdm.adapters.taming import build_model
 from fdm.adapters.taming.sampling import sample_unconditional
 from fdm.losses import TERMS
-from fdm.masks import keep_known
+from fdm.pipeline import encode_latents
 from fdm.training import Phase2Config, Phase2Trainer, Phase3Config, Phase3Trainer, TensorViews
 from fdm.training.backbones import VGG19Features
 
@@ -218,12 +218,8 @@ def put_decode(device: torch.device) -> dict[str, torch.Tensor]:
     codec, x = put_codec(tiny=True).eval(), smooth_images(2, 32)
     hole = torch.zeros(2, 1, 32, 32)
     hole[0, :, 4:20, 8:28], hole[1, :, 12:32, 0:16] = 1, 1
-    adapter = fdm.find_adapter(codec)
-    z = adapter.encode(x)
-    z_q, _ = adapter.quantize(z)
-    cells = fdm.latent_mask(hole, codec.patch_size)
-    z_in = keep_known(adapter.encode_known(x, hole, z), z_q, cells)  # continuous known cells, codes in the hole
-    return decode_pair(codec, tiny_fdm(8, mask_channels=1), z_in, device, hole, image=x, pixel_mask=hole)
+    lat = encode_latents(fdm.find_adapter(codec), x, hole)  # continuous known cells, codes in the hole
+    return decode_pair(codec, tiny_fdm(8, mask_channels=1), lat.z_in, device, hole, **lat.guide)
 
 
 def diffusers_decode(device: torch.device) -> dict[str, torch.Tensor]:

@@ -19,10 +19,10 @@ from torch import nn
 from fdm.adapter import VQAdapter, find_adapter
 from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
 from fdm.finetuned_decoder import apply_decoder_state
-from fdm.masks import keep_known, latent_mask
+from fdm.masks import latent_mask
 from fdm.module import FDM
 from fdm.padding import crop, pad_image, pad_mask, padded_size
-from fdm.precision import full_precision
+from fdm.pipeline import Latents, encode_latents, quantize
 from fdm.validation import (
     check_binary_mask,
     check_dtype,
@@ -116,6 +116,7 @@ class Dequantizer(nn.Module):
             apply_decoder_state(self.adapter, fdm_module.decoder_state, source="fine-tuned decoder of this FDM")
         self._hook: Any = None  # handle from adapter.register_correction_hook
         self._attached_mask: torch.Tensor | None = None
+        self._bypass_hook = False  # True while an explicit decode runs (its features are corrected already)
 
     @property
     def factor(self) -> int:
@@ -176,11 +177,7 @@ class Dequantizer(nn.Module):
         (see :mod:`fdm.precision`): half-precision distances pick other codes.
         """
         check_latent(z, self.adapter.channels)
-        return self._quantize(z)
-
-    def _quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with full_precision(z.device):
-            return self.adapter.quantize(z.to(self.adapter.dtype))
+        return quantize(self.adapter, z)
 
     def cell_mask(
         self, mask: torch.Tensor | None, z: torch.Tensor, *, check_binary: bool = True
@@ -256,39 +253,38 @@ class Dequantizer(nn.Module):
         """Encode, quantize and decode ``x`` (B, 3, H, W) in [-1, 1] -> (B, 3, H, W).
 
         Without a mask every cell is quantized (plain VQ reconstruction). With a hole mask (B, 1, H, W),
-        known cells keep their continuous features and hole cells get their nearest codes: an oracle
-        stand-in for a sampler, which shows what FDM does on generated cells next to known ones.
-        ``use_fdm=False`` gives the same without FDM, for comparison. Any H and W: ``x`` and ``mask`` are padded
-        to multiples of the factor and the result cropped back (:meth:`prepare`; bit-identical to no padding
-        when they are multiples already); ``pad=False`` refuses other sizes. ``check_finite``: see :meth:`prepare`.
+        known cells keep their continuous features and hole cells get the nearest codes of the whole image's
+        features: an oracle stand-in for a sampler, which shows what FDM does on generated cells next to known
+        ones (:mod:`fdm.pipeline`). ``use_fdm=False`` gives the same without FDM, for comparison. Any H and W:
+        ``x`` and ``mask`` are padded to multiples of the factor and the result cropped back (:meth:`prepare`;
+        bit-identical to no padding when they are multiples already); ``pad=False`` refuses other sizes.
+        ``check_finite``: see :meth:`prepare`.
         """
+        lat = self.latents(x, mask, pad=pad, check_finite=check_finite)
+        z_in = lat.z_in
+        return self.decode_latents(lat, self.fdm(z_in, lat.cells, check_binary=False) if use_fdm else z_in)
+
+    def latents(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, pad: bool = True,
+                check_finite: bool = True) -> Latents:
+        """Check ``x`` and ``mask`` once and pad them (:meth:`prepare`), then encode and quantize them
+        (:func:`fdm.pipeline.encode_latents`): the first half of :meth:`reconstruct`, which ``fdm eval`` and the
+        training checks share."""
         padded, padded_mask = self.prepare(x, mask, pad=pad, check_finite=check_finite)
-        z = self.adapter.encode(padded)
-        z_q, _ = self._quantize(z)
-        cells, guide = None, {}
-        if padded_mask is not None:
-            cells = latent_mask(padded_mask, self.factor, check_binary=False).to(z.dtype)  # (B, 1, h, w), 1 = generated
-            z_q = keep_known(self.adapter.encode_known(padded, padded_mask, z), z_q, cells)
-            guide = self.adapter.decode_guide(padded, padded_mask)
-        if use_fdm:
-            z_q = self.fdm(z_q, cells, check_binary=False)
-        return crop(self._decode_raw(z_q, **guide), x.shape[-2:], self.factor)
+        return encode_latents(self.adapter, padded, padded_mask, size=tuple(x.shape[-2:]))
+
+    def decode_latents(self, latents: Latents, features: torch.Tensor) -> torch.Tensor:
+        """Decode ``features`` (B, C, h, w) of a :meth:`latents` batch as given (no FDM; an attached hook is
+        lifted) with the batch's guide -> (B, 3, H, W), cropped to the batch's image size."""
+        return crop(self._decode_raw(features, **latents.guide), latents.size, self.factor)
 
     def _decode_raw(self, z: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
-        """Decode ``z`` as given: an attached hook is lifted for the call, so it does not correct ``z`` again."""
-        with self._hook_lifted():
-            return self.adapter.decode(z, **model_kwargs)
-
-    @contextlib.contextmanager
-    def _hook_lifted(self) -> Iterator[None]:
-        if self._hook is None:
-            yield
-            return
-        self._hook.remove()
+        """Decode ``z`` as given: an attached hook passes its input through for the call (it stays registered where
+        it is, before or after hooks added by others), so it does not correct ``z`` again."""
+        bypassed, self._bypass_hook = self._bypass_hook, True
         try:
-            yield
+            return self.adapter.decode(z, **model_kwargs)
         finally:
-            self._hook = self.adapter.register_correction_hook(self._hooked_correction)
+            self._bypass_hook = bypassed
 
     # --- hooking the model's own decode path ---------------------------------------------------------
 
@@ -328,5 +324,7 @@ class Dequantizer(nn.Module):
             self.detach()
 
     def _hooked_correction(self, z_q: torch.Tensor) -> torch.Tensor:
+        if self._bypass_hook:
+            return z_q
         cells = self.cell_mask(self._attached_mask, z_q, check_binary=False)  # attach checked its values
         return self.fdm(z_q, cells, check_binary=False)

@@ -19,12 +19,11 @@ from tqdm.auto import tqdm
 
 from fdm.dequantizer import Dequantizer
 from fdm.errors import InputError
-from fdm.masks import keep_known, latent_mask, random_irregular_mask
+from fdm.masks import random_irregular_mask
 from fdm.metrics import feature_error_ratio, fid_score, inception_features, load_fid, load_stlpips, psnr, ssim
-from fdm.padding import crop
 from fdm.precision import autocast, check_precision
 
-__all__ = ["Comparison", "Latents", "compare", "encode_latents", "evaluate_views", "mean_metrics"]
+__all__ = ["Comparison", "compare", "evaluate_views", "mean_metrics"]
 
 
 @dataclass
@@ -54,51 +53,6 @@ class Comparison:
     feature_ratio: torch.Tensor
 
 
-@dataclass
-class Latents:
-    """One batch on the way through the model: padded input, features and what its decoder needs.
-
-    Attributes:
-        size: (H, W) of the images before padding.
-        padded: (B, 3, H', W') images padded to multiples of the factor; ``padded_mask`` likewise, or None.
-        z: (B, C, h, w) continuous features (PUT: of the masked image on known cells).
-        z_q: quantized map, ``z`` kept on known cells.
-        cells: (B, 1, h, w) latent-cell mask (1 = generated) or None (every cell generated).
-        guide: extra keyword arguments of the adapter's decode (PUT: the known pixels).
-    """
-
-    size: tuple[int, int]
-    padded: torch.Tensor
-    padded_mask: torch.Tensor | None
-    z: torch.Tensor
-    z_q: torch.Tensor
-    cells: torch.Tensor | None
-    guide: dict[str, Any]
-
-    def decode(self, dequantizer: Dequantizer, features: torch.Tensor) -> torch.Tensor:
-        """Decode ``features`` (without FDM) with this batch's guide -> (B, 3, H, W) float32 in [-1, 1]."""
-        image = dequantizer.adapter.decode(features, **self.guide)
-        return crop(image, self.size, dequantizer.factor).float().clamp(-1, 1)
-
-
-def encode_latents(dequantizer: Dequantizer, x: torch.Tensor, mask: torch.Tensor | None = None, *,
-                   pad: bool = True) -> Latents:
-    """Encode and quantize ``x`` as :func:`compare` does (known cells keep ``z``); checks ``x`` and ``mask`` once."""
-    padded, padded_mask = dequantizer.prepare(x, mask, pad=pad)
-    adapter = dequantizer.adapter
-    z = adapter.encode(padded)  # (B, C, h, w)
-    if padded_mask is not None:
-        z = adapter.encode_known(padded, padded_mask, z)
-    z_q, _ = dequantizer.quantize(z)
-    cells = None
-    if padded_mask is not None:
-        cells = latent_mask(padded_mask, dequantizer.factor, check_binary=False).to(z.dtype)  # 1 = generated
-        z_q = keep_known(z, z_q, cells)
-    guide = adapter.decode_guide(padded, padded_mask)  # PUT: the known pixels that guide its decoder; others: none
-    return Latents(size=tuple(x.shape[-2:]), padded=padded, padded_mask=padded_mask, z=z, z_q=z_q, cells=cells,
-                   guide=guide)
-
-
 @torch.no_grad()
 def compare(
     dequantizer: Dequantizer, x: torch.Tensor, mask: torch.Tensor | None = None, *, precision: str = "fp32",
@@ -107,8 +61,9 @@ def compare(
     """Reconstruct ``x`` without and with FDM from one encoding.
 
     Without ``mask`` every latent cell is quantized (plain VQ reconstruction, FDM mask all ones). With a hole
-    mask, known cells keep their continuous features and hole cells get their nearest codes (an oracle stand-in
-    for a sampler, as :meth:`fdm.Dequantizer.reconstruct`), and FDM corrects the hole cells only.
+    mask, known cells keep their continuous features and hole cells get the nearest codes of the whole image's
+    features (an oracle stand-in for a sampler, the pipeline of :meth:`fdm.Dequantizer.reconstruct`:
+    :mod:`fdm.pipeline`), and FDM corrects the hole cells only.
 
     Args:
         dequantizer: the base model + FDM.
@@ -120,13 +75,15 @@ def compare(
             (:mod:`fdm.precision`); the images and features returned, and every metric, are float32.
     """
     with autocast(x.device, precision):  # the models at `precision`; what is returned and measured is float32
-        lat = encode_latents(dequantizer, x, mask, pad=pad)
-        z, z_q, cells = lat.z, lat.z_q, lat.cells
-        z_dq = dequantizer.fdm(z_q, cells, check_binary=False)  # the mask's values were checked once, by prepare
-        vq, fdm, continuous = (lat.decode(dequantizer, t) for t in (z_q, z_dq, z))
-    z, z_q, z_dq = z.float(), z_q.float(), z_dq.float()
+        lat = dequantizer.latents(x, mask, pad=pad)
+        z_in = lat.z_in
+        z_dq = dequantizer.fdm(z_in, lat.cells, check_binary=False)  # the mask's values were checked once, by latents
+        vq, fdm, continuous = (dequantizer.decode_latents(lat, t).float().clamp(-1, 1)
+                               for t in (z_in, z_dq, lat.continuous))
+    z, z_in, z_dq = lat.z.float(), z_in.float(), z_dq.float()
+    cells = lat.cells
     ratio = torch.stack([
-        feature_error_ratio(z[i:i + 1], z_q[i:i + 1], z_dq[i:i + 1], None if cells is None else cells[i:i + 1])
+        feature_error_ratio(z[i:i + 1], z_in[i:i + 1], z_dq[i:i + 1], None if cells is None else cells[i:i + 1])
         for i in range(x.shape[0])
     ])
     return Comparison(x=x, mask=mask, vq=vq, fdm=fdm, psnr_vq=psnr(x, vq), psnr_fdm=psnr(x, fdm),

@@ -79,9 +79,33 @@ def test_attach_corrects_the_models_own_decode_and_detach_restores_it(deq, toy_m
         assert torch.equal(toy_model.decode(z_q), explicit)  # ... and the hook is still in place afterwards
         x = torch.rand(1, 3, 16, 16) * 2 - 1
         assert torch.equal(deq.reconstruct(x), deq.decode(deq.quantize(deq.encode(x))[0]))
-    assert not hasattr(deq, "_bypass_hook")  # no flag: the raw decode lifts the hook for its call
     assert not deq.is_attached
     assert torch.equal(toy_model.decode(z_q), plain)
+
+
+def test_an_explicit_decode_keeps_the_hook_where_it_was(deq, toy_model):
+    """A hook added after attach still runs after FDM's once an explicit decode has passed (it sees the corrected
+    map), and one added before still runs before."""
+    seen = {}
+
+    def recorder(name):
+        def hook(module, args):
+            seen[name] = args[0].clone()
+        return hook
+
+    z_q = torch.randn(1, 8, 4, 4)
+    target = toy_model.post_quant_conv
+    before = target.register_forward_pre_hook(recorder("before"))
+    with deq.attached():
+        after = target.register_forward_pre_hook(recorder("after"))
+        order = list(target._forward_pre_hooks)
+        deq.decode(z_q)  # explicit: FDM's hook passes its input through for this call
+        assert torch.equal(seen["before"], seen["after"])
+        assert list(target._forward_pre_hooks) == order
+        toy_model.decode(z_q)
+        assert torch.equal(seen["before"], z_q) and torch.equal(seen["after"], deq.correct(z_q))
+        after.remove()
+    before.remove()
 
 
 def test_attached_with_mask_and_detach_on_error(deq, toy_model):

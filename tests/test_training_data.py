@@ -127,7 +127,8 @@ def test_memory_cache_equals_direct_encoding(image_dir, toy_model):
     cache = FeatureCache(adapter, views, mode="memory", dtype="float32", batch_size=4, progress=False)
     cache.prepare()
     z, z_q = cache.get([4, 0, 5])
-    ref_z, ref_z_q = encode_views(adapter, torch.stack([views[4], views[0], views[5]]))
+    reference = encode_views(adapter, torch.stack([views[4], views[0], views[5]]))
+    ref_z, ref_z_q = reference.z, reference.z_q
     torch.testing.assert_close(z, ref_z, rtol=0, atol=1e-6)
     torch.testing.assert_close(z_q, ref_z_q, rtol=0, atol=1e-6)
     # z_q is made of codebook vectors

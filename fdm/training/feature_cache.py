@@ -43,6 +43,7 @@ from fdm.adapter import VQAdapter
 from fdm.checkpoint import file_sha256, state_dict_digest
 from fdm.errors import CheckpointError, InputError, TrainingError
 from fdm.fingerprint import json_digest
+from fdm.pipeline import Latents, encode_latents
 from fdm.training.distributed import DistContext, barrier, derived_seed
 from fdm.validation import check_finite, check_image
 
@@ -62,31 +63,25 @@ _VERIFY_ROWS = 4096  # views checked at once when a shard is completed
 
 
 @torch.no_grad()
-def _encode(adapter: VQAdapter, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(z, z_q, indices)`` of a batch of views; raises InputError on bad images or a non-finite ``z``."""
-    check_image(images, factor=adapter.factor, name="training views")
-    check_finite(images, name="training views")
-    z = adapter.encode(images)
-    z_q, indices = adapter.quantize(z)
-    check_finite(z, name="encoded features z of the training views (the base model's output)")
-    return z.float(), z_q.float(), indices
-
-
-def encode_views(adapter: VQAdapter, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode and quantize a batch of training views with the frozen model.
+def encode_views(adapter: VQAdapter, images: torch.Tensor, holes: torch.Tensor | None = None) -> Latents:
+    """Encode and quantize a batch of training views with the frozen model (:func:`fdm.pipeline.encode_latents`).
 
     Args:
         adapter: the base model's adapter (the model should be in eval mode).
         images: (B, 3, H, W) in [-1, 1], on the model's device; H, W multiples of ``adapter.factor``.
+        holes: (B, 1, H, W) binary hole masks (1 = hole), or None.
 
     Returns:
-        ``z`` (B, C, h, w) continuous feature and ``z_q`` (B, C, h, w) its quantized version, float32.
+        The batch's :class:`~fdm.pipeline.Latents`.
 
     Raises:
-        InputError: wrong shape, or NaN / Inf in the images.
+        InputError: wrong shape, or NaN / Inf in the images or in their features.
     """
-    z, z_q, _ = _encode(adapter, images)
-    return z, z_q
+    check_image(images, factor=adapter.factor, name="training views")
+    check_finite(images, name="training views")
+    latents = encode_latents(adapter, images, holes)
+    check_finite(latents.z, name="encoded features z of the training views (the base model's output)")
+    return latents
 
 
 def index_dtype(codes: int) -> str:
@@ -243,8 +238,8 @@ class FeatureCache:
             IndexError: a view in a shard this process does not own (the samplers never ask for one).
         """
         if self.mode == "none":
-            images = default_collate([self.views[i] for i in indices]).to(self.device)
-            return encode_views(self.adapter, images)
+            latents = encode_views(self.adapter, default_collate([self.views[i] for i in indices]).to(self.device))
+            return latents.z.float(), latents.z_q.float()
         if not self._data:
             raise RuntimeError("FeatureCache.prepare() must be called before get().")
         views = np.asarray(indices, dtype=np.int64)
@@ -295,7 +290,8 @@ class FeatureCache:
                    unit="view", disable=not (self.progress and self.ctx.is_main))
         row = offset
         for images in self._batches(views):
-            z, _, codes = _encode(self.adapter, images.to(self.device))
+            latents = encode_views(self.adapter, images.to(self.device))
+            z, codes = latents.z.float(), latents.indices
             z = _to_storage(z.cpu(), self.dtype)
             n = z.shape[0]
             if isinstance(z_out, np.ndarray):

@@ -17,10 +17,10 @@ from torch import nn
 from fdm.adapter import VQAdapter
 from fdm.dequantizer import Dequantizer
 from fdm.errors import InputError
-from fdm.evaluation import Latents, encode_latents
 from fdm.masks import random_irregular_mask
 from fdm.metrics import feature_error_ratio, psnr
 from fdm.module import FDM
+from fdm.pipeline import Latents
 from fdm.precision import autocast
 from fdm.training.data import SeededViews
 from fdm.training.sources import ImageSource, _bounds
@@ -196,7 +196,7 @@ class HeldOutCheck:
             for start in range(0, len(x), batch_size):
                 xb = x[start:start + batch_size].to(adapter.device)
                 mb = None if masks is None else masks[start:start + batch_size].to(adapter.device)
-                self._batches.append((xb, encode_latents(self._dequantizer, xb, mb), None))
+                self._batches.append((xb, self._dequantizer.latents(xb, mb), None))
 
     def describe(self) -> str:
         """What is measured, e.g. ``"held-out (26 photos, 32 views, reconstruction)"``."""
@@ -211,13 +211,14 @@ class HeldOutCheck:
         ratios, psnr_vq, psnr_fdm = [], [], []
         try:
             for i, (x, lat, vq_psnr) in enumerate(self._batches):
+                z_in = lat.z_in
                 with autocast(x.device, self.precision):
-                    z_dq = fdm_module(lat.z_q, lat.cells, check_binary=False)
-                    fdm_image = lat.decode(self._dequantizer, z_dq) if decode else None
+                    z_dq = fdm_module(z_in, lat.cells, check_binary=False)
+                    fdm_image = self._decoded(lat, z_dq) if decode else None
                     if decode and vq_psnr is None:  # plain VQ's images: decoded once
-                        vq_psnr = psnr(x, lat.decode(self._dequantizer, lat.z_q))
+                        vq_psnr = psnr(x, self._decoded(lat, z_in))
                         self._batches[i] = (x, lat, vq_psnr)
-                ratios += [float(feature_error_ratio(*(t[j:j + 1].float() for t in (lat.z, lat.z_q, z_dq)),
+                ratios += [float(feature_error_ratio(*(t[j:j + 1].float() for t in (lat.z, z_in, z_dq)),
                                                      None if lat.cells is None else lat.cells[j:j + 1]))
                            for j in range(len(x))]
                 if decode:
@@ -227,6 +228,10 @@ class HeldOutCheck:
             fdm_module.train(was_training)
         return HeldOutResult(feature_ratio=_mean(ratios), views=self.views, psnr_vq=_mean(psnr_vq),
                              psnr_fdm=_mean(psnr_fdm))
+
+
+    def _decoded(self, lat: Latents, features: torch.Tensor) -> torch.Tensor:
+        return self._dequantizer.decode_latents(lat, features).float().clamp(-1, 1)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -28,7 +28,7 @@ from fdm.errors import CheckpointError, InputError
 from fdm.finetuned_decoder import apply_decoder_state, decoder_state_dict
 from fdm.images import image_grid
 from fdm.losses import LossSchedule, Phase3Loss
-from fdm.masks import DEFAULT_HOLE_RATIO, keep_known, latent_mask, random_irregular_mask
+from fdm.masks import DEFAULT_HOLE_RATIO, random_irregular_mask
 from fdm.module import FDM
 from fdm.precision import autocast, check_precision, grad_scaler, load_scaler_state
 from fdm.training.backbones import BACKBONES, load_backbone
@@ -292,15 +292,12 @@ class Phase3Trainer:
         return torch.stack(masks).to(self.device)  # (B, 1, H, W), 1 = hole
 
     @torch.no_grad()
-    def _inputs(self, x: torch.Tensor, hole: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
-        """Frozen encoder and codebook: FDM input ``z_in``, qe target ``z`` and latent-cell mask of a batch."""
-        z, z_q = encode_views(self.adapter, x)  # (B, C, h, w) each
-        if hole is None:
-            return {"z_in": z_q, "z": z, "cells": None}
-        cells = latent_mask(hole, self.adapter.factor, check_binary=False)  # (B, 1, h, w), 1 = generated;
-        # the holes come from :meth:`_masks`, binary by construction: no check, no device sync
-        z_known = self.adapter.encode_known(x, hole, z).float()  # PUT: the masked image's features
-        return {"z_in": keep_known(z_known, z_q, cells), "z": z, "cells": cells}
+    def _inputs(self, x: torch.Tensor, hole: torch.Tensor | None) -> dict[str, Any]:
+        """Frozen encoder and codebook (:func:`fdm.pipeline.encode_latents`): FDM input ``z_in``, qe target ``z``,
+        latent-cell mask and decoder guide of a batch (the holes come from :meth:`_masks`, binary by
+        construction)."""
+        lat = encode_views(self.adapter, x, hole)
+        return {"z_in": lat.z_in.float(), "z": lat.z.float(), "cells": lat.cells, "guide": lat.guide}
 
     def _batches(self, sampler: DistributedSampler, steps_per_epoch: int) -> Iterator[torch.Tensor]:
         """Batches from the current step on; a resumed run continues mid-epoch in the same order."""
@@ -323,7 +320,7 @@ class Phase3Trainer:
             hole = self._masks(x, self._mask_generator.manual_seed(seed))
         inp = self._inputs(x, hole)
         with autocast(self.device, cfg.precision):  # the losses cast to float32 before reducing (fdm.losses)
-            z_dq, recon = self.net(inp["z_in"], inp["cells"], self.adapter.decode_guide(x, hole))
+            z_dq, recon = self.net(inp["z_in"], inp["cells"], inp["guide"])
             total, terms = self.loss.generator(x, recon, step, hole=hole, z_dq=z_dq, z=inp["z"],
                                                cell_mask=inp["cells"])
         logs = {k: v.item() for k, v in terms.items()} | {"loss": total.item()}
@@ -368,7 +365,7 @@ class Phase3Trainer:
         inp = self._inputs(x, hole)
         self.generator.eval()
         try:
-            recon = self.generator(inp["z_in"], inp["cells"], self.adapter.decode_guide(x, hole))[1].float()
+            recon = self.generator(inp["z_in"], inp["cells"], inp["guide"])[1].float()
         finally:
             self._train_mode()
         if self._metrics is None:
