@@ -1,4 +1,4 @@
-"""The demo model embedded in the package: a small f8 VQGAN in the taming-transformers architecture (CVPR 2021)
+"""The demo model embedded in the package: a small f4 VQGAN in the taming-transformers architecture (CVPR 2021)
 and an FDM trained for it (WACV 2025), both reproduced by ``examples/train_demo_model.py`` (see docs/demo.md).
 
 The VQGAN loads through :func:`fdm.adapters.taming.load_model` (taming's ``model.yaml`` + ``.safetensors``) and the
@@ -22,7 +22,7 @@ DEMO_FDM_DIR = ASSETS / "fdm"
 
 
 def load_demo_vqgan() -> nn.Module:
-    """The embedded VQGAN (taming ``VQModel``, f8, 64 codes of 16 channels), on the CPU in eval mode.
+    """The embedded VQGAN (taming ``VQModel``, f4, 512 codes of 16 channels), on the CPU in eval mode.
 
     Raises:
         ImportError: taming-transformers is missing (``pip install ".[taming]"`` from a clone).

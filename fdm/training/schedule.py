@@ -35,6 +35,8 @@ PAPER_MIN_LR = 1e-6
 """Learning rate at the end of the cosine decay."""
 PAPER_BETAS = (0.0, 0.9)
 """Adam betas of the official configs."""
+FUSED_DEVICES = ("cpu", "cuda")
+"""Devices whose parameters :func:`paper_optimizer` updates with fused Adam."""
 PAPER_WARMUP_STEPS = 300
 """Warm-up length of the official Paris StreetView config (its Places config uses 5000)."""
 
@@ -44,8 +46,16 @@ def paper_optimizer(
     lr: float = PAPER_LR,
     betas: tuple[float, float] = PAPER_BETAS,
 ) -> torch.optim.Adam:
-    """Adam with the paper's betas; ``lr`` is the peak rate that :class:`WarmupCosineLR` warms up to."""
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas))
+    """Adam with the paper's betas; ``lr`` is the peak rate that :class:`WarmupCosineLR` warms up to.
+
+    The update runs as one fused kernel when every parameter is a CPU or CUDA float tensor: the same update up
+    to rounding, in a fraction of the time of Adam's per-tensor loop, which costs a small FDM's step on a CPU
+    a noticeable share of its time.
+    """
+    params = list(params)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in tensors)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=fused or None)
 
 
 class WarmupCosineLR(LRScheduler):
