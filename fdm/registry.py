@@ -97,9 +97,19 @@ class ModelFamily:
 
 def register_family(module: str) -> None:
     """Add the family package ``module`` (an import path whose ``FAMILY`` is a :class:`ModelFamily`) to
-    :data:`FAMILIES`, for families that live outside fdm-vq. Idempotent; searched after the built-in ones."""
-    if module not in FAMILIES:
-        FAMILIES.append(module)
+    :data:`FAMILIES`, for families that live outside fdm-vq. Idempotent; searched after the built-in ones.
+
+    Raises:
+        ConfigError: ``module`` defines no ``FAMILY``, or a registered family has its name already.
+    """
+    if module in FAMILIES:
+        return
+    family = _load(module)
+    for other in list(FAMILIES):
+        if _load(other).name == family.name:
+            raise ConfigError(f"cannot register {module}: its family is called {family.name!r}, like the family of "
+                              f"{other}; give it another name.")
+    FAMILIES.append(module)
 
 
 def _load(module: str) -> ModelFamily:

@@ -90,6 +90,18 @@ def test_walk_through(toyfam, capsys):
     assert trained.base_model_fingerprint == fdm.find_adapter(model).fingerprint()
 
 
+def test_two_families_cannot_share_a_name(tmp_path, monkeypatch):
+    (tmp_path / "second_toy.py").write_text("from fdm.registry import ModelFamily\nfrom toy_vq import ToyVQAdapter\n"
+                                            "FAMILY = ModelFamily(name='toy', adapters=(ToyVQAdapter,))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import toy_vq  # noqa: F401  (registers the family called toy)
+
+    with pytest.raises(fdm.errors.ConfigError, match=r"second_toy: its family is called 'toy', like the family of "
+                                                     r"toy_vq"):
+        registry.register_family("second_toy")
+    assert "second_toy" not in registry.FAMILIES
+
+
 def test_unregistered_model_names_the_registry():
     with pytest.raises(TypeError, match="register_family"):
         fdm.find_adapter(torch.nn.Linear(2, 2))
