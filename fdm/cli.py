@@ -109,6 +109,16 @@ def is_user_error(err: BaseException) -> bool:
     return isinstance(err, USER_ERRORS)
 
 
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: a failed command leaves no empty --out behind, and
+    never removes anything it wrote (a checkpoint to resume from, a feature cache)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone: it and the folders above it stay
+            return
+
+
 def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
@@ -120,14 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("fdm").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     name = " ".join(filter(None, ["fdm", args.command, getattr(args, "task", None)]))
+    created: list[Path] = []  # the --out folders this command makes, removed again if it fails and they stay empty
     try:
         if getattr(args, "out", None) is not None:
+            created = [folder for folder in (Path(args.out), *Path(args.out).parents) if not folder.exists()]
             prepare_output_dir(args.out)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
+        _remove_empty(created)
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
+        _remove_empty(created)
         if not is_user_error(err):
             raise
         if args.debug:

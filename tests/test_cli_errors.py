@@ -144,12 +144,13 @@ def test_user_errors_in_process_return_2(monkeypatch, tmp_path, capsys):
     import fdm.commands.demo as demo
 
     def run(args):
+        assert (tmp_path / "out").is_dir()  # --out is created before the command runs
         raise CheckpointError("the weights\ndo not fit")
 
     monkeypatch.setattr(demo, "run", run)
     assert cli.main(["demo", "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == "fdm demo: error: the weights do not fit\n"
-    assert (tmp_path / "out").is_dir()  # --out is created before the command runs
+    assert not (tmp_path / "out").exists()  # ... and removed again, empty, when it fails
 
 
 # --- argparse: counts and ranges -------------------------------------------------------------------------------
@@ -224,6 +225,16 @@ def test_invalid_out_from_the_command_line(tmp_path, run_here):
 
 
 # --- config files ---------------------------------------------------------------------------------------------
+
+
+def test_a_failed_command_removes_the_empty_out_folders_it_made(tmp_path, run_here):
+    for out in ("runs/new/fdm", "kept/new"):
+        result = run_here("train", "--data", "missing-photos", "--out", out)
+        assert result.returncode == 2 and "Training data not found: missing-photos" in result.stderr
+        assert not (tmp_path / "runs").exists()
+        (tmp_path / "kept").mkdir(exist_ok=True)
+        (tmp_path / "kept" / "notes.txt").write_text("mine")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]  # what was there stays
 
 
 def test_json_and_yaml_errors_name_file_and_line(tmp_path):
