@@ -162,7 +162,7 @@ INPAINT = ["inpaint", "--image", "a.png", "--mask", "m.png", "--out", "o"]
 
 @pytest.mark.parametrize("argv, message", [
     (["eval", "d", "--views-per-image", "0"], "argument --views-per-image: expected an integer >= 1; got 0"),
-    (["eval", "d", "--crop", "0"], "argument --crop: expected an integer >= 1; got 0"),
+    (["eval", "d", "--crop", "0"], "argument --crop-size/--crop: expected an integer >= 1; got 0"),
     (["eval", "d", "--batch-size", "-2"], "argument --batch-size: expected an integer >= 1; got -2"),
     ([*TRAIN, "--steps", "0"], "argument --steps: expected an integer >= 1; got 0"),
     ([*TRAIN, "--epochs", "0"], "argument --epochs: expected an integer >= 1; got 0"),

@@ -82,7 +82,7 @@ SUBSTITUTIONS = {
         ("--data images/", f"--data {IMAGES}"),
         ("--minutes 4", SHORT_RUN),
         ('"your-name/fdm-mine"', '"fdm-mine"'),  # the folder `fdm train` wrote above; `fdm push` is skipped
-        ("fdm eval path/to/images", f"fdm eval {IMAGES} --no-extras --crop 64 --views-per-image 1"),
+        ("fdm eval path/to/images", f"fdm eval {IMAGES} --no-extras --crop-size 64 --views-per-image 1"),
     ],
     "docs/training.md": [
         ("--config vqgan-project.yaml --checkpoint vqgan.ckpt", f"--config {DEMO_CONFIG} --checkpoint {DEMO_WEIGHTS}"),
@@ -110,10 +110,10 @@ SUBSTITUTIONS = {
     ],
     "docs/quality.md": [
         # FID and ST-LPIPS on CPU take minutes; tests/test_eval.py covers them; smaller and fewer crops, same path
-        ("fdm eval ../shared/data/photos/val --crop 128 --views-per-image 4",
-         f"fdm eval {IMAGES} --no-extras --crop 64 --views-per-image 1"),
+        ("fdm eval ../shared/data/photos/val --crop-size 128 --views-per-image 4",
+         f"fdm eval {IMAGES} --no-extras --crop-size 64 --views-per-image 1"),
         ("fdm eval data/eval-photos --json",
-         f"fdm eval {ROOT / 'data' / 'eval-photos'} --no-extras --crop 64 --views-per-image 1 --json"),
+         f"fdm eval {ROOT / 'data' / 'eval-photos'} --no-extras --crop-size 64 --views-per-image 1 --json"),
     ],
 }
 

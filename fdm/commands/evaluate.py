@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fdm.precision import PRECISIONS
 
     parser.add_argument("folder", help="folder of images (searched recursively)")
-    parser.add_argument("--crop", type=positive_int, default=128,
-                        help="crop side in pixels (default 128); any size: padded to a multiple of the model's factor")
+    parser.add_argument("--crop-size", "--crop", dest="crop", type=positive_int, default=128,
+                        help="crop side in pixels (default 128); any size: padded to a multiple of the model's factor "
+                             "(--crop is the older name)")
     parser.add_argument("--views-per-image", type=positive_int, default=4, help="random crops per image (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the crops and hole masks (default 0)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
