@@ -26,6 +26,7 @@ from fdm.errors import CheckpointError
 
 __all__ = [
     "DIGEST_KEY",
+    "check_finite_weights",
     "OpaqueObject",
     "load_state_dict_strict",
     "read_checkpoint",
@@ -561,16 +562,33 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def check_finite_weights(state_dict: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """Refuse weights that hold NaN or Inf.
+
+    Raises:
+        CheckpointError: naming ``what`` and up to five of the tensors that hold NaN or Inf.
+    """
+    bad = sorted(k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(f"{what} hold NaN or Inf values ({', '.join(bad[:5])}{more}): weights like these are "
+                              "neither saved nor loaded (a run that diverged: lower --lr, or start again).")
+
+
 def write_weights(state_dict: dict[str, torch.Tensor], path: str | Path, *,
                   metadata: dict[str, str] | None = None) -> Path:
     """Write ``state_dict`` as safetensors with :func:`state_dict_digest` in its metadata; returns the path.
 
     The file is written under a temporary name and renamed, so an interrupted write never leaves a truncated file
     under ``path``.
+
+    Raises:
+        CheckpointError: a floating-point tensor holds NaN or Inf (:func:`check_finite_weights`); nothing is written.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
+    check_finite_weights(state_dict, what=f"the weights to write to {path}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={**(metadata or {}), "format": "pt", DIGEST_KEY: state_dict_digest(tensors)})

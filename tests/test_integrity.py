@@ -177,6 +177,29 @@ def test_diverging_phase2_run_stops_and_saves_nothing(tmp_path, views):
     assert nothing_saved(tmp_path)
 
 
+def test_nan_weights_are_neither_saved_nor_loaded(tmp_path):
+    from safetensors.torch import save_file
+
+    from fdm.training.checkpointing import save_checkpoint
+
+    module = fdm.FDM(8, hidden_channels=4, num_blocks=1)
+    module.save_pretrained(tmp_path / "good")
+    with torch.no_grad():
+        module.head.bias[3] = float("nan")
+        module.stem.weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"weights to write to .* hold NaN or Inf values \(head.bias, stem.weight\)"):
+        module.save_pretrained(tmp_path / "bad")
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+    with pytest.raises(CheckpointError, match="fdm weights of step 7 hold NaN or Inf values"):
+        save_checkpoint(tmp_path / "checkpoints", 7, {"fdm": module}, {})
+    assert not (tmp_path / "checkpoints").exists()
+    # a weight file edited to hold a NaN (its digest is not required for a saved FDM) is refused on loading
+    good = tmp_path / "good"
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(good / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"weights in .*model.safetensors hold NaN or Inf values"):
+        fdm.FDM.from_pretrained(good)
+
+
 def test_diverging_phase3_run_stops_and_saves_nothing(tmp_path):
     trainer = Phase3Trainer(toy_model(), toy_fdm(), TensorViews(smooth_images(4)),
                             phase3_config(tmp_path, "run", steps=40, warmup_steps=1, lr=1e38))

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fdm.checkpoint import (
+    check_finite_weights,
     file_sha256,
     load_state_dict_strict,
     read_checkpoint,
@@ -104,6 +105,8 @@ def save_checkpoint(
     root = Path(root)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
+    for name, module in modules.items():  # before anything is written
+        check_finite_weights(module.state_dict(), what=f"the {name} weights of step {step}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, module in modules.items():
@@ -144,7 +147,9 @@ def load_checkpoint(
         weights = path / f"{name}.safetensors"
         if not weights.is_file():
             raise CheckpointError(f"training checkpoint {path} has no weights for {name!r} ({weights.name}).")
-        load_state_dict_strict(module, read_safetensors(weights, require_digest=True), source=str(weights))
+        state_dict = read_safetensors(weights, require_digest=True)
+        check_finite_weights(state_dict, what=f"the weights in {weights}")
+        load_state_dict_strict(module, state_dict, source=str(weights))
     state_file = path / _STATE_FILE
     try:
         state = read_checkpoint(state_file, map_location=map_location)
