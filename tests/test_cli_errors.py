@@ -163,6 +163,8 @@ INPAINT = ["inpaint", "--image", "a.png", "--mask", "m.png", "--out", "o"]
 @pytest.mark.parametrize("argv, message", [
     (["eval", "d", "--views-per-image", "0"], "argument --views-per-image: expected an integer >= 1; got 0"),
     (["eval", "d", "--crop", "0"], "argument --crop-size/--crop: expected an integer >= 1; got 0"),
+    (["eval", "d", "--device", "gpu9"], "argument --device: expected a torch device such as cpu, cuda or cuda:1; got 'gpu9'"),
+    (["demo", "--device", "cuda:99"], "argument --device: cuda:99: this machine has "),
     (["eval", "d", "--batch-size", "-2"], "argument --batch-size: expected an integer >= 1; got -2"),
     ([*TRAIN, "--steps", "0"], "argument --steps: expected an integer >= 1; got 0"),
     ([*TRAIN, "--epochs", "0"], "argument --epochs: expected an integer >= 1; got 0"),

@@ -7,7 +7,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-__all__ = ["fraction", "held_out_fraction", "int_at_least", "non_negative_float", "non_negative_int", "positive_float", "positive_int",
+__all__ = ["device", "fraction", "held_out_fraction", "int_at_least", "non_negative_float", "non_negative_int", "positive_float", "positive_int",
            "unit_interval"]
 
 
@@ -64,3 +64,23 @@ def held_out_fraction(text: str) -> float:
 def unit_interval(text: str) -> float:
     """A number in (0, 1] (nucleus-sampling thresholds)."""
     return _float(text, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def device(text: str) -> str:
+    """A torch device that this machine has: ``cpu``, ``cuda``, ``cuda:1``, ``mps``..."""
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1; got {text!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU that torch {torch.__version__} can "
+                                         "use; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                                         f"numbered from 0")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no Apple GPU (MPS) that torch can use; use "
+                                         "--device cpu")
+    return text

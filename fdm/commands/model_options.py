@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fdm import registry
+from fdm.commands.argtypes import device
 from fdm.errors import MissingExtraError, UsageError
 from fdm.module import FDM
 
@@ -38,7 +39,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, fdm: bool = True) ->
     group.add_argument("--checkpoint", help="taming .ckpt, PUT codec .pth, or diffusers folder / Hub repo id; "
                                             "hf://owner/repo/path for a file or folder inside a Hub repo")
     group.add_argument("--transformer", help="PUT: UQ-Transformer checkpoint (sampling only), path or hf://...")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     if fdm:
         group.add_argument("--fdm", help="FDM folder or Hub repo id (default with --model demo: the embedded FDM)")
 
