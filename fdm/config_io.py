@@ -1,7 +1,10 @@
 """Reading JSON and YAML configuration files with errors that name the file and the line.
 
-A file that does not parse, cannot be read, or whose top level is not a mapping raises
-:class:`~fdm.errors.ConfigError` (``json.JSONDecodeError`` / ``yaml.YAMLError`` say where, but not which file).
+A file that does not parse, cannot be read, whose top level is not a mapping, or that nests deeper than
+:data:`MAX_DEPTH` or holds more than :data:`MAX_ENTRIES` values (YAML aliases counted each time they are used)
+raises :class:`~fdm.errors.ConfigError` (``json.JSONDecodeError`` / ``yaml.YAMLError`` say where, but not which
+file). Configuration files are small and shallow; these bounds stop crafted ones from exhausting the recursion
+limit or the time of the code that walks them.
 """
 
 from __future__ import annotations
@@ -13,7 +16,12 @@ from typing import Any
 
 from fdm.errors import ConfigError
 
-__all__ = ["read_json", "read_yaml"]
+__all__ = ["MAX_DEPTH", "MAX_ENTRIES", "read_json", "read_yaml"]
+
+MAX_DEPTH = 64
+"""Deepest nesting of mappings and lists a configuration file may have."""
+MAX_ENTRIES = 100_000
+"""Most values a configuration file may hold, counting a YAML alias each time it is used."""
 
 
 def read_json(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
@@ -63,6 +71,24 @@ def _read_mapping(
         data = parse(text)
     except parse_error as err:
         raise ConfigError(f"{what} {path} is not valid {syntax}: {describe(err)}.") from err
+    except RecursionError:
+        raise ConfigError(f"{what} {path} nests too deeply to parse (at most {MAX_DEPTH} levels).") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} holds {type(data).__name__}, not a mapping of keys to values.")
+    _check_bounds(data, f"{what} {path}")
     return data
+
+
+def _check_bounds(data: Any, name: str) -> None:
+    """Walk ``data`` without recursion: at most :data:`MAX_DEPTH` levels and :data:`MAX_ENTRIES` values."""
+    stack, entries = [(data, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        entries += 1
+        if entries > MAX_ENTRIES:
+            raise ConfigError(f"{name} holds more than {MAX_ENTRIES} values (YAML aliases counted each time they "
+                              "are used); a configuration file is far smaller.")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{name} nests deeper than {MAX_DEPTH} levels; a configuration file is far shallower.")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)

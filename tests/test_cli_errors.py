@@ -255,6 +255,22 @@ def test_json_and_yaml_errors_name_file_and_line(tmp_path):
         read_json(bad_json)
 
 
+def test_deep_or_exploding_configs_are_refused(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")  # past the recursion limit of json.loads
+    with pytest.raises(ConfigError, match="deep.json nests too deeply to parse"):
+        read_json(deep)
+    deep.write_text('{"a": ' + "[" * 70 + "]" * 70 + "}")  # parses, but deeper than any config
+    with pytest.raises(ConfigError, match="deep.json nests deeper than 64 levels"):
+        read_json(deep)
+    laughs = tmp_path / "laughs.yaml"  # nine levels of ten aliases: 10**9 values once expanded
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    laughs.write_text("\n".join(lines) + "\nmodel: *a8\n")
+    with pytest.raises(ConfigError, match="laughs.yaml holds more than 100000 values"):
+        read_yaml(laughs)
+
+
 def test_fdm_config_json_that_does_not_parse(image_dir):
     import fdm
 
