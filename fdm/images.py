@@ -71,7 +71,7 @@ def _decoded(source: Path | io.BytesIO, label: str) -> Iterator[Image.Image]:
     try:
         img = Image.open(source)
         img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Exception as err:  # anything a decoder raises on hostile bytes (a TIFF tag of the wrong type: TypeError)
         raise InputError(f"Cannot read {label}: {err} (not an image, truncated or corrupted?)") from err
     with img:
         yield img

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -401,6 +402,30 @@ def test_unreadable_image_and_mask_files(tmp_path, image_dir):
         read_image(image_dir)
     with pytest.raises(InputError, match="Image file not found"):
         read_image(tmp_path / "missing.png")
+
+
+def malformed_tiff() -> bytes:
+    """A 4x4 gray TIFF whose StripOffsets tag is text: Pillow raises TypeError while decoding it."""
+    import struct
+
+    def entry(tag: int, kind: int, value: bytes) -> bytes:
+        return struct.pack("<HHI", tag, kind, 1 if kind != 2 else len(value)) + value.ljust(4, b"\0")
+
+    entries = [entry(256, 3, b"\4"), entry(257, 3, b"\4"), entry(258, 3, b"\x08"), entry(262, 3, b"\1"),
+               entry(273, 2, b"abc\0"), entry(277, 3, b"\1"), entry(279, 4, b"\x10")]
+    return b"II*\0" + struct.pack("<IH", 8, len(entries)) + b"".join(entries) + b"\0" * 68
+
+
+def test_a_tiff_that_breaks_the_decoder_is_an_unreadable_image(tmp_path, run_here, image_dir):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "bad.tif").write_bytes(malformed_tiff())
+    with pytest.raises(InputError, match=r"Cannot read image file .*bad.tif: ") as err:
+        read_image(tmp_path / "photos" / "bad.tif")
+    assert isinstance(err.value.__cause__, TypeError)  # what Pillow raises there (it was a traceback)
+    result = run_here("eval", "photos", "--no-extras", "--no-progress")
+    assert result.returncode == 2 and re.search(r"fdm eval: error: Cannot read \w* ?image file photos/bad.tif",
+                                                result.stderr)
+    assert "Traceback" not in result.stderr
 
 
 def test_unreadable_image_from_the_command_line(run_here, image_dir):
