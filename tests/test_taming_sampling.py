@@ -266,3 +266,23 @@ def test_examples(tmp_path, saved, name, task, extra):
         return grid[pad:pad + 32, x:x + width]
 
     assert not np.array_equal(cell(columns - 2), cell(columns - 1))  # with FDM differs from without
+
+
+def test_label_maps_are_checked_before_they_are_read(tmp_path):
+    from fdm.adapters.taming.command import read_label_maps
+    from fdm.errors import InputError
+
+    good = tmp_path / "good.npy"
+    np.save(good, np.arange(16, dtype=np.float32).reshape(4, 4))  # whole numbers as floats are class ids
+    assert torch.equal(read_label_maps([good])[0], torch.arange(16).reshape(4, 4))
+    huge = tmp_path / "huge.npy"  # a header claiming 10**10 labels, no data: refused without allocating them
+    with huge.open("wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (100_000, 100_000)})
+    with pytest.raises(InputError, match="huge.npy"):
+        read_label_maps([huge])
+    for name, array, phrase in [("nan", np.array([[0.0, np.nan]]), "NaN, Inf or fractions"),
+                                ("negative", np.array([[0, -3]]), "cannot be negative; got -3"),
+                                ("complex", np.array([[1j, 0]]), "dtype complex128")]:
+        np.save(tmp_path / f"{name}.npy", array)
+        with pytest.raises(InputError, match=phrase):
+            read_label_maps([tmp_path / f"{name}.npy"])

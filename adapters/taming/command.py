@@ -64,15 +64,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             options.add_argument("--window", type=positive_int, default=16, help="sliding window in codes")
 
 
+MAX_LABEL_PIXELS = 8192 * 8192
+"""Largest label map read (a .npy file is memory-mapped and checked before anything is copied)."""
+
+
 def read_label_maps(paths: list[Path]) -> torch.Tensor:
-    """Read label maps (PNG with one channel of class ids, or .npy) -> (B, H, W) long tensor."""
+    """Read label maps (PNG with one channel of class ids, or .npy) -> (B, H, W) long tensor.
+
+    Raises:
+        InputError: a missing or unreadable file, a map that is not 2-D, larger than :data:`MAX_LABEL_PIXELS`,
+            not of integers (or of floats holding whole numbers), or with negative values.
+    """
     maps = []
     for path in paths:
         if path.suffix == ".npy":
             if not path.is_file():
                 raise InputError(f"Segmentation file not found: {path}")
             try:
-                array = np.load(path)
+                array = np.load(path, mmap_mode="r", allow_pickle=False)  # nothing read into memory yet
             except (OSError, ValueError) as err:
                 raise InputError(f"Cannot read segmentation file {path}: {err}") from err
         else:
@@ -80,7 +89,17 @@ def read_label_maps(paths: list[Path]) -> torch.Tensor:
                 array = np.asarray(img)
         if array.ndim != 2:
             raise InputError(f"{path}: a label map must have one channel (class ids); got shape {array.shape}.")
-        maps.append(torch.from_numpy(array.astype(np.int64)))
+        if array.size > MAX_LABEL_PIXELS:
+            raise InputError(f"{path}: a label map of {array.shape[0]}x{array.shape[1]} is larger than the "
+                             f"{MAX_LABEL_PIXELS} pixels read.")
+        if array.dtype.kind not in "iuf":
+            raise InputError(f"{path}: a label map holds class ids (integers); got dtype {array.dtype}.")
+        if array.size and array.dtype.kind == "f" and not (np.isfinite(array).all() and (array == np.round(array)).all()):
+            raise InputError(f"{path}: a label map of floats must hold whole numbers (class ids); it holds NaN, "
+                             "Inf or fractions.")
+        if array.size and array.min() < 0:
+            raise InputError(f"{path}: class ids cannot be negative; got {array.min()}.")
+        maps.append(torch.from_numpy(np.array(array, dtype=np.int64)))
     if len({m.shape for m in maps}) > 1:
         raise InputError(f"All segmentation maps must have the same size; got {sorted({tuple(m.shape) for m in maps})}.")
     return torch.stack(maps)
