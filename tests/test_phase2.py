@@ -197,3 +197,18 @@ def test_train_command(tmp_path, model, views, monkeypatch):
     assert saved["base_model"] == "toy VQ, seed 1"
     with pytest.raises(InputError, match="not found"):
         run_train_command(["--data", str(tmp_path / "none"), "--out", str(out), "--steps", "1"])
+
+
+def test_a_new_run_refuses_a_folder_with_an_earlier_runs_checkpoints(tmp_path, caplog):
+    from fdm.training import checkpoint_to_resume, save_checkpoint
+
+    root = tmp_path / "checkpoints"
+    assert checkpoint_to_resume(root, resume=False) is None
+    with caplog.at_level("INFO", logger="fdm"):
+        assert checkpoint_to_resume(root, resume=True) is None
+    assert "no checkpoint in" in caplog.text
+    saved = save_checkpoint(root, 7, {"fdm": fdm.FDM(4, hidden_channels=4, num_blocks=1)}, {})
+    assert checkpoint_to_resume(root, resume=True) == saved
+    with pytest.raises(CheckpointError, match=r"holds checkpoints of an earlier run \(the latest: step-00000007\): "
+                                              r"continue that run with --resume, or start this one in another --out"):
+        checkpoint_to_resume(root, resume=False)

@@ -29,7 +29,7 @@ from fdm.losses import TERMS
 from fdm.masks import DEFAULT_HOLE_RATIO
 from fdm.module import FDM
 from fdm.precision import PRECISIONS
-from fdm.training import ImageSource, SeededViews, latest_checkpoint, open_source, shutdown_distributed
+from fdm.training import ImageSource, SeededViews, checkpoint_to_resume, open_source, shutdown_distributed
 from fdm.training.backbones import BACKBONES
 from fdm.training.phase3 import Phase3Config, Phase3Trainer
 
@@ -157,12 +157,7 @@ def finetune(model: nn.Module, fdm_module: FDM, args: argparse.Namespace) -> FDM
         val_views = SeededViews(_random_access_source(args.val_data, "--val-data"), crop_size=args.crop_size,
                                 seed=args.seed, flip=False)
     trainer = Phase3Trainer(model, fdm_module, views, config, val_views=val_views)
-    resume_from = None
-    if args.resume:
-        resume_from = latest_checkpoint(trainer.checkpoint_dir)
-        if resume_from is None:
-            logger.info("--resume: no checkpoint in %s yet, starting from scratch", trainer.checkpoint_dir)
-    return trainer.train(resume_from)
+    return trainer.train(checkpoint_to_resume(trainer.checkpoint_dir, resume=args.resume))
 
 
 def _random_access_source(spec: str, option: str) -> ImageSource:

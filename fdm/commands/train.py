@@ -48,8 +48,8 @@ from fdm.training import (
     Phase2Config,
     Phase2Trainer,
     SeededViews,
+    checkpoint_to_resume,
     encode_views,
-    latest_checkpoint,
     open_source,
     shutdown_distributed,
     split_heldout,
@@ -188,12 +188,7 @@ def train(model: nn.Module, args: argparse.Namespace) -> FDM:
     heldout_views = None if heldout is None else SeededViews(
         heldout, crop_size=max(crop, HELDOUT_CROP), views_per_image=4, seed=args.seed + 1, scale_range=(1.0, 2.0))
     trainer = Phase2Trainer(model, views, config, adapter=adapter, heldout_views=heldout_views)
-    resume_from = None
-    if args.resume:
-        resume_from = latest_checkpoint(trainer.checkpoint_dir)
-        if resume_from is None:
-            logger.info("--resume: no checkpoint in %s yet, starting from scratch", trainer.checkpoint_dir)
-    module = trainer.train(resume_from)
+    module = trainer.train(checkpoint_to_resume(trainer.checkpoint_dir, resume=args.resume))
     _summarise(trainer, args.out)
     return module
 

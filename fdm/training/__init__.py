@@ -2,7 +2,12 @@
 decoder) and the reusable pieces of the trainers (image sources, training views, feature cache, the paper's
 optimiser schedule, checkpoints, data parallelism)."""
 
-from fdm.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from fdm.training.checkpointing import (
+    checkpoint_to_resume,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fdm.training.data import IMAGE_EXTENSIONS, ImageFolderViews, SeededViews, TensorViews, list_images
 from fdm.training.distributed import DistContext, init_distributed, shutdown_distributed
 from fdm.training.feature_cache import CACHE_DTYPES, CACHE_MODES, FeatureCache, ShardedBatches, encode_views
@@ -37,6 +42,7 @@ __all__ = [
     "encode_views",
     "finetune",
     "init_distributed",
+    "checkpoint_to_resume",
     "latest_checkpoint",
     "list_images",
     "load_checkpoint",

@@ -186,6 +186,27 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_to_resume(root: str | Path, *, resume: bool) -> Path | None:
+    """The checkpoint a run writing its checkpoints to ``root`` starts from: the latest one with ``resume`` (None,
+    and a log line, when there is none yet), none without.
+
+    Raises:
+        CheckpointError: a new run (``resume`` False) into a folder that holds checkpoints of an earlier run: its
+            pruning would keep the highest step numbers, the earlier run's, and a later resume would continue that
+            run.
+    """
+    latest = latest_checkpoint(root)
+    if resume:
+        if latest is None:
+            logger.info("--resume: no checkpoint in %s yet, starting from scratch", root)
+        return latest
+    if latest is not None:
+        raise CheckpointError(f"{root} holds checkpoints of an earlier run (the latest: {latest.name}): continue "
+                              "that run with --resume, or start this one in another --out folder (or delete "
+                              f"{root}).")
+    return None
+
+
 def _checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
