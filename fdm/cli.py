@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # fdm's own progress messages at INFO; other libraries' (httpx requests...) only from WARNING
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("fdm").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if os.environ.get("RANK", "0") not in ("", "0"):  # the other processes of a distributed run: warnings only
+        level = logging.WARNING
+    logging.getLogger("fdm").setLevel(level)
     name = " ".join(filter(None, ["fdm", args.command, getattr(args, "task", None)]))
     created: list[Path] = []  # the --out folders this command makes, removed again if it fails and they stay empty
     try:

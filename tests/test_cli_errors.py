@@ -256,6 +256,17 @@ def test_json_and_yaml_errors_name_file_and_line(tmp_path):
         read_json(bad_json)
 
 
+def test_only_rank_0_of_a_distributed_run_prints_info_lines(run_here, image_dir, monkeypatch):
+    photos = image_dir.parent / "photos"
+    photos.mkdir()
+    (image_dir / "photo.png").rename(photos / "photo.png")
+    command = ["eval", "photos", "--crop-size", "32", "--views-per-image", "1", "--no-extras", "--no-progress"]
+    assert "views of 1 images" in run_here(*command).stderr
+    monkeypatch.setenv("RANK", "1")
+    result = run_here(*command)
+    assert result.returncode == 0 and result.stderr == ""
+
+
 def test_deep_or_exploding_configs_are_refused(tmp_path):
     deep = tmp_path / "deep.json"
     deep.write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")  # past the recursion limit of json.loads
