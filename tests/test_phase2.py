@@ -189,6 +189,8 @@ def test_train_command(tmp_path, model, views, monkeypatch):
     # --resume continues from the latest checkpoint (step 4, the end): same weights, no step repeated
     assert run_train_command(argv + ["--resume"]) == 0
     assert_same(weights(fdm.FDM.from_pretrained(out)), weights(first))
+    with pytest.raises(CheckpointError, match="holds checkpoints of an earlier run"):  # a new run, same --out
+        run_train_command(argv)
     # masked training with an explicit hole-ratio range
     assert run_train_command(common + ["--out", str(tmp_path / "masked"), "--hole-ratio", "0.1", "0.3",
                                        "--base-model", "toy VQ, seed 1"]) == 0
