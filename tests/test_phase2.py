@@ -123,6 +123,10 @@ def test_resume_equals_uninterrupted_run(tmp_path, model, views):
     changed = Phase2Trainer(model, views, config(tmp_path / "full", steps=10, batch_size=2))
     with pytest.raises(CheckpointError, match="batch_size"):
         changed.train(resume_from=step3)
+    torch.manual_seed(5)
+    other_model = Phase2Trainer(ToyVQ().eval(), views, config(tmp_path / "other", steps=10, checkpoint_every=3))
+    with pytest.raises(CheckpointError, match=r"for another base model \(codebook fingerprint\)"):
+        other_model.train(resume_from=step3)
 
 
 def test_mask_free_training(tmp_path, model, views):

@@ -306,8 +306,9 @@ class Phase2Trainer:
             raise CheckpointError(f"cannot resume {path} with a different config: {changed} (saved, now).")
         if state.get("data") != self._data_identity():
             raise CheckpointError(f"{path} was written by a run on other training or held-out views (images, crops, "
-                                  "views per image, --val-fraction or seed differ); resume it with the same data, or "
-                                  "start a new run in another --out folder.")
+                                  "views per image, --val-fraction or seed differ) or for another base model "
+                                  "(codebook fingerprint); resume it with the same data and model, or start a new "
+                                  "run in another --out folder.")
         if state["world_size"] != ctx.world_size:
             raise CheckpointError(f"{path} was written by {state['world_size']} processes; resume it with as many "
                                   f"(got {ctx.world_size}).")
@@ -322,10 +323,12 @@ class Phase2Trainer:
         return list(state["ranks"][ctx.rank]["recent_losses"])
 
     def _data_identity(self) -> dict[str, str | None]:
-        """Fingerprints of the training and held-out views (what a resumed run must train and check on)."""
+        """Fingerprints of the training and held-out views and of the base model's codebook (what a resumed run must
+        train and check on, and for)."""
         def fingerprint(views: Dataset | None) -> str | None:
             return None if views is None else views.fingerprint() if hasattr(views, "fingerprint") else str(len(views))
-        return {"views": fingerprint(self.views), "heldout": fingerprint(self.heldout_views)}
+        return {"views": fingerprint(self.views), "heldout": fingerprint(self.heldout_views),
+                "base_model": self.adapter.fingerprint()}
 
     # --- the result ---------------------------------------------------------------------------------------
 
