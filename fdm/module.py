@@ -301,6 +301,7 @@ class FDM(
         Returns:
             The commit URL when pushing, else None.
         """
+        self._check_config()  # before anything is written: a bad field would fail after the weights
         if config is not None and json.loads(json.dumps(config)) != json.loads(json.dumps(self.config)):
             raise ValueError(f"config is derived from the module and cannot be overridden; got {config}, the "
                              f"module's is {self.config}. Set the attributes (e.g. base_model) instead.")
@@ -312,6 +313,21 @@ class FDM(
         return super().save_pretrained(save_directory, config=self.config, repo_id=repo_id,
                                        push_to_hub=push_to_hub, model_card_kwargs=model_card_kwargs,
                                        **push_to_hub_kwargs)
+
+    def _check_config(self) -> None:
+        """Raise TypeError unless the fields set after construction fit config.json (strings, a dict of plain
+        data)."""
+        for name in ("base_model", "base_model_fingerprint"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"FDM.{name} must be a string or None; got {type(value).__name__} {value!r}.")
+        if not isinstance(self.training_info, dict):
+            raise TypeError(f"FDM.training_info must be a dict; got {type(self.training_info).__name__}.")
+        try:
+            json.dumps(self.config)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"FDM.training_info must hold only JSON data (numbers, strings, lists, dicts): {err}.") \
+                from err
 
     def push_to_hub(
         self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any

@@ -208,3 +208,16 @@ def test_restricted_unpickler_runs_no_pickled_code(tmp_path, payload):
     # control: the payload is live, an unrestricted load runs it
     torch.load(path, weights_only=False)
     assert marker.read_text() == "pickle code ran"
+
+
+def test_fields_that_do_not_fit_config_json_are_refused_before_anything_is_written(tmp_path):
+    module = fdm.FDM(4, hidden_channels=4, num_blocks=1)
+    for name, value, phrase in [("base_model", 5, "base_model must be a string or None; got int 5"),
+                                ("base_model_fingerprint", ["x"], "base_model_fingerprint must be a string"),
+                                ("training_info", {"seconds": torch.tensor(1.0)}, "must hold only JSON data")]:
+        original = getattr(module, name)
+        setattr(module, name, value)
+        with pytest.raises(TypeError, match=phrase):
+            module.save_pretrained(tmp_path / name)
+        assert not (tmp_path / name).exists()
+        setattr(module, name, original)
