@@ -315,6 +315,18 @@ def test_fdm_push_validates_then_uploads_the_fdm_files(local_hub, tmp_path):
     assert not any("fdm-broken" in path for _, path in local_hub.requests)
 
 
+def test_fdm_push_refuses_a_model_card_that_is_a_symbolic_link(tmp_path):
+    from fdm.commands.push import push
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    trained_fdm().save_pretrained(tmp_path / "fdm")
+    (tmp_path / "fdm" / "README.md").unlink()
+    (tmp_path / "fdm" / "README.md").symlink_to(secret)
+    with pytest.raises(fdm.errors.CheckpointError, match="README.md is a symbolic link"):  # before any request
+        push(tmp_path / "fdm", "tester/fdm-symlink")
+
+
 def test_model_card_takes_no_markdown_from_a_crafted_training_record(tmp_path):
     crafted = {"phase": 2, "data": "a\n# Injected heading <script>x</script> `code`",
                "heldout": {"images": 3, "setting": "reconstruction\n\n# Injected", "feature_ratio": 0.5,

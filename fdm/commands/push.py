@@ -22,6 +22,7 @@ from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi
 
+from fdm.errors import CheckpointError
 from fdm.hub import _hub_errors, _is_generated_model_card
 from fdm.module import FDM
 
@@ -77,6 +78,10 @@ def push(
     if not folder.is_dir():
         raise FileNotFoundError(f"FDM folder not found: {folder}")
     module = FDM.from_pretrained(folder)  # strict: every key and shape against config.json
+    card = folder / "README.md"
+    if card.is_symlink():  # its target's bytes, wherever they are, would be uploaded as the model card
+        raise CheckpointError(f"{card} is a symbolic link; fdm push uploads a hand-written model card only when it "
+                              "is a file of the folder itself.")
     api = HfApi(token=token)
     with _hub_errors(repo_id, revision=revision):  # not found, no rights, offline... -> HubError
         repo_id = api.create_repo(repo_id, private=True if private else None, exist_ok=True).repo_id
@@ -85,7 +90,6 @@ def push(
     message = commit_message or f"Upload FDM for {module.base_model or 'an unnamed base model'} (fdm-vq)"
     with tempfile.TemporaryDirectory(prefix="fdm-push-") as staging:
         module.save_pretrained(staging, model_card_kwargs={"repo_id": repo_id})
-        card = folder / "README.md"
         if card.is_file() and not _is_generated_model_card(card):
             shutil.copyfile(card, Path(staging) / "README.md")
         with _hub_errors(repo_id, revision=revision):
