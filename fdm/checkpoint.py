@@ -620,8 +620,9 @@ def load_state_dict_strict(
         layout: the key layout the file was read as (``"FDM authors'"``), named in messages.
 
     Raises:
-        CheckpointError: naming the missing, unexpected and wrongly shaped keys, and floating-point weights
-            given as integer (or bool) tensors, which are refused instead of cast.
+        CheckpointError: naming entries that are not name -> tensor, the missing, unexpected and wrongly shaped
+            keys, and floating-point weights given as integer, bool or complex tensors, which are refused instead of
+            cast.
     """
     if file_key is None:
         def spell(key: str) -> str:
@@ -632,6 +633,10 @@ def load_state_dict_strict(
         def spell(key: str) -> str:
             return file_key.get(key, key)
 
+    odd = sorted(repr(k) for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor))
+    if odd:
+        raise CheckpointError(f"Cannot load the {source} into {type(module).__name__}: it must map names to tensors; "
+                              f"these entries do not: {', '.join(odd[:5])}{' ...' if len(odd) > 5 else ''}.")
     expected = module.state_dict()
     missing = sorted(spell(k) for k in set(expected) - set(state_dict))
     unexpected = sorted(spell(k) for k in set(state_dict) - set(expected))
@@ -644,11 +649,11 @@ def load_state_dict_strict(
     wrong_dtype = [
         f"{spell(k)}: expected floating point ({expected[k].dtype}), got {state_dict[k].dtype}"
         for k in common
-        if expected[k].is_floating_point() and not (state_dict[k].is_floating_point() or state_dict[k].is_complex())
+        if expected[k].is_floating_point() and not state_dict[k].is_floating_point()
     ]
     if missing or unexpected or wrong_shape or wrong_dtype:
         read_as = f" (keys read in the {layout} layout)" if layout else ""
-        dtypes = f", wrong dtypes {wrong_dtype} (integer weights are refused, not cast)" if wrong_dtype else ""
+        dtypes = f", wrong dtypes {wrong_dtype} (integer and complex weights are refused, not cast)" if wrong_dtype else ""
         raise CheckpointError(
             f"Cannot load the {source} into {type(module).__name__}{read_as}: missing keys {missing}, unexpected "
             f"keys {unexpected}, wrong shapes {wrong_shape}{dtypes}."

@@ -45,6 +45,15 @@ def test_integer_tensor_for_a_float_weight_is_refused_not_cast():
     assert "refused, not cast" in message
     state["0.weight"] = torch.ones(3, 2, 1, 1, dtype=torch.bool)
     assert "got torch.bool" in _error(load_state_dict_strict, module, state, source="test file")
+    state["0.weight"] = torch.ones(3, 2, 1, 1, dtype=torch.complex64)
+    assert "got torch.complex64" in _error(load_state_dict_strict, module, state, source="test file")
+
+
+def test_entries_that_are_not_name_to_tensor_are_refused():
+    module = nn.Sequential(nn.Conv2d(2, 3, 1))
+    state = module.state_dict()
+    message = _error(load_state_dict_strict, module, {**state, 7: torch.zeros(1), "0.bias": 3}, source="test file")
+    assert "it must map names to tensors; these entries do not: '0.bias', 7" in message
 
 
 def test_integer_buffers_and_other_float_dtypes_still_load():
