@@ -42,6 +42,26 @@ class ResidualBlock(nn.Module):
         return torch.relu(x + self.expand(h))  # (B, C, h, w)
 
 
+MAX_LOADED_PARAMETERS = 200_000_000
+"""Most parameters an FDM read from a config.json may have (the paper's, at 256 channels, has 3.8 M); checked before
+allocating."""
+
+
+def _check_size(config: dict[str, Any], source: str) -> None:
+    """Refuse sizes that are not integers, or an FDM larger than :data:`MAX_LOADED_PARAMETERS`, before building it."""
+    sizes = {k: config.get(k, default) for k, default in
+             (("channels", 256), ("mask_channels", 1), ("hidden_channels", None), ("num_blocks", 8))}
+    for name, value in sizes.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise CheckpointError(f"{source}: {name} must be an integer; got {value!r}.")
+    c, m, blocks = sizes["channels"], sizes["mask_channels"], sizes["num_blocks"]
+    h = c if sizes["hidden_channels"] is None else sizes["hidden_channels"]
+    count = 9 * (c + m) * h + blocks * (9 * h * (h // 2) + (h // 2) * h) + 9 * h * c  # convolution weights
+    if count > MAX_LOADED_PARAMETERS:
+        raise CheckpointError(f"{source} describes an FDM of about {count:,} parameters (channels {c}, hidden "
+                              f"{h}, {blocks} blocks); more than {MAX_LOADED_PARAMETERS:,} is refused.")
+
+
 class FDM(
     nn.Module,
     PyTorchModelHubMixin,
@@ -257,6 +277,7 @@ class FDM(
         if unknown:
             raise CheckpointError(f"config.json of {model_id} has unknown entries {unknown}; an FDM config "
                                   f"has {known}.")
+        _check_size(model_kwargs, f"config.json of {model_id}")
         try:
             module = cls(**model_kwargs)
         except (TypeError, ValueError) as err:

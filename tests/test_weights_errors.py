@@ -221,3 +221,14 @@ def test_fields_that_do_not_fit_config_json_are_refused_before_anything_is_writt
             module.save_pretrained(tmp_path / name)
         assert not (tmp_path / name).exists()
         setattr(module, name, original)
+
+
+def test_a_config_json_describing_a_huge_fdm_is_refused_before_anything_is_allocated(saved):
+    config = json.loads((saved / "config.json").read_text())
+    for crafted, phrase in [({"channels": 100_000, "hidden_channels": 100_000},
+                             r"parameters \(channels 100000, hidden 100000, 2 blocks\); more than 200,000,000"),
+                            ({"num_blocks": 10**7}, "10000000 blocks"),
+                            ({"hidden_channels": "8"}, "hidden_channels must be an integer; got '8'")]:
+        (saved / "config.json").write_text(json.dumps({**config, **crafted}))
+        with pytest.raises(CheckpointError, match=phrase):
+            fdm.FDM.from_pretrained(saved)
