@@ -126,8 +126,34 @@ def rebind_to_other_views(folder):
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
+def digests_not_a_mapping(folder):
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["sha256"] = ["0" * 64]
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def codes_out_of_range_digest_recomputed(folder):
+    from fdm.checkpoint import file_sha256
+
+    array = np.load(folder / "indices.npy", mmap_mode="r+")
+    array[0] = 999  # the toy codebook has 16 codes
+    array.flush()
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["sha256"]["indices"] = file_sha256(folder / "indices.npy")
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def array_as_symbolic_link(folder):
+    target = folder.parent.parent / "elsewhere.npy"
+    (folder / "z.npy").rename(target)
+    (folder / "z.npy").symlink_to(target)
+
+
 @pytest.mark.parametrize(("damage", "phrase"), [
     (overwrite_with_nan, "missing, truncated or altered"),
+    (digests_not_a_mapping, "metadata .* is unreadable .*not a mapping"),
+    (codes_out_of_range_digest_recomputed, r"code indices outside \[0, 16\)"),
+    (array_as_symbolic_link, "is a symbolic link"),
     (overwrite_with_other_codes, "missing, truncated or altered"),
     (truncate, "missing, truncated or altered"),
     (garble_meta, "metadata .* is unreadable"),

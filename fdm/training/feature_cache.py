@@ -369,7 +369,9 @@ class FeatureCache:
         try:
             progress = json.loads((folder / "progress.json").read_text())
             done = int(progress["done"])
-            if progress["binding"] == self.binding() and progress["shard"] == shard and 0 < done <= len(views):
+            linked = any((folder / name).is_symlink() for name in ("z.npy", "indices.npy"))  # writes would go elsewhere
+            if (progress["binding"] == self.binding() and progress["shard"] == shard and 0 < done <= len(views)
+                    and not linked):
                 z_file = np.lib.format.open_memmap(folder / "z.npy", mode="r+")
                 codes_file = np.lib.format.open_memmap(folder / "indices.npy", mode="r+")
                 if (z_file.shape, z_file.dtype, codes_file.shape, codes_file.dtype) == expected:
@@ -413,6 +415,8 @@ class FeatureCache:
             meta = json.loads(meta_file.read_text())
             recorded, binding = meta["sha256"], meta["binding"]
             recorded_shard = meta["shard"]
+            if not isinstance(recorded, dict):
+                raise TypeError(f"sha256 is {type(recorded).__name__}, not a mapping of file names to digests")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"feature cache metadata {meta_file} is unreadable ({err}). {remedy}") from err
         if binding != self.binding() or recorded_shard != shard:
@@ -427,6 +431,9 @@ class FeatureCache:
         arrays = {}
         for name, (shape, dtype) in expected.items():
             file = folder / f"{name}.npy"
+            if file.is_symlink():
+                raise CheckpointError(f"feature cache file {file} is a symbolic link; a cache holds its own files. "
+                                      f"{remedy}")
             if not file.is_file() or file_sha256(file) != recorded.get(name):
                 raise CheckpointError(f"feature cache file {file} is missing, truncated or altered: it does not "
                                       f"match the sha256 recorded in {meta_file}. {remedy}")
@@ -435,7 +442,11 @@ class FeatureCache:
                 raise CheckpointError(f"feature cache file {file} holds {array.dtype} {array.shape}, expected "
                                       f"{dtype} {shape}. {remedy}")
             arrays[name] = array
-        return _Shard(views, arrays["z"], arrays["indices"])
+        codes, num_codes = arrays["indices"], self.adapter.codebook().shape[0]
+        if codes.size and (codes.min() < 0 or codes.max() >= num_codes):
+            raise CheckpointError(f"feature cache file {folder / 'indices.npy'} holds code indices outside "
+                                  f"[0, {num_codes}). {remedy}")
+        return _Shard(views, arrays["z"], codes)
 
     def _image_names(self, views: range) -> list[str]:
         """The images a shard's views come from (for a reader of ``meta.json``), or [] for in-memory views."""
