@@ -14,7 +14,7 @@ import fdm
 from fdm.errors import InputError, TrainingError
 from fdm.training import DistContext, FeatureCache, TensorViews
 from fdm.training import feature_cache as fc
-from fdm.training.feature_cache import ShardedBatches, shard_ranges
+from fdm.training.shards import ShardedBatches, shard_ranges
 from toy_vq import ToyVQ
 
 
