@@ -345,6 +345,10 @@ def _typed_storage(data: torch.Tensor, dtype: torch.dtype, byteorder: str) -> to
     return torch.storage.TypedStorage(wrap_storage=data.untyped_storage(), dtype=dtype, _internal=True)
 
 
+MAX_COMPRESSION = 100
+"""Largest inflation ratio of a compressed storage record of a zip checkpoint (a zip bomb is refused)."""
+
+
 def _bytes_tensor(size: int) -> torch.Tensor:
     """A zeroed uint8 tensor whose storage cannot be resized (``set_`` beyond it fails instead of growing it)."""
     return torch.frombuffer(bytearray(size), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
@@ -353,7 +357,11 @@ def _bytes_tensor(size: int) -> torch.Tensor:
 def _read_zip(handle: Any) -> Any:
     """A ``torch.save`` zip archive: ``<name>/data.pkl`` (restricted) and its storages ``<name>/data/<key>``."""
     with zipfile.ZipFile(handle) as archive:
-        names = set(archive.namelist())
+        listing = archive.namelist()
+        names = set(listing)
+        if len(names) != len(listing):
+            twice = sorted({n for n in listing if listing.count(n) > 1})
+            raise ValueError(f"records named twice in the archive: {twice} (which one would be read is ambiguous)")
         pickles = sorted(n for n in names if n.count("/") == 1 and n.endswith("/data.pkl"))
         if len(pickles) != 1:
             raise ValueError(f"a torch.save archive holds one <name>/data.pkl record; this one holds {pickles}")
@@ -377,12 +385,17 @@ def _read_zip(handle: Any) -> Any:
                 info = archive.getinfo(f"{prefix}data/{key}")
                 if info.file_size != numel * dtype.itemsize:
                     raise ValueError(f"storage {key} holds {info.file_size} bytes, not {numel} x {dtype}")
+                if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSION * info.compress_size:
+                    raise ValueError(f"storage {key} inflates {info.compress_size} bytes to {info.file_size} (more than "
+                                     f"{MAX_COMPRESSION}-fold; torch.save stores storages uncompressed)")
                 data = _bytes_tensor(info.file_size)
                 with archive.open(info) as record:
                     view, done = memoryview(data.numpy()), 0
                     while done < info.file_size and (chunk := record.read(min(1 << 24, info.file_size - done))):
                         view[done: done + len(chunk)] = chunk
                         done += len(chunk)
+                if done != info.file_size:
+                    raise ValueError(f"storage {key} is truncated: {done} of its {info.file_size} bytes")
                 storages[key] = _typed_storage(data, dtype, byteorder)
             elif storages[key].dtype != dtype:
                 raise _Refused(f"storage {key} is named with two dtypes")

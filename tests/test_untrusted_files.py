@@ -29,6 +29,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -539,6 +540,53 @@ def test_hand_written_archive_reads_like_torch_save(tmp_path):
                                                                                                "FloatStorage"))))), FLOATS)
     assert torch.equal(read_checkpoint(path)["t"], torch.tensor([1.5, -2.0]))
     assert torch.equal(torch.load(path)["t"], torch.tensor([1.5, -2.0]))
+
+
+def _declare_size(path: Path, record: str, size: int) -> None:
+    """Rewrite the uncompressed size that ``record``'s local header and central directory entry declare."""
+    data = bytearray(path.read_bytes())
+    name = record.encode()
+    local = next(i for i in range(len(data)) if data.startswith(b"PK\x03\x04", i) and data[i + 30:i + 30 + len(name)]
+                 == name)
+    central = next(i for i in range(len(data)) if data.startswith(b"PK\x01\x02", i)
+                   and data[i + 46:i + 46 + len(name)] == name)
+    struct.pack_into("<I", data, local + 22, size)
+    struct.pack_into("<I", data, central + 24, size)
+    path.write_bytes(bytes(data))
+
+
+TENSOR_PICKLE = _pickle(_dict(t=_tensor(_storage_pid(_global("torch", "FloatStorage")))))
+
+
+def test_archive_records_named_twice_are_refused(tmp_path):
+    path = _zip_with_data_pkl(tmp_path / "twice.pt", _pickle(_dict(a=pickle.NONE)), FLOATS)
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "a") as archive:
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it writes
+        archive.writestr("archive/data.pkl", TENSOR_PICKLE)
+    with pytest.raises(CheckpointError, match=r"records named twice in the archive: \['archive/data.pkl'\]"):
+        read_checkpoint(path)
+
+
+def test_a_storage_record_shorter_than_it_declares_is_refused(tmp_path):
+    path = tmp_path / "short.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", TENSOR_PICKLE)
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/data/0", struct.pack("<f", 1.5), compress_type=zipfile.ZIP_DEFLATED)  # 4 bytes of 8
+    _declare_size(path, "archive/data/0", 8)
+    with pytest.raises(CheckpointError, match="storage 0 is truncated: 4 of its 8 bytes"):
+        read_checkpoint(path)
+
+
+def test_a_compressed_storage_that_inflates_a_hundredfold_is_refused(tmp_path):
+    numel = 1 << 20
+    pickled = _pickle(_dict(t=_tensor(_storage_pid(_global("torch", "FloatStorage"), numel=numel))))
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/data/0", bytes(4 * numel), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match=r"inflates \d+ bytes to 4194304 \(more than 100-fold"):
+        read_checkpoint(path)
 
 
 def test_placeholders_record_calls_and_run_nothing(tmp_path, evil, markers):
