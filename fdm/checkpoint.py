@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import pickle
+import reprlib
 import struct
 import sys
 import zipfile
@@ -514,7 +515,8 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     except Exception as err:  # zip errors, EOF, malformed pickles: a truncated or foreign file
         raise CheckpointError(f"Could not read {path} as a PyTorch checkpoint (truncated or corrupted?): {err}") from err
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__} ({obj!r:.80}), not the dict of a checkpoint.")
+        raise CheckpointError(f"{path} holds a {type(obj).__name__} ({reprlib.repr(obj)}), not the dict of a "
+                              "checkpoint.")  # reprlib: bounded depth, also for a crafted 100 000-deep list
     device = torch.device(map_location)
     return obj if device.type == "cpu" else _to_device(obj, device)
 

@@ -558,6 +558,13 @@ def _declare_size(path: Path, record: str, size: int) -> None:
 TENSOR_PICKLE = _pickle(_dict(t=_tensor(_storage_pid(_global("torch", "FloatStorage")))))
 
 
+def test_a_pickle_nested_100000_deep_is_a_clear_error(tmp_path):
+    deep = pickle.EMPTY_LIST * 100_000 + pickle.APPEND * 99_999  # [[[...]]], 100 000 lists deep
+    path = _zip_with_data_pkl(tmp_path / "deep.pt", _pickle(deep))
+    with pytest.raises(CheckpointError, match=r"holds a list \(\[\[\[.*\), not the dict of a checkpoint"):
+        read_checkpoint(path)
+
+
 def test_archive_records_named_twice_are_refused(tmp_path):
     path = _zip_with_data_pkl(tmp_path / "twice.pt", _pickle(_dict(a=pickle.NONE)), FLOATS)
     with warnings.catch_warnings(), zipfile.ZipFile(path, "a") as archive:
