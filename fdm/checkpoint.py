@@ -425,6 +425,9 @@ def _read_legacy(handle: Any) -> Any:
         raise ValueError("only little-endian legacy torch.save files are read")
     roots: dict[str, tuple[torch.Tensor, torch.dtype, int]] = {}
     views: dict[str, torch.storage.TypedStorage] = {}
+    here = handle.tell()
+    room = handle.seek(0, io.SEEK_END) - here  # the storages' bytes follow: none may declare more than is left
+    handle.seek(here)
 
     def persistent_load(pid: Any) -> Any:
         kind = _text(pid[0]) if type(pid) is tuple and pid else None
@@ -438,6 +441,10 @@ def _read_legacy(handle: Any) -> Any:
         if type(key) is not str or type(_text(location)) is not str:
             raise _Refused(f"persistent id {pid!r}")
         if key not in roots:
+            declared = numel * dtype.itemsize + sum(d.numel() for d, _, _ in roots.values())
+            if declared > room:
+                raise ValueError(f"its storages declare {declared} bytes, more than the {room} bytes the file has "
+                                 "left")
             roots[key] = (_bytes_tensor(numel * dtype.itemsize), dtype, numel)
         data, root_dtype, root_numel = roots[key]
         if root_dtype != dtype or root_numel != numel:

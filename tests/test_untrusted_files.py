@@ -565,6 +565,19 @@ def test_a_pickle_nested_100000_deep_is_a_clear_error(tmp_path):
         read_checkpoint(path)
 
 
+def test_a_legacy_file_declaring_more_storage_than_it_holds_is_refused_before_allocating(tmp_path):
+    """A file of a few hundred bytes declaring a 4 GB storage: refused from its size, before anything is allocated."""
+    pid = _tuple(_str("storage"), _global("torch", "FloatStorage"), _str("0"), _str("cpu"),
+                 pickle.BININT + struct.pack("<i", 10**9), pickle.NONE)
+    header = b"".join(pickle.dumps(obj, protocol=2) for obj in (
+        0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True, "type_sizes": {}}))
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(header + _pickle(_dict(t=_tensor(pid))) + pickle.dumps(["0"], protocol=2)
+                     + struct.pack("<q", 10**9))
+    with pytest.raises(CheckpointError, match=r"storages declare 4000000000 bytes, more than the \d+ bytes the file has left"):
+        read_checkpoint(path)
+
+
 def test_archive_records_named_twice_are_refused(tmp_path):
     path = _zip_with_data_pkl(tmp_path / "twice.pt", _pickle(_dict(a=pickle.NONE)), FLOATS)
     with warnings.catch_warnings(), zipfile.ZipFile(path, "a") as archive:
