@@ -528,13 +528,16 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     return obj if device.type == "cpu" else _to_device(obj, device)
 
 
-def read_safetensors(path: str | Path, *, require_digest: bool = False) -> dict[str, torch.Tensor]:
+def read_safetensors(path: str | Path, *, require_digest: bool = False,
+                     require_finite: bool = False) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` file into a CPU state dict, checking the digest :func:`write_weights` recorded.
 
     Args:
         path: the file.
         require_digest: refuse a file without a recorded digest (files fdm-vq wrote itself: training
             checkpoints, fine-tuned decoders). Third-party safetensors files carry none and are read as they are.
+        require_finite: refuse NaN or Inf in a floating-point tensor (:func:`check_finite_weights`; weights that
+            fdm-vq trains).
 
     Raises:
         CheckpointError: the file is missing, truncated or not safetensors; its tensors do not match the
@@ -561,6 +564,8 @@ def read_safetensors(path: str | Path, *, require_digest: bool = False) -> dict[
             f"{path} is corrupted: its tensors hash to sha256 {actual}, but {recorded} was recorded when the "
             "file was written. Download or copy it again."
         )
+    if require_finite:
+        check_finite_weights(state_dict, what=f"the weights in {path}")
     return state_dict
 
 

@@ -21,9 +21,10 @@ from fdm.dequantizer import Dequantizer
 from fdm.errors import InputError
 from fdm.masks import random_irregular_mask
 from fdm.metrics import feature_error_ratio, fid_score, inception_features, load_fid, load_stlpips, psnr, ssim
+from fdm.pipeline import Latents
 from fdm.precision import autocast, check_precision
 
-__all__ = ["Comparison", "compare", "evaluate_views", "mean_metrics"]
+__all__ = ["Comparison", "compare", "evaluate_views", "mean_metrics", "measured_image"]
 
 
 @dataclass
@@ -53,6 +54,12 @@ class Comparison:
     feature_ratio: torch.Tensor
 
 
+def measured_image(dequantizer: Dequantizer, latents: Latents, features: torch.Tensor) -> torch.Tensor:
+    """``features`` of a :meth:`~fdm.Dequantizer.latents` batch decoded as given, as the metrics take it:
+    (B, 3, H, W) float32 in [-1, 1]."""
+    return dequantizer.decode_latents(latents, features).float().clamp(-1, 1)
+
+
 @torch.no_grad()
 def compare(
     dequantizer: Dequantizer, x: torch.Tensor, mask: torch.Tensor | None = None, *, precision: str = "fp32",
@@ -78,8 +85,7 @@ def compare(
         lat = dequantizer.latents(x, mask, pad=pad)
         z_in = lat.z_in
         z_dq = dequantizer.fdm(z_in, lat.cells, check_binary=False)  # the mask's values were checked once, by latents
-        vq, fdm, continuous = (dequantizer.decode_latents(lat, t).float().clamp(-1, 1)
-                               for t in (z_in, z_dq, lat.continuous))
+        vq, fdm, continuous = (measured_image(dequantizer, lat, t) for t in (z_in, z_dq, lat.continuous))
     z, z_in, z_dq = lat.z.float(), z_in.float(), z_dq.float()
     cells = lat.cells
     ratio = torch.stack([

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fdm.adapter import VQAdapter
-from fdm.checkpoint import check_finite_weights, load_state_dict_strict, read_safetensors, write_weights
+from fdm.checkpoint import load_state_dict_strict, read_safetensors, write_weights
 from fdm.errors import CheckpointError
 from fdm.hub import resolve_file
 
@@ -59,9 +59,7 @@ def read_decoder_weights(model_id: str | Path, **hub_kwargs: Any) -> dict[str, t
         path = resolve_file(model_id, DECODER_WEIGHTS_NAME, **hub_kwargs)
     except CheckpointError as err:
         raise CheckpointError(f"{_missing_message(str(model_id))} ({err})") from err
-    state = read_safetensors(path, require_digest=True)
-    check_finite_weights(state, what=f"the fine-tuned decoder weights in {path}")
-    return state
+    return read_safetensors(path, require_digest=True, require_finite=True)
 
 
 def _missing_message(model_id: str) -> str:

@@ -16,7 +16,7 @@ import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
-from fdm.checkpoint import check_finite_weights, load_state_dict_strict, read_safetensors, write_weights
+from fdm.checkpoint import load_state_dict_strict, read_safetensors, write_weights
 from fdm.config_io import read_json
 from fdm.errors import CheckpointError, HubError
 from fdm.hub import WEIGHTS_NAME, _is_generated_model_card, build_model_card, locate, resolve_file
@@ -284,9 +284,8 @@ class FDM(
             raise CheckpointError(f"config.json of {model_id} (with the keyword arguments given) does not "
                                   f"describe a valid FDM: {err}") from err
         try:
-            weights = read_safetensors(weights_path)
-            check_finite_weights(weights, what=f"the weights in {weights_path}")
-            load_state_dict_strict(module, weights, source=f"weight file {weights_path}")
+            load_state_dict_strict(module, read_safetensors(weights_path, require_finite=True),
+                                   source=f"weight file {weights_path}")
         except CheckpointError as err:
             arch = {k: module.config[k] for k in ("channels", "mask_channels", "hidden_channels", "num_blocks")}
             message = f"config.json of {model_id} ({arch}) does not match its weights. {err}"

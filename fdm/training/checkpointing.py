@@ -147,9 +147,8 @@ def load_checkpoint(
         weights = path / f"{name}.safetensors"
         if not weights.is_file():
             raise CheckpointError(f"training checkpoint {path} has no weights for {name!r} ({weights.name}).")
-        state_dict = read_safetensors(weights, require_digest=True)
-        check_finite_weights(state_dict, what=f"the weights in {weights}")
-        load_state_dict_strict(module, state_dict, source=str(weights))
+        load_state_dict_strict(module, read_safetensors(weights, require_digest=True, require_finite=True),
+                               source=str(weights))
     state_file = path / _STATE_FILE
     try:
         state = read_checkpoint(state_file, map_location=map_location)

@@ -386,8 +386,7 @@ class FeatureCache:
                 hint = " Store z as bfloat16 or float32 (dtype / --cache-dtype)." if self.dtype == "float16" else ""
                 raise TrainingError(f"{where}: z holds NaN or Inf after conversion to {self.dtype} "
                                     f"(views {start}..{start + len(values) - 1} of the shard).{hint}")
-            block = np.asarray(codes[start:start + _VERIFY_ROWS])
-            if block.size and (block.min() < 0 or block.max() >= num_codes):
+            if not _codes_in_range(np.asarray(codes[start:start + _VERIFY_ROWS]), num_codes):
                 raise TrainingError(f"{where}: code indices outside [0, {num_codes}).")
 
     def _open_verified(self, shard: int, folder: Path) -> _Shard:
@@ -431,7 +430,7 @@ class FeatureCache:
                                       f"{dtype} {shape}. {remedy}")
             arrays[name] = array
         codes, num_codes = arrays["indices"], self.adapter.codebook().shape[0]
-        if codes.size and (codes.min() < 0 or codes.max() >= num_codes):
+        if not _codes_in_range(codes, num_codes):
             raise CheckpointError(f"feature cache file {folder / 'indices.npy'} holds code indices outside "
                                   f"[0, {num_codes}). {remedy}")
         return _Shard(views, arrays["z"], codes)
@@ -442,6 +441,11 @@ class FeatureCache:
         names = names() if callable(names) else [str(p) for p in getattr(self.views, "files", [])]
         per_image = getattr(self.views, "views_per_image", 1)
         return list(names[views.start // per_image:(views.stop - 1) // per_image + 1])
+
+
+def _codes_in_range(codes: np.ndarray, num_codes: int) -> bool:
+    """Whether every code index lies in ``[0, num_codes)``."""
+    return not codes.size or (codes.min() >= 0 and codes.max() < num_codes)
 
 
 def _to_storage(z: torch.Tensor, dtype: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 from fdm.adapter import VQAdapter
 from fdm.dequantizer import Dequantizer
 from fdm.errors import InputError
+from fdm.evaluation import measured_image
 from fdm.masks import random_irregular_mask
 from fdm.metrics import feature_error_ratio, psnr
 from fdm.module import FDM
@@ -214,9 +215,9 @@ class HeldOutCheck:
                 z_in = lat.z_in
                 with autocast(x.device, self.precision):
                     z_dq = fdm_module(z_in, lat.cells, check_binary=False)
-                    fdm_image = self._decoded(lat, z_dq) if decode else None
+                    fdm_image = measured_image(self._dequantizer, lat, z_dq) if decode else None
                     if decode and vq_psnr is None:  # plain VQ's images: decoded once
-                        vq_psnr = psnr(x, self._decoded(lat, z_in))
+                        vq_psnr = psnr(x, measured_image(self._dequantizer, lat, z_in))
                         self._batches[i] = (x, lat, vq_psnr)
                 ratios += [float(feature_error_ratio(*(t[j:j + 1].float() for t in (lat.z, z_in, z_dq)),
                                                      None if lat.cells is None else lat.cells[j:j + 1]))
@@ -228,10 +229,6 @@ class HeldOutCheck:
             fdm_module.train(was_training)
         return HeldOutResult(feature_ratio=_mean(ratios), views=self.views, psnr_vq=_mean(psnr_vq),
                              psnr_fdm=_mean(psnr_fdm))
-
-
-    def _decoded(self, lat: Latents, features: torch.Tensor) -> torch.Tensor:
-        return self._dequantizer.decode_latents(lat, features).float().clamp(-1, 1)
 
 
 def _mean(values: list[float]) -> float | None:

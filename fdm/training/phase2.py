@@ -329,7 +329,7 @@ class Phase2Trainer:
         def fingerprint(views: Dataset | None) -> str | None:
             return None if views is None else views.fingerprint() if hasattr(views, "fingerprint") else str(len(views))
         return {"views": fingerprint(self.views), "heldout": fingerprint(self.heldout_views),
-                "base_model": self.adapter.fingerprint()}
+                "base_model": self.fdm.base_model_fingerprint}
 
     # --- the result ---------------------------------------------------------------------------------------
 
