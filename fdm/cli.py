@@ -125,7 +125,12 @@ def _one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fdm`` console script; returns the process exit code (2: a user error)."""
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except FdmError as err:  # an installed model family that cannot be loaded, or two with one name
+        print(f"fdm: error: {_one_line(str(err))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    args = parser.parse_args(argv)
     # fdm's own progress messages at INFO; other libraries' (httpx requests...) only from WARNING
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     level = logging.DEBUG if args.verbose else logging.INFO

@@ -1,18 +1,23 @@
-"""The model-family registry: one explicit list, :data:`FAMILIES`, of the packages that each declare a family.
+"""The model-family registry: the built-in families listed in :data:`FAMILIES`, the families installed packages
+declare under the entry-point group ``fdm.families`` (:data:`ENTRY_POINT_GROUP`), and those added at run time with
+:func:`register_family`.
 
 A family package (``fdm.adapters.taming``, ``fdm.adapters.put``, ``fdm.adapters.diffusers``, or your own)
 defines one module-level ``FAMILY = ModelFamily(...)``: its adapter classes, its loader, the pip extra that
-installs its third-party dependency, the ``--model`` choices it gives the command line and its own
-sub-commands. Adding a family = one package + one line in :data:`FAMILIES` (or :func:`register_family` for a
-package outside fdm-vq). Family packages are imported lazily, the first time :func:`fdm.find_adapter` or the
+installs its third-party dependency, the ``--model`` choices and options it gives the command line and its own
+sub-commands. Adding a family = one package + one line in :data:`FAMILIES` (in fdm-vq), or one entry point in the
+``pyproject.toml`` of a package installed beside it (``[project.entry-points."fdm.families"]``,
+``name = "package:FAMILY"``). Family packages are imported lazily, the first time :func:`fdm.find_adapter` or the
 command line needs them, so ``import fdm`` imports none of them; none imports its third-party package before
-a model of that family is loaded. See docs/adapters.md.
+a model of that family is loaded. Two families with one name are refused. See docs/adapters.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import importlib.metadata
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -26,14 +31,20 @@ if TYPE_CHECKING:
     from fdm.adapter import VQAdapter
     from fdm.module import FDM
 
-__all__ = ["FAMILIES", "CliModel", "ModelFamily", "families", "family_of", "get_family", "register_family"]
+__all__ = ["ENTRY_POINT_GROUP", "FAMILIES", "CliModel", "ModelFamily", "families", "family_of", "get_family",
+           "register_family"]
 
-#: The registry: import paths of the family packages, searched in this order by :func:`fdm.find_adapter`.
+#: The built-in families and those added by :func:`register_family`: import paths of the family packages (``pkg``
+#: names ``pkg.FAMILY``, ``pkg:NAME`` names ``pkg.NAME``), searched in this order by :func:`fdm.find_adapter`, before
+#: the installed ones (:data:`ENTRY_POINT_GROUP`).
 FAMILIES: list[str] = [
     "fdm.adapters.taming",  # taming-transformers VQGAN / GumbelVQ / Net2NetTransformer, and the demo model
     "fdm.adapters.put",  # PUT's P-VQVAE and UQ-Transformer
     "fdm.adapters.diffusers",  # diffusers' VQModel
 ]
+
+#: The entry-point group under which installed packages declare their families (value: ``"package:FAMILY"``).
+ENTRY_POINT_GROUP = "fdm.families"
 
 _loaded: dict[str, ModelFamily] = {}
 
@@ -66,6 +77,10 @@ class ModelFamily:
         extra: the pip extra that installs the family's third-party package (``pip install ".[taming]"`` from a clone),
             None when it needs none.
         cli_models: the ``--model`` choices it adds to the command line, by name.
+        cli_options: the command-line options its loaders read besides the common ``--checkpoint`` and ``--device``:
+            flag (``--config``) -> keyword arguments of ``argparse``'s ``add_argument`` (``help``, ``action``, ...).
+            They appear in every command that takes ``--model``, grouped under the family's name; a flag may
+            belong to one family only.
         commands: its own ``fdm`` sub-commands: name -> import path of a module with ``add_arguments(parser)``
             and ``run(args) -> int`` (the docstring's first line is the help text).
     """
@@ -75,11 +90,17 @@ class ModelFamily:
     load_model: Callable[..., Any] | None = None
     extra: str | None = None
     cli_models: Mapping[str, CliModel] = field(default_factory=dict)
+    cli_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     commands: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        bad = [flag for flag in self.cli_options if not (isinstance(flag, str) and flag.startswith("--"))]
+        if bad:
+            raise ConfigError(f"family {self.name!r}: cli_options are flags such as '--config'; got {bad}.")
         object.__setattr__(self, "adapters", tuple(self.adapters))
         object.__setattr__(self, "cli_models", MappingProxyType(dict(self.cli_models)))
+        object.__setattr__(self, "cli_options",
+                           MappingProxyType({flag: MappingProxyType(dict(kw)) for flag, kw in self.cli_options.items()}))
         object.__setattr__(self, "commands", MappingProxyType(dict(self.commands)))
 
     @property
@@ -97,7 +118,8 @@ class ModelFamily:
 
 def register_family(module: str) -> None:
     """Add the family package ``module`` (an import path whose ``FAMILY`` is a :class:`ModelFamily`) to
-    :data:`FAMILIES`, for families that live outside fdm-vq. Idempotent; searched after the built-in ones.
+    :data:`FAMILIES`, for a family that lives outside fdm-vq and is not installed with an entry point. Idempotent;
+    searched after the built-in ones.
 
     Raises:
         ConfigError: ``module`` defines no ``FAMILY``, or a registered family has its name already.
@@ -105,28 +127,66 @@ def register_family(module: str) -> None:
     if module in FAMILIES:
         return
     family = _load(module)
-    for other in list(FAMILIES):
+    for other in _targets():
         if _load(other).name == family.name:
             raise ConfigError(f"cannot register {module}: its family is called {family.name!r}, like the family of "
-                              f"{other}; give it another name.")
+                              f"{_origin(other)}; give it another name.")
     FAMILIES.append(module)
 
 
-def _load(module: str) -> ModelFamily:
-    if module not in _loaded:
-        package = importlib.import_module(module)  # family packages import no third-party package themselves
-        declared = getattr(package, "FAMILY", None)
+@functools.cache
+def _installed() -> dict[str, str]:
+    """The families installed packages declare: entry-point value (``package:FAMILY``) -> where it comes from (read
+    once per process)."""
+    found = {}
+    for entry in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
+        dist = getattr(entry.dist, "name", None) or "an unknown package"
+        found.setdefault(entry.value, f"entry point {entry.name!r} of the installed package {dist}")
+    return found
+
+
+def _targets() -> list[str]:
+    """Every family's import path, in search order: :data:`FAMILIES`, then the installed ones."""
+    return list(FAMILIES) + [target for target in _installed() if target not in FAMILIES]
+
+
+def _origin(target: str) -> str:
+    return _installed().get(target, target) if target not in FAMILIES else target
+
+
+def _load(target: str) -> ModelFamily:
+    if target not in _loaded:
+        module, _, name = target.partition(":")
+        try:
+            package = importlib.import_module(module)  # family packages import no third-party package themselves
+        except ImportError as err:
+            if target in FAMILIES:
+                raise
+            raise ConfigError(f"the model family of {_origin(target)} ({target}) cannot be imported: {err}; "
+                              "reinstall or uninstall that package.") from err
+        declared = getattr(package, name or "FAMILY", None)
         if not isinstance(declared, ModelFamily):
-            raise ConfigError(f"{module} is registered as a model family but defines no FAMILY = ModelFamily(...); "
-                              f"got {type(declared).__name__}.")
-        _loaded[module] = declared
-    return _loaded[module]
+            raise ConfigError(f"{_origin(target)} is registered as a model family but {target} is no "
+                              f"ModelFamily(...); got {type(declared).__name__}.")
+        _loaded[target] = declared
+    return _loaded[target]
 
 
 def families() -> Iterator[ModelFamily]:
-    """The registered families in registry order, each imported when reached."""
-    for module in list(FAMILIES):
-        yield _load(module)
+    """The registered families in search order (:data:`FAMILIES`, then the installed ones), each imported when
+    reached.
+
+    Raises:
+        ConfigError: two of them have the same name (names both), or an installed one cannot be imported.
+    """
+    seen: dict[str, str] = {}
+    for target in _targets():
+        family = _load(target)
+        if family.name in seen:
+            raise ConfigError(f"two model families are called {family.name!r}: the one of {_origin(seen[family.name])} "
+                              f"and the one of {_origin(target)}; uninstall one of them.")
+        seen[family.name] = target
+        yield family
 
 
 def get_family(name: str) -> ModelFamily:
@@ -159,6 +219,21 @@ def cli_models() -> dict[str, tuple[ModelFamily, CliModel]]:
                 raise ConfigError(f"--model {name} is declared by both {choices[name][0].name} and {family.name}.")
             choices[name] = (family, entry)
     return choices
+
+
+def cli_options() -> dict[str, tuple[ModelFamily, Mapping[str, Any]]]:
+    """Every family's own command-line option: flag -> (family, ``add_argument`` keyword arguments).
+
+    Raises:
+        ConfigError: two families declare the same flag.
+    """
+    options: dict[str, tuple[ModelFamily, Mapping[str, Any]]] = {}
+    for family in families():
+        for flag, kwargs in family.cli_options.items():
+            if flag in options:
+                raise ConfigError(f"the option {flag} is declared by both {options[flag][0].name} and {family.name}.")
+            options[flag] = (family, kwargs)
+    return options
 
 
 def cli_commands() -> dict[str, str]:

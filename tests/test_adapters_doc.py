@@ -1,15 +1,18 @@
-"""docs/adapters.md works: its code blocks, extracted from the page, make a new model family in a temporary
-folder; registered with the one documented call, it is found by fdm.find_adapter, wrapped by the Dequantizer and
-driven by the ``fdm`` command line (``fdm train`` then ``fdm eval --model toyfam``). Also: the registry's
-contract (abstract adapters, one declaration per built-in family); that ``import fdm`` imports no family is checked
-in the fresh interpreter of tests/test_packaging.py."""
+"""docs/adapters.md works: its code blocks, extracted from the page, make a new model family package in a
+temporary folder; registered with the one documented call, it is found by fdm.find_adapter, wrapped by the
+Dequantizer and driven by the ``fdm`` command line (``fdm train`` then ``fdm eval --model toyfam``); installed
+with pip, its entry point alone brings it, and its own option, to the ``fdm`` command. Also: the registry's
+contract (abstract adapters, one declaration per built-in family, one family per name, one family per option);
+that ``import fdm`` imports no family is checked in the fresh interpreter of tests/test_packaging.py."""
 
 from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import torch
 
 import fdm
 from fdm import registry
+from fdm.images import save_image
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "adapters.md"
 BLOCK = re.compile(r"^```(?P<lang>\w+)(?P<info>[^\n]*)\n(?P<body>.*?)^```\s*$", re.S | re.M)
@@ -32,21 +36,50 @@ def _blocks() -> list[tuple[str, str, str]]:
     return out
 
 
-@pytest.fixture()
-def toyfam(tmp_path, monkeypatch):
-    """The doc's family package written to tmp_path, importable, and the registry restored afterwards."""
+def _write_package(folder: Path) -> None:
+    """The doc's example package (pyproject.toml and toyfam/) written to ``folder``."""
     files = [(name, body) for lang, name, body in _blocks() if name]
-    assert sorted(name for name, _ in files) == ["toyfam/__init__.py", "toyfam/adapter.py", "toyfam/model.py"]
+    assert sorted(name for name, _ in files) == ["pyproject.toml", "toyfam/__init__.py", "toyfam/adapter.py",
+                                                 "toyfam/model.py"]
     for name, body in files:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(body)
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(body)
+
+
+def _doc_commands() -> list[list[str]]:
+    """The doc's ``fdm train`` / ``fdm eval`` command lines (the shell block after the pip one)."""
+    return [shlex.split(line) for lang, _, body in _blocks() if lang == "bash" and "pip install" not in body
+            for line in body.splitlines() if line.startswith("fdm ")]
+
+
+def _photos(folder: Path) -> None:
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(2):
+        save_image(torch.rand(3, 40, 40, generator=generator) * 2 - 1, folder / f"p{i}.png")
+
+
+@pytest.fixture()
+def registry_restored(monkeypatch):
+    """The registry as it was, and the installed families read again, after the test."""
+    monkeypatch.setattr(registry, "FAMILIES", list(registry.FAMILIES))
+    loaded = dict(registry._loaded)
+    registry._installed.cache_clear()
+    yield
+    registry._installed.cache_clear()
+    registry._loaded.clear()
+    registry._loaded.update(loaded)
+
+
+@pytest.fixture()
+def toyfam(tmp_path, monkeypatch, registry_restored):
+    """The doc's family package written to tmp_path, importable, and the registry restored afterwards."""
+    _write_package(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(registry, "FAMILIES", list(registry.FAMILIES))
     yield tmp_path
     for name in [m for m in sys.modules if m == "toyfam" or m.startswith("toyfam.")]:
         del sys.modules[name]
-    registry._loaded.pop("toyfam", None)
 
 
 def test_the_doc_adapter_is_the_test_adapter():
@@ -59,7 +92,6 @@ def test_the_doc_adapter_is_the_test_adapter():
 
 def test_walk_through(toyfam, capsys):
     python = [body for lang, name, body in _blocks() if lang == "python" and not name]
-    shell = [body for lang, _, body in _blocks() if lang == "bash"]
     namespace: dict = {}
     assert "register_family" in python[0]
     exec(compile(python[0], "docs/adapters.md (register)", "exec"), namespace)  # the one registry line
@@ -71,15 +103,11 @@ def test_walk_through(toyfam, capsys):
 
     # the command line: the doc's commands, run in-process (the registration above is in this process)
     from fdm.cli import main
-    from fdm.images import save_image
 
-    photos = toyfam / "photos"
-    photos.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    for i in range(2):
-        save_image(torch.rand(3, 40, 40, generator=generator) * 2 - 1, photos / f"p{i}.png")
-    commands = [shlex.split(line) for block in shell for line in block.splitlines() if line.startswith("fdm ")]
+    _photos(toyfam / "photos")
+    commands = _doc_commands()
     assert [c[1] for c in commands] == ["train", "eval"] and all("toyfam" in c for c in commands)
+    assert "--toy-config" in commands[1]  # the family's own option
     for command in commands:
         capsys.readouterr()
         assert main(command[1:]) == 0
@@ -88,6 +116,88 @@ def test_walk_through(toyfam, capsys):
     trained = fdm.FDM.from_pretrained(toyfam / "fdm-toy")
     model = namespace["load_model"]("toy.safetensors")
     assert trained.base_model_fingerprint == fdm.find_adapter(model).fingerprint()
+
+
+@pytest.mark.slow
+def test_an_installed_package_brings_its_family_to_the_fdm_command(tmp_path):
+    """pip installs the doc's package (its pyproject.toml, entry point included); in a fresh interpreter that
+    finds it, ``fdm`` offers ``--model toyfam`` and ``--toy-config`` and runs the doc's commands, with no
+    register_family call anywhere."""
+    package, site, work = tmp_path / "toyfam-package", tmp_path / "site", tmp_path / "work"
+    _write_package(package)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(package)], check=True, capture_output=True)
+    assert list(site.glob("toyfam-0.1.0.dist-info/entry_points.txt"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    work.mkdir()
+
+    def fdm_command(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fdm.cli", *args], cwd=work, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    shown = fdm_command("eval", "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"--model \{[^}]*\btoyfam\b", shown.stdout) and "toyfam family:" in shown.stdout
+    assert "--toy-config JSON" in shown.stdout
+    use = [body for lang, name, body in _blocks() if lang == "python" and not name][1]
+    made = subprocess.run([sys.executable, "-c", use], cwd=work, env=env, capture_output=True, text=True)
+    assert made.returncode == 0 and "torch.Size([1, 3, 32, 32])" in made.stdout, made.stderr
+    _photos(work / "photos")
+    for command in _doc_commands():
+        result = fdm_command(*command[1:])
+        assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model"] == "toyfam" and report["views"] == 2
+    wrong = fdm_command("eval", "photos", "--model", "toyfam", "--checkpoint", "toy.safetensors", "--toy-config",
+                        "missing.json", "--fdm", "fdm-toy", "--no-extras")
+    assert wrong.returncode == 2 and "missing.json" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def _installed_family(folder: Path, entry: str, module_text: str | None) -> None:
+    """A distribution ``plugin`` in ``folder`` (its dist-info, as pip writes it) declaring the entry point
+    ``entry`` of the group fdm.families; ``module_text``: the module ``plugin.py`` (None: no module)."""
+    info = folder / "plugin-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[fdm.families]\n{entry}\n")
+    if module_text is not None:
+        (folder / "plugin.py").write_text(module_text)
+
+
+def test_an_installed_family_named_like_another_is_refused(tmp_path, monkeypatch, registry_restored, capsys):
+    _installed_family(tmp_path, "second = plugin:FAMILY", "from fdm.registry import ModelFamily\n"
+                      "from toy_vq import ToyVQAdapter\nFAMILY = ModelFamily(name='taming', adapters=(ToyVQAdapter,))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(fdm.errors.ConfigError, match=r"two model families are called 'taming': the one of "
+                       r"fdm.adapters.taming and the one of entry point 'second' of the installed package plugin"):
+        list(registry.families())
+    from fdm.cli import main
+
+    assert main(["eval", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fdm: error: two model families are called 'taming'") and err.count("\n") == 1
+
+
+def test_an_installed_family_that_cannot_be_imported_names_its_package(tmp_path, monkeypatch, registry_restored):
+    _installed_family(tmp_path, "broken = no_such_module_here:FAMILY", None)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(fdm.errors.ConfigError, match=r"entry point 'broken' of the installed package plugin "
+                                                     r"\(no_such_module_here:FAMILY\) cannot be imported"):
+        list(registry.families())
+
+
+def test_a_family_option_the_command_has_already_is_refused(tmp_path, monkeypatch, registry_restored):
+    (tmp_path / "clashing.py").write_text("from fdm.registry import ModelFamily\nfrom toy_vq import ToyVQAdapter\n"
+                                          "FAMILY = ModelFamily(name='clash', adapters=(ToyVQAdapter,), "
+                                          "cli_options={'--checkpoint': {'help': 'mine'}})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.register_family("clashing")
+    from fdm.cli import build_parser
+
+    with pytest.raises(fdm.errors.ConfigError, match=r"model family 'clash': cannot add its option --checkpoint"):
+        build_parser()
+    with pytest.raises(fdm.errors.ConfigError, match="cli_options are flags"):
+        registry.ModelFamily(name="x", adapters=(), cli_options={"config": {}})
 
 
 def test_two_families_cannot_share_a_name(tmp_path, monkeypatch):

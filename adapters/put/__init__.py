@@ -58,5 +58,6 @@ FAMILY = ModelFamily(
     adapters=(PUTAdapter,),
     load_model=load_model,
     cli_models={"put": CliModel(_load_from_options, requires=("checkpoint",))},
+    cli_options={"--transformer": {"help": "UQ-Transformer checkpoint (sampling only), path or hf://..."}},
     commands={"inpaint": "fdm.adapters.put.command"},
 )

@@ -44,7 +44,7 @@ __all__ = [
 
 
 def _load_from_options(args: argparse.Namespace) -> nn.Module:
-    return load_model(args.config, args.checkpoint, trust_config=getattr(args, "trust_config", False))
+    return load_model(args.config, args.checkpoint, trust_config=args.trust_config)
 
 
 def _load_demo_model(args: argparse.Namespace) -> nn.Module:
@@ -67,6 +67,12 @@ FAMILY = ModelFamily(
     cli_models={
         "demo": CliModel(_load_demo_model, default_fdm=_load_demo_fdm),
         "taming": CliModel(_load_from_options, requires=("config", "checkpoint")),
+    },
+    cli_options={
+        "--config": {"help": "*-project.yaml / model.yaml path, or hf://owner/repo/path.yaml"},
+        "--trust-config": {"action": "store_true",
+                           "help": "build any class the config names as a target (default: taming's own classes "
+                                   "only; a config names code that loading it runs)"},
     },
     commands={"sample": "fdm.adapters.taming.command"},
 )

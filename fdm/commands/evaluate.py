@@ -58,7 +58,7 @@ def format_report(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fdm.commands.model_options import load_base_model, load_fdm
+    from fdm.commands.model_options import family_options_given, load_base_model, load_fdm
     from fdm.dequantizer import Dequantizer
     from fdm.evaluation import evaluate_views
     from fdm.report import check_report_dir, write_report
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     settings = dict(folder=str(folder), crop=args.crop, views_per_image=args.views_per_image, seed=args.seed,
                     model=args.model, precision=args.precision)
     if args.report:
-        page = {**settings, "photos": len(views.files), "config": args.config, "checkpoint": args.checkpoint,
+        page = {**settings, "photos": len(views.files), "checkpoint": args.checkpoint, **family_options_given(args),
                 "fdm": args.fdm or f"the default of --model {args.model}", "holes": args.holes,
                 "extras (FID, ST-LPIPS)": not args.no_extras, "device": args.device}
         report = write_report(args.report, dequantizer, views, run=page, **options)

@@ -1,23 +1,24 @@
 """Command-line options that name a base VQ model and an FDM, shared by the sub-commands.
 
-``--model`` choices come from the registry (:mod:`fdm.registry`): each family declares its own
-(:class:`~fdm.registry.CliModel`), whose loader imports the family's third-party package only when called (so a
-missing optional dependency names its extra).
+``--model`` choices and the options beside ``--checkpoint`` come from the registry (:mod:`fdm.registry`): each
+family declares its own (:class:`~fdm.registry.CliModel`, ``ModelFamily.cli_options``), whose loader imports the
+family's third-party package only when called (so a missing optional dependency names its extra).
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 from torch import nn
 
 from fdm import registry
 from fdm.commands.argtypes import device
-from fdm.errors import MissingExtraError, UsageError
+from fdm.errors import ConfigError, MissingExtraError, UsageError
 from fdm.module import FDM
 
-__all__ = ["add_model_arguments", "load_base_model", "load_fdm", "model_choices"]
+__all__ = ["add_model_arguments", "family_options_given", "load_base_model", "load_fdm", "model_choices"]
 
 
 def model_choices() -> list[str]:
@@ -26,22 +27,33 @@ def model_choices() -> list[str]:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, fdm: bool = True) -> None:
-    """Add ``--model``, ``--config``, ``--trust-config``, ``--checkpoint``, ``--transformer``, ``--device`` (and
-    ``--fdm``). What is a local path and what a Hub repo is decided by :func:`fdm.hub.locate`: a missing local
-    path fails at once (``file not found: PATH``, one line, exit code 2)."""
+    """Add ``--model``, ``--checkpoint``, ``--device`` (and ``--fdm``), then each family's own options in a group
+    of its own (taming's ``--config`` and ``--trust-config``, PUT's ``--transformer``). What is a local path and
+    what a Hub repo is decided by :func:`fdm.hub.locate`: a missing local path fails at once (``file not found:
+    PATH``, one line, exit code 2)."""
     group = parser.add_argument_group("base model")
     group.add_argument("--model", choices=model_choices(), default="demo",
                        help="model family (default: demo, the small VQGAN embedded in the package)")
-    group.add_argument("--config", help="taming: *-project.yaml / model.yaml path, or hf://owner/repo/path.yaml")
-    group.add_argument("--trust-config", action="store_true",
-                       help="taming: build any class the config names as a target (default: taming's own classes "
-                            "only; a config names code that loading it runs)")
     group.add_argument("--checkpoint", help="taming .ckpt, PUT codec .pth, or diffusers folder / Hub repo id; "
                                             "hf://owner/repo/path for a file or folder inside a Hub repo")
-    group.add_argument("--transformer", help="PUT: UQ-Transformer checkpoint (sampling only), path or hf://...")
     group.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     if fdm:
         group.add_argument("--fdm", help="FDM folder or Hub repo id (default with --model demo: the embedded FDM)")
+    family_groups: dict[str, argparse._ArgumentGroup] = {}
+    for flag, (family, kwargs) in registry.cli_options().items():
+        if family.name not in family_groups:
+            family_groups[family.name] = parser.add_argument_group(f"{family.name} family")
+        try:
+            family_groups[family.name].add_argument(flag, **kwargs)
+        except (argparse.ArgumentError, TypeError, ValueError) as err:
+            raise ConfigError(f"model family {family.name!r}: cannot add its option {flag} to {parser.prog}: "
+                              f"{err}") from err
+
+
+def family_options_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The families' own options given on the command line: flag -> value (``{"--config": "model.yaml"}``)."""
+    given = {flag: getattr(args, flag[2:].replace("-", "_"), None) for flag in registry.cli_options()}
+    return {flag: value for flag, value in given.items() if value not in (None, False)}
 
 
 def _cli_model(args: argparse.Namespace) -> tuple[registry.ModelFamily, registry.CliModel]:

@@ -222,5 +222,4 @@ def _summarise(trainer: Phase2Trainer, out: str) -> None:
 
 
 def _base_model_name(args: argparse.Namespace) -> str:
-    source = args.checkpoint or args.config
-    return f"{args.model}:{source}" if source else args.model
+    return f"{args.model}:{args.checkpoint}" if args.checkpoint else args.model
