@@ -20,7 +20,7 @@ from torch import nn
 from fdm.adapter import VQAdapter
 from fdm.config_io import read_json
 from fdm.errors import CheckpointError, FdmError, InputError, MissingExtraError
-from fdm.hub import locate, resolve_file
+from fdm.io.hub import locate, resolve_file
 from fdm.registry import CliModel, ModelFamily
 
 __all__ = ["FAMILY", "DiffusersVQAdapter", "import_vqmodel", "load_model"]
@@ -206,7 +206,7 @@ def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
         path_or_repo_id: a folder written by ``VQModel.save_pretrained``, a saved pipeline folder (its
             VQModel component is found through ``model_index.json``), a Hub repo id ``owner/name``, or
             ``hf://owner/name/subfolder`` for the VQModel inside a Hub pipeline repo
-            (``hf://amused/amused-256/vqvae``). :func:`fdm.hub.locate` decides what is local.
+            (``hf://amused/amused-256/vqvae``). :func:`fdm.io.hub.locate` decides what is local.
         **kwargs: passed to ``VQModel.from_pretrained`` (``subfolder``, ``revision``, ``torch_dtype``,
             ``cache_dir``, ``local_files_only``...).
 

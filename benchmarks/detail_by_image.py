@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from fdm import Dequantizer
 from fdm.demo.model import load_demo_fdm, load_demo_vqgan
 from fdm.demo.run import SAMPLE_IMAGES, load_sample
-from fdm.evaluation import compare
+from fdm.evaluation.comparison import compare
+from fdm.evaluation.metrics import load_stlpips
 from fdm.images import read_image
-from fdm.metrics import load_stlpips
 from fdm.training import list_images
 
 

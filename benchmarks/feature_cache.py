@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import fdm
-from fdm.evaluation import evaluate_views
+from fdm.evaluation.comparison import evaluate_views
 from fdm.training import FeatureCache, ImageFolderViews, Phase2Config, Phase2Trainer, encode_views
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos"

@@ -30,7 +30,7 @@ from phase2_cache import cpu_name, views_of
 
 import fdm
 from fdm.demo.model import load_demo_fdm, load_demo_vqgan
-from fdm.metrics import feature_error_ratio
+from fdm.evaluation.metrics import feature_error_ratio
 from fdm.precision import PRECISIONS, autocast
 from fdm.training import Phase2Config, Phase2Trainer
 from fdm.training.phase3 import Phase3Config, Phase3Trainer

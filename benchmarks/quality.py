@@ -23,7 +23,7 @@ import torch
 
 from fdm import FDM, Dequantizer
 from fdm.demo.model import load_demo_vqgan
-from fdm.evaluation import evaluate_views
+from fdm.evaluation.comparison import evaluate_views
 from fdm.training.data import ImageFolderViews
 
 # (label, option, column of evaluate_views to read, note)

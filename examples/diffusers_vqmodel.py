@@ -20,8 +20,8 @@ from PIL import Image
 
 import fdm
 from fdm.adapters.diffusers import DiffusersVQAdapter, load_model
+from fdm.evaluation.metrics import psnr, ssim
 from fdm.images import image_grid
-from fdm.metrics import psnr, ssim
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:

@@ -23,8 +23,8 @@ import torch
 
 import fdm
 from fdm.commands.model_options import add_model_arguments, load_base_model
+from fdm.evaluation.metrics import psnr, ssim
 from fdm.masks import DEFAULT_HOLE_RATIO
-from fdm.metrics import psnr, ssim
 from fdm.training import ImageFolderViews, Phase2Config, Phase2Trainer, init_distributed, shutdown_distributed
 from fdm.training.phase3 import Phase3Config, Phase3Trainer
 

@@ -6,13 +6,13 @@ Public names: :class:`FDM`, :class:`Dequantizer`, :func:`latent_mask`, mask help
 registry (:mod:`fdm.registry`), and the exceptions. Training lives in :mod:`fdm.training`, adapters in :mod:`fdm.adapters`.
 """
 
-from fdm.adapter import VQAdapter, find_adapter
+from fdm.adapter import VQAdapter
 from fdm.dequantizer import Dequantizer
 from fdm.errors import CheckpointError, FdmError, FingerprintMismatchError, InputError
-from fdm.fingerprint import codebook_fingerprint
+from fdm.io.fingerprint import codebook_fingerprint
 from fdm.masks import latent_mask, load_mask, random_irregular_mask
 from fdm.module import FDM
-from fdm.registry import ModelFamily, register_family
+from fdm.registry import ModelFamily, find_adapter, register_family
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,5 @@
 """The adapter interface: how the :class:`~fdm.Dequantizer` and the trainers reach one model family's
-encoder, quantizer and decoder, and :func:`find_adapter`, which picks one from the registry
-(:mod:`fdm.registry`) by the model's type.
+encoder, quantizer and decoder (:func:`fdm.registry.find_adapter` picks the adapter of a model by its type).
 """
 
 from __future__ import annotations
@@ -12,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fdm.fingerprint import codebook_fingerprint
+from fdm.io.fingerprint import codebook_fingerprint
 
-__all__ = ["VQAdapter", "find_adapter"]
+__all__ = ["VQAdapter"]
 
 
 class VQAdapter(abc.ABC):
@@ -112,7 +111,7 @@ class VQAdapter(abc.ABC):
         return self.hook_module().register_forward_pre_hook(pre_hook)
 
     def fingerprint(self) -> str:
-        """Fingerprint of this model's codebook (see :func:`fdm.fingerprint.codebook_fingerprint`)."""
+        """Fingerprint of this model's codebook (see :func:`fdm.io.fingerprint.codebook_fingerprint`)."""
         return codebook_fingerprint(self.codebook())
 
     @property
@@ -123,23 +122,3 @@ class VQAdapter(abc.ABC):
     def dtype(self) -> torch.dtype:
         """dtype of the model's floating-point weights (the dtype its inputs must have)."""
         return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
-
-
-def find_adapter(model: nn.Module) -> VQAdapter:
-    """The adapter instance for ``model``, chosen from its type among the registered families
-    (:data:`fdm.registry.FAMILIES`, imported lazily in order; the first that handles it wins).
-
-    Raises:
-        TypeError: no registered family handles this model type.
-    """
-    from fdm import registry
-
-    found = registry.family_of(model)
-    if found is not None:
-        return found[1]
-    names = ", ".join(f"{f.name} ({', '.join(c.__name__ for c in f.adapters)})" for f in registry.families())
-    raise TypeError(
-        f"No fdm adapter handles {type(model).__module__}.{type(model).__name__}. Registered families: {names}. "
-        "Pass adapter=YourAdapter(model) to fdm.Dequantizer, or declare a family and register it "
-        "(fdm.registry.register_family; see docs/adapters.md)."
-    )

@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 
 from fdm.errors import FdmError, UsageError
+from fdm.registry import cli_commands
 
 __all__ = ["USER_ERRORS", "ArgumentParser", "build_parser", "commands", "is_user_error", "main", "prepare_output_dir"]
 
@@ -37,8 +38,6 @@ COMMANDS = {
 
 def commands() -> dict[str, str]:
     """Every sub-command: the core ones, then the registered families' (name -> module path)."""
-    from fdm.registry import cli_commands
-
     extra = cli_commands()
     clash = sorted(set(extra) & set(COMMANDS))
     if clash:

@@ -16,13 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from fdm.adapter import VQAdapter, find_adapter
+from fdm.adapter import VQAdapter
 from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
-from fdm.finetuned_decoder import apply_decoder_state
+from fdm.io.decoder_weights import apply_decoder_state
 from fdm.masks import latent_mask
 from fdm.module import FDM
 from fdm.padding import crop, pad_image, pad_mask, padded_size
 from fdm.pipeline import Latents, encode_latents, quantize
+from fdm.registry import find_adapter
 from fdm.validation import (
     check_binary_mask,
     check_dtype,

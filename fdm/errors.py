@@ -19,7 +19,7 @@ before the base class existed)::
         │                                       found, gated, or offline mode without a cached copy
         └── HubEntryNotFoundError(CheckpointError)   the repo exists but has no such file
 
-Hub errors of ``huggingface_hub`` are converted in one place, :func:`fdm.hub.convert_hub_error`.
+Hub errors of ``huggingface_hub`` are converted in one place, :func:`fdm.io.hub.convert_hub_error`.
 Anything else that escapes the library (``TypeError``, ``RuntimeError``, a plain ``ValueError``...) is a bug,
 and the ``fdm`` command shows its traceback.
 """

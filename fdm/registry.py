@@ -31,14 +31,15 @@ if TYPE_CHECKING:
     from fdm.adapter import VQAdapter
     from fdm.module import FDM
 
-__all__ = ["ENTRY_POINT_GROUP", "FAMILIES", "CliModel", "ModelFamily", "families", "family_of", "get_family",
-           "register_family"]
+__all__ = ["ENTRY_POINT_GROUP", "FAMILIES", "CliModel", "ModelFamily", "families", "family_of", "find_adapter",
+           "get_family", "register_family"]
 
 #: The built-in families and those added by :func:`register_family`: import paths of the family packages (``pkg``
 #: names ``pkg.FAMILY``, ``pkg:NAME`` names ``pkg.NAME``), searched in this order by :func:`fdm.find_adapter`, before
 #: the installed ones (:data:`ENTRY_POINT_GROUP`).
 FAMILIES: list[str] = [
-    "fdm.adapters.taming",  # taming-transformers VQGAN / GumbelVQ / Net2NetTransformer, and the demo model
+    "fdm.demo.family",  # --model demo, the default: the embedded VQGAN (a taming model) and its FDM
+    "fdm.adapters.taming",  # taming-transformers VQGAN / GumbelVQ / Net2NetTransformer
     "fdm.adapters.put",  # PUT's P-VQVAE and UQ-Transformer
     "fdm.adapters.diffusers",  # diffusers' VQModel
 ]
@@ -199,6 +200,24 @@ def get_family(name: str) -> ModelFamily:
         if family.name == name:
             return family
     raise ConfigError(f"No model family {name!r}; registered: {', '.join(f.name for f in families())}.")
+
+
+def find_adapter(model: nn.Module) -> VQAdapter:
+    """The adapter instance for ``model``, chosen from its type among the registered families (:func:`families`:
+    the first that handles it wins).
+
+    Raises:
+        TypeError: no registered family handles this model type.
+    """
+    found = family_of(model)
+    if found is not None:
+        return found[1]
+    names = ", ".join(f"{f.name} ({', '.join(c.__name__ for c in f.adapters)})" for f in families())
+    raise TypeError(
+        f"No fdm adapter handles {type(model).__module__}.{type(model).__name__}. Registered families: {names}. "
+        "Pass adapter=YourAdapter(model) to fdm.Dequantizer, or declare a family and register it "
+        "(fdm.registry.register_family; see docs/adapters.md)."
+    )
 
 
 def family_of(model: object) -> tuple[ModelFamily, VQAdapter] | None:

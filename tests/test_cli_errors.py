@@ -340,7 +340,7 @@ def test_offline_mode_without_a_cached_copy_from_the_command_line(tmp_path, imag
 
 HUB_ERRORS = """
     import json, sys
-    from fdm.hub import resolve_file
+    from fdm.io.hub import resolve_file
     from fdm.adapters.put import load_model as load_put
     from fdm.adapters.taming import load_model as load_taming
 
@@ -464,3 +464,12 @@ def test_mask_of_another_size_is_refused_unless_resize_mask(tmp_path, image_dir,
                 "--out", "out"),
         "mask mask32.png is 32x32 but image", "is 64x64", "--resize-mask",
     )
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands()))
+def test_every_command_prints_its_help(command, capsys):
+    """``--help`` of every sub-command prints and exits 0 (argparse %-formats help texts: a bare '%' broke it)."""
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([command, "--help"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: fdm {command}")

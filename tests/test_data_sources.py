@@ -27,7 +27,7 @@ from fdm.training import (
     TensorViews,
     open_source,
 )
-from fdm.training import sources as sources_module
+from fdm.training.sources import tar_shards
 
 ASSETS = Path(__file__).resolve().parents[1] / "fdm" / "demo" / "assets"
 VIEWS = {"crop_size": 16, "views_per_image": 2, "seed": 3}
@@ -356,7 +356,7 @@ def test_truncated_and_foreign_shards(photo_dir, tmp_path, monkeypatch):
     with pytest.raises(InputError, match="No images in the tar shards .*labels.tar"):
         TarShardSource(tmp_path / "labels.tar")
 
-    monkeypatch.setattr(sources_module, "MAX_MEMBER_BYTES", 1000)
+    monkeypatch.setattr(tar_shards, "MAX_MEMBER_BYTES", 1000)
     with pytest.raises(InputError, match=r"member '000000.png': \d+ bytes, more than the 1000"):
         TarShardSource(shard)
 

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from fdm import FDM, Dequantizer
 from fdm.cli import main
-from fdm.demo.figures import error_change_map, error_map
 from fdm.demo.model import DEMO_FDM_DIR, DEMO_VQGAN_WEIGHTS, load_demo_fdm, load_demo_vqgan
 from fdm.demo.run import (
     INPAINTING_FIGURE,
@@ -26,9 +25,10 @@ from fdm.demo.run import (
     load_sample,
 )
 from fdm.errors import InputError
-from fdm.evaluation import compare
+from fdm.evaluation.comparison import compare
+from fdm.evaluation.figures import error_change_map, error_map
+from fdm.evaluation.metrics import load_stlpips
 from fdm.images import image_grid, save_grid, save_images
-from fdm.metrics import load_stlpips
 from fdm.training import ImageFolderViews
 
 pytest.importorskip("taming")

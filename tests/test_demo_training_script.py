@@ -16,7 +16,7 @@ pytest.importorskip("stlpips_pytorch")  # the phase-3 runs use its shift-toleran
 
 from fdm import FDM  # noqa: E402
 from fdm.demo.model import load_demo_vqgan  # noqa: E402
-from fdm.finetuned_decoder import DECODER_WEIGHTS_NAME  # noqa: E402
+from fdm.io.decoder_weights import DECODER_WEIGHTS_NAME  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import fdm
 from fdm.adapters.diffusers import DiffusersVQAdapter, load_model
 from fdm.errors import CheckpointError, InputError
+from fdm.evaluation.metrics import feature_error_ratio
 from fdm.losses.qe import qe_loss
-from fdm.metrics import feature_error_ratio
 
 diffusers = pytest.importorskip("diffusers")
 

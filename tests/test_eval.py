@@ -19,8 +19,8 @@ from fdm.cli import main
 from fdm.demo.model import ASSETS, load_demo_fdm, load_demo_vqgan
 from fdm.demo.run import SAMPLE_IMAGES, load_sample
 from fdm.errors import InputError
-from fdm.evaluation import compare, evaluate_views
-from fdm.metrics import fid_score, psnr
+from fdm.evaluation.comparison import compare, evaluate_views
+from fdm.evaluation.metrics import fid_score, psnr
 from fdm.training.data import TensorViews
 from fdm.training.monitoring import ImageMetrics
 

@@ -6,7 +6,7 @@ from torch import nn
 
 import fdm
 from fdm.errors import CheckpointError, InputError
-from fdm.official_checkpoint import fdm_to_official_state_dict
+from fdm.io.official import fdm_to_official_state_dict
 
 
 class _OfficialBlock(nn.Module):

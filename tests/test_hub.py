@@ -25,10 +25,10 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_model
 
 import fdm
-from fdm.checkpoint import state_dict_digest
 from fdm.cli import COMMANDS
-from fdm.finetuned_decoder import decoder_state_dict
-from fdm.hub import MODEL_CARD_MARKER
+from fdm.io.decoder_weights import decoder_state_dict
+from fdm.io.hub import MODEL_CARD_MARKER
+from fdm.io.weights import state_dict_digest
 from toy_vq import ToyVQ
 
 TESTS = Path(__file__).resolve().parent
@@ -179,7 +179,7 @@ PUSH_AND_DOWNLOAD = """
     import hashlib, json, pathlib, sys
     from huggingface_hub import constants, hf_hub_download, snapshot_download
     import fdm
-    from fdm.checkpoint import state_dict_digest
+    from fdm.io.weights import state_dict_digest
 
     module = fdm.FDM.from_pretrained(sys.argv[1])
     commit_url = module.push_to_hub("tester/fdm-toy", commit_message="first upload")
@@ -203,14 +203,14 @@ LOAD_OFFLINE = """
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
     import fdm
-    from fdm.checkpoint import state_dict_digest
+    from fdm.io.weights import state_dict_digest
     from fdm.errors import HubError
 
     loaded = fdm.FDM.from_pretrained("tester/fdm-toy")
     try:
         fdm.FDM.from_pretrained("tester/never-downloaded")
         missing = "loaded"
-    except HubError as err:  # huggingface_hub's LocalEntryNotFoundError, converted by fdm.hub.convert_hub_error
+    except HubError as err:  # huggingface_hub's LocalEntryNotFoundError, converted by fdm.io.hub.convert_hub_error
         offline = "offline mode is on" in str(err) and "tester/never-downloaded" in str(err)
         missing = type(err.__cause__).__name__ if offline else str(err)
     print(json.dumps({"offline": constants.HF_HUB_OFFLINE, "digest": state_dict_digest(loaded.state_dict()),
@@ -268,7 +268,7 @@ FDM_PUSH = """
     import fdm
     from fdm.commands import push
     from fdm.errors import CheckpointError
-    from fdm.checkpoint import state_dict_digest
+    from fdm.io.weights import state_dict_digest
 
     parser = argparse.ArgumentParser()
     push.add_arguments(parser)

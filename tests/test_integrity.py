@@ -14,7 +14,7 @@ from test_phase3 import smooth_images, toy_fdm, toy_model
 
 import fdm
 from fdm.errors import CheckpointError, InputError, TrainingError
-from fdm.finetuned_decoder import DECODER_WEIGHTS_NAME
+from fdm.io.decoder_weights import DECODER_WEIGHTS_NAME
 from fdm.training import Phase2Config, Phase2Trainer, TensorViews, latest_checkpoint
 from fdm.training.phase3 import Phase3Trainer
 from toy_vq import ToyVQ
@@ -133,7 +133,7 @@ def digests_not_a_mapping(folder):
 
 
 def codes_out_of_range_digest_recomputed(folder):
-    from fdm.checkpoint import file_sha256
+    from fdm.io.weights import file_sha256
 
     array = np.load(folder / "indices.npy", mmap_mode="r+")
     array[0] = 999  # the toy codebook has 16 codes

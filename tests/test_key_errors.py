@@ -12,8 +12,8 @@ from torch import nn
 
 import fdm
 from fdm.adapters.put import fdm_authors_state_dict, load_model, put_state_dicts
-from fdm.checkpoint import load_state_dict_strict, write_weights
 from fdm.errors import CheckpointError, ConfigError
+from fdm.io.weights import load_state_dict_strict, write_weights
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A missing local path is a missing local path: fdm.hub.locate decides, without network access, what is local and
+"""A missing local path is a missing local path: fdm.io.hub.locate decides, without network access, what is local and
 what is a Hugging Face Hub repo id, and every loader and every --config / --checkpoint / --fdm / --transformer
 option fails at once with ``file not found: PATH`` instead of asking the Hub.
 
@@ -20,7 +20,7 @@ from test_cli_errors import PUT_CODEC, fdm_env
 
 import fdm
 from fdm.errors import HubError
-from fdm.hub import locate, resolve_file
+from fdm.io.hub import locate, resolve_file
 
 
 @pytest.mark.parametrize("source", [
@@ -79,7 +79,7 @@ ENTRY_POINTS = r"""
     from fdm.adapters.diffusers import load_model as load_diffusers
     from fdm.adapters.put import load_model as load_put
     from fdm.adapters.taming import load_model as load_taming
-    from fdm.hub import resolve_file
+    from fdm.io.hub import resolve_file
     from taming_tiny import vqgan_config
 
     codec, images, image, mask, fdm_dir = sys.argv[1:6]

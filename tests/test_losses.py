@@ -233,12 +233,12 @@ def test_st_vgg16_reproduces_stlpips_own_network(st_vgg16, monkeypatch):
 
 
 def test_stlpips_loader_reproduces_stlpips_own_metric(monkeypatch):
-    """fdm.metrics.load_stlpips (the one loader of `fdm eval` and the phase-3 validation) reads the bundled weights
+    """fdm.evaluation.metrics.load_stlpips (the one loader of `fdm eval` and the phase-3 validation) reads the bundled weights
     with every key checked and gives exactly the distances of stlpips_pytorch's own loader; no AlexNet download."""
     pytest.importorskip("stlpips_pytorch")
     import types
 
-    from fdm.metrics import load_stlpips
+    from fdm.evaluation.metrics import load_stlpips
     from fdm.training.monitoring import ImageMetrics
 
     ours = load_stlpips()

@@ -11,7 +11,7 @@ from PIL import Image
 import fdm
 import fdm.validation
 from fdm.errors import InputError
-from fdm.evaluation import compare
+from fdm.evaluation.comparison import compare
 
 
 def test_latent_mask_any_hole_pixel_marks_the_cell():

@@ -20,7 +20,7 @@ import torch
 
 import fdm
 from fdm.errors import InputError
-from fdm.evaluation import compare
+from fdm.evaluation.comparison import compare
 from fdm.masks import keep_known, latent_mask
 from fdm.padding import crop, pad_image, pad_mask, padded_size
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import fdm
 from fdm.errors import CheckpointError
-from fdm.finetuned_decoder import DECODER_WEIGHTS_NAME
+from fdm.io.decoder_weights import DECODER_WEIGHTS_NAME
 from fdm.training.backbones import VGG19Features, VGG19WeightsMissing
 from fdm.training.checkpointing import latest_checkpoint
 from fdm.training.data import TensorViews

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fdm
-from fdm.evaluation import compare
+from fdm.evaluation.comparison import compare
 from fdm.masks import latent_mask
 from fdm.pipeline import encode_latents
 

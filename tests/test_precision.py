@@ -17,7 +17,7 @@ from test_training_data import write_images
 
 import fdm
 from fdm.errors import InputError
-from fdm.evaluation import evaluate_views
+from fdm.evaluation.comparison import evaluate_views
 from fdm.losses import gram_matrix
 from fdm.precision import PRECISIONS, autocast, check_precision, full_precision, grad_scaler
 from fdm.training import Phase2Config, Phase2Trainer, TensorViews, latest_checkpoint, load_checkpoint

@@ -127,7 +127,7 @@ def test_mismatched_transformer_pair_refused():
 
 
 def test_missing_file_and_bad_repo_id():
-    with pytest.raises(FileNotFoundError, match="not found"):  # fdm.hub.resolve_file, shared by every loader
+    with pytest.raises(FileNotFoundError, match="not found"):  # fdm.io.hub.resolve_file, shared by every loader
         load_model("/nonexistent/p_vqvae.pth")
     with pytest.raises(FileNotFoundError, match="^file not found: justaname.pth$"):  # not tried on the Hub
         load_model("justaname.pth")

@@ -213,7 +213,7 @@ def test_defaults_give_a_helpful_fdm_on_photos_from_other_sources(tmp_path, phot
     that beats plain VQ on the held-out training photos and on the shipped photos from other sources."""
     from fdm.cli import main
     from fdm.demo.model import load_demo_vqgan
-    from fdm.evaluation import evaluate_views
+    from fdm.evaluation.comparison import evaluate_views
 
     out = tmp_path / "fdm-mine"
     assert main(["train", "--data", str(photos_dir / "train"), "--out", str(out), "--steps", "400",

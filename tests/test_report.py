@@ -22,8 +22,8 @@ from fdm.cli import main
 from fdm.demo.model import ASSETS, load_demo_fdm, load_demo_vqgan
 from fdm.demo.run import SAMPLE_IMAGES
 from fdm.errors import MissingExtraError
-from fdm.evaluation import evaluate_views
-from fdm.report import REPORT_FORMAT, write_report
+from fdm.evaluation.comparison import evaluate_views
+from fdm.evaluation.report import REPORT_FORMAT, write_report
 from fdm.training.data import ImageFolderViews
 
 pytest.importorskip("taming")

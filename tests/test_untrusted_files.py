@@ -1,7 +1,7 @@
 """Untrusted files run no code (issue 12, items 1 and 2).
 
 1. Pickles. Every pickle byte fdm-vq reads goes through one restricted unpickler with one allowlist
-   (:mod:`fdm.checkpoint`). Crafted files, each carrying payloads that try to create marker files (``os.system``,
+   (:mod:`fdm.io.unpickler`). Crafted files, each carrying payloads that try to create marker files (``os.system``,
    ``posix.system``, ``nt.system``, ``subprocess.Popen`` / ``run``, ``builtins.eval``, ``builtins.getattr``
    chains, ``importlib.import_module``, ``torch.load`` of a second file, ``copyreg._reconstructor``,
    ``__setstate__``, ``__reduce_ex__``), come in three kinds: (a) a ``torch.save`` zip archive with the payloads
@@ -38,8 +38,9 @@ import torch
 import yaml
 
 import fdm
-from fdm.checkpoint import OpaqueObject, read_checkpoint
 from fdm.errors import CheckpointError, ConfigError
+from fdm.io.torch_files import read_checkpoint
+from fdm.io.unpickler import OpaqueObject
 
 TESTS = Path(__file__).resolve().parent
 KINDS = ("zip", "legacy", "bare")
@@ -272,7 +273,7 @@ def tiny_vqgan():
 
 
 def _official_fdm_sd() -> dict[str, torch.Tensor]:
-    from fdm.official_checkpoint import fdm_to_official_state_dict
+    from fdm.io.official import fdm_to_official_state_dict
 
     module = fdm.FDM(channels=8)
     torch.nn.init.normal_(module.head.weight)

@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 import fdm
-from fdm.checkpoint import OpaqueObject, read_checkpoint, write_weights
 from fdm.errors import CheckpointError, FingerprintMismatchError
+from fdm.io.torch_files import read_checkpoint
+from fdm.io.unpickler import OpaqueObject
+from fdm.io.weights import write_weights
 from toy_vq import ToyVQ
 
 

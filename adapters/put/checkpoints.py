@@ -26,11 +26,12 @@ import torch
 from fdm.adapters.put.model import PUT
 from fdm.adapters.put.pvqvae import PVQVAE
 from fdm.adapters.put.transformer import UQTransformer
-from fdm.checkpoint import load_state_dict_strict, read_checkpoint
 from fdm.errors import CheckpointError
-from fdm.hub import resolve_file
+from fdm.io.hub import resolve_file
+from fdm.io.official import fdm_to_official_state_dict
+from fdm.io.torch_files import read_checkpoint
+from fdm.io.weights import load_state_dict_strict
 from fdm.module import FDM
-from fdm.official_checkpoint import fdm_to_official_state_dict
 
 __all__ = [
     "fdm_authors_state_dict",
@@ -279,7 +280,7 @@ def load_model(
     Args:
         checkpoint: the P-VQVAE: a PUT ``p_vqvae`` checkpoint, a PUT transformer checkpoint (its
             ``content_codec``), or an FDM-authors checkpoint; a path, a loaded dict, or ``"hf://owner/repo/file"``
-            on the Hugging Face Hub (a missing local path fails at once: :func:`fdm.hub.locate`). If it also
+            on the Hugging Face Hub (a missing local path fails at once: :func:`fdm.io.hub.locate`). If it also
             holds UQ-Transformer weights they are loaded too.
         transformer: a separate UQ-Transformer checkpoint (PUT transformer file or FDM ``generator.pth``).
         n_head / activation: UQ-Transformer settings the weights do not record (released: 8, ``"gelu2"``).

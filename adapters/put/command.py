@@ -55,7 +55,7 @@ def _fdm_for(args: argparse.Namespace) -> FDM | None:
     if args.fdm:
         return FDM.from_pretrained(args.fdm)
     from fdm.adapters.put.checkpoints import split_checkpoint
-    from fdm.hub import resolve_file
+    from fdm.io.hub import resolve_file
 
     official = split_checkpoint(resolve_file(args.checkpoint))["fdm"]
     if official:

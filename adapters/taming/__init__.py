@@ -1,8 +1,8 @@
 """taming-transformers (Esser et al., CVPR 2021) with FDM: VQModel, GumbelVQ, Net2NetTransformer.
 
 ``FAMILY`` declares the family for :mod:`fdm.registry`: its adapters, :func:`load_model`, the ``--model taming``
-and ``--model demo`` choices of the command line (the demo model is a small taming VQGAN) and the ``fdm sample``
-sub-command. taming itself is imported only when a model is loaded or sampled (install it with
+choice of the command line with its ``--config`` and ``--trust-config`` options, and the ``fdm sample`` sub-command
+(the demo model, a small taming VQGAN, is ``--model demo``, declared by :mod:`fdm.demo.family`). taming itself is imported only when a model is loaded or sampled (install it with
 ``pip install ".[taming]"`` from a clone). See docs/taming.md.
 """
 
@@ -25,7 +25,6 @@ from fdm.adapters.taming.sampling import (
     sample_semantic,
     sample_unconditional,
 )
-from fdm.module import FDM
 from fdm.registry import CliModel, ModelFamily
 
 __all__ = [
@@ -47,25 +46,12 @@ def _load_from_options(args: argparse.Namespace) -> nn.Module:
     return load_model(args.config, args.checkpoint, trust_config=args.trust_config)
 
 
-def _load_demo_model(args: argparse.Namespace) -> nn.Module:
-    from fdm.demo.model import load_demo_vqgan
-
-    return load_demo_vqgan()
-
-
-def _load_demo_fdm() -> FDM:
-    from fdm.demo.model import load_demo_fdm
-
-    return load_demo_fdm()
-
-
 FAMILY = ModelFamily(
     name="taming",
     adapters=(VQModelAdapter, GumbelVQAdapter, Net2NetTransformerAdapter),
     load_model=load_model,
     extra="taming",
     cli_models={
-        "demo": CliModel(_load_demo_model, default_fdm=_load_demo_fdm),
         "taming": CliModel(_load_from_options, requires=("config", "checkpoint")),
     },
     cli_options={

@@ -1,7 +1,7 @@
 """Loading released taming-transformers models (CVPR 2021): a ``*-project.yaml`` / ``model.yaml`` config plus a
 Lightning ``.ckpt`` or a ``.safetensors`` file, from local paths or the Hugging Face Hub.
 
-Checkpoints are read without executing pickled code (:func:`fdm.checkpoint.read_checkpoint`), the model is
+Checkpoints are read without executing pickled code (:func:`fdm.io.torch_files.read_checkpoint`), the model is
 built on the meta device from a config cleaned by :func:`~fdm.adapters.taming.compat.inference_config`
 (no LPIPS download, no ``ckpt_path`` side-loading), and every expected key and shape is checked. Every
 ``target`` of the config, at every depth, must name one of taming's own classes unless ``trust_config=True``
@@ -28,9 +28,10 @@ from fdm.adapters.taming.compat import (
     instantiate_from_config,
     trusted_targets,
 )
-from fdm.checkpoint import load_state_dict_strict, read_checkpoint, read_safetensors
 from fdm.errors import CheckpointError
-from fdm.hub import resolve_file
+from fdm.io.hub import resolve_file
+from fdm.io.torch_files import read_checkpoint
+from fdm.io.weights import load_state_dict_strict, read_safetensors
 
 __all__ = ["build_model", "load_config", "load_model", "model_state_dict"]
 
@@ -50,7 +51,7 @@ def load_config(config: Any, *, repo_id: str | None = None, revision: str | None
     Args:
         config: a path / Hub reference (``hf://owner/repo/path.yaml``) to a ``*-project.yaml`` or ``model.yaml``,
             or a dict / OmegaConf holding either the whole file or its ``model`` section. A missing local path
-            fails at once (:func:`fdm.hub.locate`).
+            fails at once (:func:`fdm.io.hub.locate`).
         trust_config: allow any class as a ``target``. By default every ``target`` of the model section, at every
             depth (``model.target``, ``model.params.first_stage_config.target``, ``lossconfig``...), must be one
             of taming's own classes (:data:`~fdm.adapters.taming.compat.ALLOWED_TARGETS`), checked before anything
@@ -156,10 +157,10 @@ def load_model(
 
     Raises:
         CheckpointError: the checkpoint misses expected keys, has unexpected ones or wrong shapes (all named), or
-            is refused by :func:`fdm.checkpoint.read_checkpoint`.
+            is refused by :func:`fdm.io.torch_files.read_checkpoint`.
         ConfigError: the config does not parse, or names a class that is not allowed (key path and value).
         FileNotFoundError: ``file not found: PATH`` for a missing local path (anything but ``hf://...`` or
-            ``repo_id=``: :func:`fdm.hub.locate`), at once, without trying the Hub.
+            ``repo_id=``: :func:`fdm.io.hub.locate`), at once, without trying the Hub.
 
     Example:
         >>> from fdm.adapters.taming import load_model                                  # doctest: +SKIP

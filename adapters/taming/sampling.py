@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fdm.adapter import find_adapter
 from fdm.adapters.taming.adapter import Net2NetTransformerAdapter, first_stage_adapter
 from fdm.dequantizer import Dequantizer
 from fdm.errors import InputError
 from fdm.module import FDM
+from fdm.registry import find_adapter
 
 __all__ = [
     "KVCache",

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def format_report(report: dict) -> str:
     """The report of :func:`fdm.evaluation.evaluate_views` as a plain-text table."""
-    from fdm.report import summary_rows
+    from fdm.evaluation.report import summary_rows
 
     lines = [f"{report['views']} views, precision {report.get('precision', 'fp32')}",
              f"{'setting':<22}{'metric':<16}{'without FDM':>12}{'with FDM':>10}"]
@@ -60,8 +60,8 @@ def format_report(report: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from fdm.commands.model_options import family_options_given, load_base_model, load_fdm
     from fdm.dequantizer import Dequantizer
-    from fdm.evaluation import evaluate_views
-    from fdm.report import check_report_dir, write_report
+    from fdm.evaluation.comparison import evaluate_views
+    from fdm.evaluation.report import check_report_dir, write_report
     from fdm.training.data import ImageFolderViews
 
     folder = Path(args.folder)

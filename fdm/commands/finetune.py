@@ -105,8 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint-every", type=non_negative_int, default=_DEFAULTS.checkpoint_every,
                        help="steps between checkpoints (0: only the last)")
     group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
-    group.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loading workers")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--num-workers", type=non_negative_int, default=_DEFAULTS.num_workers, help="data-loading workers")
+    group.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -29,7 +29,7 @@ def model_choices() -> list[str]:
 def add_model_arguments(parser: argparse.ArgumentParser, *, fdm: bool = True) -> None:
     """Add ``--model``, ``--checkpoint``, ``--device`` (and ``--fdm``), then each family's own options in a group
     of its own (taming's ``--config`` and ``--trust-config``, PUT's ``--transformer``). What is a local path and
-    what a Hub repo is decided by :func:`fdm.hub.locate`: a missing local path fails at once (``file not found:
+    what a Hub repo is decided by :func:`fdm.io.hub.locate`: a missing local path fails at once (``file not found:
     PATH``, one line, exit code 2)."""
     group = parser.add_argument_group("base model")
     group.add_argument("--model", choices=model_choices(), default="demo",

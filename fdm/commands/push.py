@@ -23,7 +23,7 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, HfApi
 
 from fdm.errors import CheckpointError
-from fdm.hub import _hub_errors, _is_generated_model_card
+from fdm.io.hub import _hub_errors, _is_generated_model_card
 from fdm.module import FDM
 
 __all__ = ["add_arguments", "push", "run"]

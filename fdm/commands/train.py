@@ -19,14 +19,16 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from fdm.adapter import VQAdapter, find_adapter
+from fdm.adapter import VQAdapter
 from fdm.commands.argtypes import (
     fraction,
     held_out_fraction,
@@ -41,6 +43,7 @@ from fdm.errors import UsageError
 from fdm.masks import DEFAULT_HOLE_RATIO
 from fdm.module import FDM
 from fdm.precision import PRECISIONS
+from fdm.registry import find_adapter
 from fdm.training import (
     CACHE_DTYPES,
     CACHE_MODES,
@@ -56,8 +59,6 @@ from fdm.training import (
 )
 from fdm.training.recipe import (
     HELDOUT_CROP,
-    RECIPE_BATCH,
-    RECIPE_LR,
     VIEW_SCALE_RANGE,
     WARMUP_FRACTION,
     crop_size_for,
@@ -65,6 +66,9 @@ from fdm.training.recipe import (
 )
 
 __all__ = ["add_arguments", "run", "train"]
+
+#: Every option's default is Phase2Config's (a config needs a run length, so its field defaults are read).
+_DEFAULTS = SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(Phase2Config)})
 
 logger = logging.getLogger(__name__)
 
@@ -90,47 +94,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--val-fraction", type=held_out_fraction, default=DEFAULT_VAL_FRACTION,
                            help=f"part of the images held out to check the FDM on unseen images (default "
                                 f"{DEFAULT_VAL_FRACTION}, at least one image; 0: none)")
-    run_group.add_argument("--checks", type=positive_int, default=10,
-                           help="held-out checks per run, evenly spaced (default 10); the best one's weights are saved")
-    run_group.add_argument("--patience", type=non_negative_int, default=3,
-                           help="stop early after this many held-out checks in a row without improvement (default 3; "
-                                "0: never)")
-    run_group.add_argument("--batch-size", type=positive_int, default=RECIPE_BATCH,
-                           help=f"views per step and process (default {RECIPE_BATCH})")
-    run_group.add_argument("--lr", type=positive_float, default=RECIPE_LR,
-                           help=f"peak learning rate (default {RECIPE_LR})")
+    run_group.add_argument("--checks", type=positive_int, default=_DEFAULTS.checks,
+                           help="held-out checks per run, evenly spaced (default %(default)s); the best one's weights "
+                                "are saved")
+    run_group.add_argument("--patience", type=non_negative_int, default=_DEFAULTS.patience,
+                           help="stop early after this many held-out checks in a row without improvement (default "
+                                "%(default)s; 0: never)")
+    run_group.add_argument("--batch-size", type=positive_int, default=_DEFAULTS.batch_size,
+                           help="views per step and process (default %(default)s)")
+    run_group.add_argument("--lr", type=positive_float, default=_DEFAULTS.lr,
+                           help="peak learning rate (default %(default)s)")
     run_group.add_argument("--warmup-steps", type=non_negative_int,
-                           help=f"linear warm-up steps (default: the first {WARMUP_FRACTION:.0%} of the run, however "
+                           help=f"linear warm-up steps (default: the first {WARMUP_FRACTION * 100:.0f}%% of the run, however "
                                 "long; needs --steps or --epochs)")
     masks = run_group.add_mutually_exclusive_group()
     masks.add_argument("--hole-ratio", type=fraction, nargs=2, metavar=("LO", "HI"), default=list(DEFAULT_HOLE_RATIO),
                        help="hole-area range of the random training masks (default %(default)s, the official recipe)")
     masks.add_argument("--no-mask", action="store_true",
                        help="mask-free training (every cell generated): unconditional / class-conditional models")
-    run_group.add_argument("--cache", choices=CACHE_MODES, default="memory",
-                           help="where the frozen model's features live: memory (default), disk, or none "
-                                "(re-encode every step)")
+    run_group.add_argument("--cache", choices=CACHE_MODES, default=_DEFAULTS.cache,
+                           help="where the frozen model's features live: memory, disk, or none (re-encode every "
+                                "step); default %(default)s")
     run_group.add_argument("--cache-dir", help="disk cache folder (default OUT/feature-cache)")
-    run_group.add_argument("--cache-dtype", choices=CACHE_DTYPES, default="float16",
-                           help="storage type of the cached features z (default float16; bfloat16 where float16 "
+    run_group.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=_DEFAULTS.cache_dtype,
+                           help="storage type of the cached features z (default %(default)s; bfloat16 where float16 "
                                 "overflows; z_q is looked up from stored code indices)")
     run_group.add_argument("--cache-shards", type=int_at_least(1),
                            help="cache shards (default: one per process); each process encodes and reads its own")
-    run_group.add_argument("--num-workers", type=non_negative_int, default=0,
+    run_group.add_argument("--num-workers", type=non_negative_int, default=_DEFAULTS.num_workers,
                            help="data-loading workers while caching")
     run_group.add_argument("--hidden-channels", type=int_at_least(2),
                            help="FDM trunk width (default: the model's channels, at least 32 and at most 256)")
-    run_group.add_argument("--num-blocks", type=non_negative_int, default=8, help="FDM residual blocks (default 8)")
-    run_group.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                           help="FDM forward passes in float32 (default), bfloat16 or float16 autocast (fp16 with "
+    run_group.add_argument("--num-blocks", type=non_negative_int, default=_DEFAULTS.num_blocks,
+                           help="FDM residual blocks (default %(default)s)")
+    run_group.add_argument("--precision", choices=PRECISIONS, default=_DEFAULTS.precision,
+                           help="FDM forward passes in float32 (fp32, the default), bfloat16 or float16 autocast (fp16 with "
                                 "gradient scaling); see docs/training.md, Mixed precision")
-    run_group.add_argument("--checkpoint-every", type=non_negative_int, default=1000,
-                           help="steps between checkpoints (0: none)")
+    run_group.add_argument("--checkpoint-every", type=non_negative_int, default=_DEFAULTS.checkpoint_every,
+                           help="steps between checkpoints (default %(default)s; 0: none)")
     run_group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
     run_group.add_argument("--base-model", metavar="NAME",
                            help="name of the base model recorded in the FDM's config and model card, next to its "
                                 "codebook fingerprint (default: MODEL:CHECKPOINT)")
-    run_group.add_argument("--seed", type=int, default=0)
+    run_group.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     run_group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

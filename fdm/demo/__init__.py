@@ -1,1 +1,2 @@
-"""The embedded demo model and `fdm demo`."""
+"""The embedded demo model (:mod:`fdm.demo.model`), `fdm demo` (:mod:`fdm.demo.run`) and ``--model demo``
+(:mod:`fdm.demo.family`)."""

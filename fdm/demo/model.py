@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
+from fdm.adapters.taming import load_model
 from fdm.module import FDM
 
 __all__ = ["ASSETS", "DEMO_FDM_DIR", "DEMO_VQGAN_CONFIG", "DEMO_VQGAN_WEIGHTS", "load_demo_fdm", "load_demo_vqgan"]
@@ -27,8 +28,6 @@ def load_demo_vqgan() -> nn.Module:
     Raises:
         ImportError: taming-transformers is missing (``pip install ".[taming]"`` from a clone).
     """
-    from fdm.adapters.taming import load_model
-
     return load_model(DEMO_VQGAN_CONFIG, DEMO_VQGAN_WEIGHTS)
 
 

@@ -11,7 +11,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fdm.demo.figures import (
+from fdm.demo.model import ASSETS, load_demo_fdm, load_demo_vqgan
+from fdm.dequantizer import Dequantizer
+from fdm.evaluation.comparison import Comparison, compare
+from fdm.evaluation.figures import (
     CHANGE_MAP_FULL,
     ERROR_MAP_WHITE,
     error_change_map,
@@ -21,9 +24,6 @@ from fdm.demo.figures import (
     worst_region,
     zoom,
 )
-from fdm.demo.model import ASSETS, load_demo_fdm, load_demo_vqgan
-from fdm.dequantizer import Dequantizer
-from fdm.evaluation import Comparison, compare
 from fdm.images import image_grid, read_image, to_pil
 
 __all__ = ["SAMPLE_IMAGES", "DemoResult", "box_mask", "format_table", "load_sample", "run_demo"]

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fdm.checkpoint import load_state_dict_strict, read_checkpoint
-from fdm.metrics import _stlpips_weight_file
+from fdm.evaluation.metrics import _stlpips_weight_file
+from fdm.io.torch_files import read_checkpoint
+from fdm.io.weights import load_state_dict_strict
 
 __all__ = [
     "BACKBONES",
@@ -182,7 +183,7 @@ def load_vgg19(path: str | Path | None = None, *, last_layer: str = "relu5_2") -
     """Load VGG19 weights into a frozen :class:`VGG19Features` in eval mode.
 
     Args:
-        path: a torchvision VGG19 state dict (``.pth``, read by :func:`fdm.checkpoint.read_checkpoint`, keys ``features.*``;
+        path: a torchvision VGG19 state dict (``.pth``, read by :func:`fdm.io.torch_files.read_checkpoint`, keys ``features.*``;
             classifier keys are ignored) or a ``.safetensors`` / ``.pth`` holding :class:`VGG19Features`'s
             own keys (``layers.*``). None: torchvision's cache (:func:`_default_vgg19_path`).
         last_layer: deepest activation computed.

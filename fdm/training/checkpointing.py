@@ -1,6 +1,6 @@
 """Training checkpoints that resume without losing or repeating a step: module weights as safetensors, the
 rest (optimizer and scheduler states, step counter, every RNG state) as a plain-tensor file read back with
-:func:`fdm.checkpoint.read_checkpoint` (the library's one restricted unpickler), after every file was checked
+:func:`fdm.io.torch_files.read_checkpoint` (the library's one restricted unpickler), after every file was checked
 against the checkpoint's manifest. Shared by the phase-2 and phase-3 trainers.
 
 Layout of one checkpoint folder (written to a temporary name and renamed, so a crash never leaves a
@@ -26,15 +26,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from fdm.checkpoint import (
+from fdm.errors import CheckpointError
+from fdm.io.torch_files import read_checkpoint
+from fdm.io.weights import (
     check_finite_weights,
     file_sha256,
     load_state_dict_strict,
-    read_checkpoint,
     read_safetensors,
     write_weights,
 )
-from fdm.errors import CheckpointError
 
 __all__ = [
     "latest_checkpoint",

@@ -19,8 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fdm.errors import InputError
-from fdm.fingerprint import json_digest
-from fdm.training.sources import IMAGE_EXTENSIONS, FolderSource, ImageSource, _bounds, list_images
+from fdm.io.fingerprint import json_digest
+from fdm.training.sources.base import IMAGE_EXTENSIONS, FolderSource, ImageSource, bounds, list_images
 from fdm.validation import check_finite, check_image
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderViews", "SeededViews", "TensorViews", "list_images"]
@@ -113,7 +113,7 @@ class SeededViews(Dataset):
             IndexError: the range is not within ``[0, len(self)]``.
             InputError: an image cannot be read or decoded (names it).
         """
-        start, stop = _bounds(start, stop, len(self))
+        start, stop = bounds(start, stop, len(self))
         if start == stop:
             return
         per_image = self.views_per_image
@@ -213,7 +213,7 @@ class TensorViews(Dataset):
 
     def iter_views(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """``(index, view)`` for the views ``start <= index < stop`` (default: to the end), in order."""
-        for index in range(*_bounds(start, stop, len(self))):
+        for index in range(*bounds(start, stop, len(self))):
             yield index, self.images[index]
 
     def fingerprint(self) -> str:

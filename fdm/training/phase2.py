@@ -21,12 +21,13 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from fdm.adapter import VQAdapter, find_adapter
+from fdm.adapter import VQAdapter
 from fdm.errors import CheckpointError, InputError
 from fdm.losses.qe import qe_loss
 from fdm.masks import CellMaskBank, keep_known
 from fdm.module import FDM
 from fdm.precision import autocast, grad_scaler, load_scaler_state
+from fdm.registry import find_adapter
 from fdm.training.checkpointing import load_checkpoint, save_checkpoint
 from fdm.training.distributed import (
     DistContext,

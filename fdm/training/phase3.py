@@ -22,14 +22,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
-from fdm.adapter import VQAdapter, find_adapter
+from fdm.adapter import VQAdapter
 from fdm.errors import CheckpointError, InputError
-from fdm.finetuned_decoder import apply_decoder_state, decoder_state_dict
 from fdm.images import image_grid
+from fdm.io.decoder_weights import apply_decoder_state, decoder_state_dict
 from fdm.losses import Phase3Loss
 from fdm.masks import random_irregular_mask
 from fdm.module import FDM
 from fdm.precision import autocast, grad_scaler, load_scaler_state
+from fdm.registry import find_adapter
 from fdm.training.backbones import load_backbone
 from fdm.training.checkpointing import (
     _capture_rng_state,

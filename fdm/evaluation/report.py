@@ -26,10 +26,10 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from fdm.demo.figures import error_change_map, outline, worst_region, zoom
 from fdm.dequantizer import Dequantizer
 from fdm.errors import UsageError
-from fdm.evaluation import Comparison, evaluate_views, mean_metrics
+from fdm.evaluation.comparison import Comparison, evaluate_views, mean_metrics
+from fdm.evaluation.figures import error_change_map, outline, worst_region, zoom
 from fdm.images import image_grid, to_pil
 
 __all__ = ["REPORT_FORMAT", "check_report_dir", "summary_rows", "write_report"]

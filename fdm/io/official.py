@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
-from fdm.checkpoint import load_state_dict_strict, read_checkpoint
 from fdm.errors import CheckpointError
+from fdm.io.torch_files import read_checkpoint
+from fdm.io.weights import load_state_dict_strict
 
-if TYPE_CHECKING:
-    from fdm.module import FDM
+FDMType = TypeVar("FDMType", bound=nn.Module)  # fdm.FDM (not imported here: fdm.module imports this module)
 
 __all__ = [
     "OFFICIAL_PREFIXES",
@@ -111,7 +112,7 @@ def official_key(key: str, prefix: str = "fdm.") -> str:
     return key
 
 
-def load_official_fdm(cls: type[FDM], source: str | Path | dict, **config: Any) -> FDM:
+def load_official_fdm(cls: type[FDMType], source: str | Path | dict, **config: Any) -> FDMType:
     """Build ``cls`` (:class:`fdm.FDM`) from an official checkpoint: the implementation of
     :meth:`fdm.FDM.from_official_checkpoint`. Errors name keys as the file spells them (``fdm.mix.4.conv.2.weight``).
     """

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fdm.checkpoint import load_state_dict_strict, read_checkpoint
 from fdm.errors import InputError, MissingExtraError
+from fdm.io.torch_files import read_checkpoint
+from fdm.io.weights import load_state_dict_strict
 
 __all__ = ["feature_error_ratio", "fid_score", "inception_features", "load_fid", "load_stlpips", "psnr", "ssim"]
 
@@ -109,7 +110,7 @@ def load_stlpips(device: str | torch.device = "cpu") -> torch.nn.Module:
     """ST-LPIPS (AlexNet trunk, shift-tolerant variant), frozen, in eval mode: ``lpips(x, y)`` of two
     (B, 3, H, W) images in [-1, 1] -> (B, 1, 1, 1) distances.
 
-    Its weights are the file bundled with stlpips_pytorch, read by :func:`fdm.checkpoint.read_checkpoint` and
+    Its weights are the file bundled with stlpips_pytorch, read by :func:`fdm.io.torch_files.read_checkpoint` and
     loaded with every key and shape checked; nothing is downloaded.
 
     Raises:

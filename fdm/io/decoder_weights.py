@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from fdm.adapter import VQAdapter
-from fdm.checkpoint import load_state_dict_strict, read_safetensors, write_weights
 from fdm.errors import CheckpointError
-from fdm.hub import resolve_file
+from fdm.io.hub import resolve_file
+from fdm.io.weights import load_state_dict_strict, read_safetensors, write_weights
 
 __all__ = ["DECODER_WEIGHTS_NAME", "apply_decoder_state", "decoder_state_dict", "read_decoder_weights",
            "save_decoder_weights"]
@@ -50,7 +50,7 @@ def read_decoder_weights(model_id: str | Path, **hub_kwargs: Any) -> dict[str, t
     Args:
         model_id: folder written by ``save_pretrained`` or Hub repo id.
         **hub_kwargs: ``revision``, ``cache_dir``, ``force_download``, ``token``, ``local_files_only``
-            (see :func:`fdm.hub.resolve_file`).
+            (see :func:`fdm.io.hub.resolve_file`).
 
     Raises:
         CheckpointError: the file is absent (a phase-3 FDM is not valid without it) or unreadable.

