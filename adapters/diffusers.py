@@ -156,31 +156,41 @@ class DiffusersVQAdapter(VQAdapter):
         """
         if not self.spatial_norm:
             return super().register_correction_hook(correct)
-        last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # post_quant_conv's input -> its correction
-
-        def post_quant_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            z_dq = correct(args[0])
-            last["pair"] = (args[0], z_dq)
-            return (z_dq, *args[1:])
-
-        def decoder_pre_hook(
-            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-            positional = len(args) > 1
-            z_q = args[1] if positional else kwargs.get("latent_embeds")
-            if z_q is None:
-                return None
-            seen, z_dq = last.pop("pair", (None, None))
-            if seen is not z_q:
-                z_dq = correct(z_q)
-            if positional:
-                return (args[0], z_dq, *args[2:]), kwargs
-            return args, {**kwargs, "latent_embeds": z_dq}
-
+        hooks = _SpatialNormCorrection(correct)
         return _HookHandles(
-            self.model.post_quant_conv.register_forward_pre_hook(post_quant_pre_hook),
-            self.model.decoder.register_forward_pre_hook(decoder_pre_hook, with_kwargs=True),
+            self.model.post_quant_conv.register_forward_pre_hook(hooks.post_quant_conv),
+            self.model.decoder.register_forward_pre_hook(hooks.decoder, with_kwargs=True),
         )
+
+
+class _SpatialNormCorrection:
+    """The pre-hooks of a spatially normalised (MoVQ) decoder: ``post_quant_conv``'s input is corrected, and the
+    decoder's ``latent_embeds`` (the same tensor in ``VQModel.decode``) reuse that correction instead of running FDM
+    twice. :attr:`last` is the one piece of state: the last (input, correction) pair of ``post_quant_conv``, taken by
+    the decoder hook that follows it."""
+
+    def __init__(self, correct: Callable[[torch.Tensor], torch.Tensor]):
+        self.correct = correct
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def post_quant_conv(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        z_dq = self.correct(args[0])
+        self.last = (args[0], z_dq)
+        return (z_dq, *args[1:])
+
+    def decoder(self, module: nn.Module, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        positional = len(args) > 1
+        z_q = args[1] if positional else kwargs.get("latent_embeds")
+        if z_q is None:
+            return None
+        seen, z_dq = self.last if self.last is not None else (None, None)
+        self.last = None
+        if seen is not z_q:
+            z_dq = self.correct(z_q)
+        if positional:
+            return (args[0], z_dq, *args[2:]), kwargs
+        return args, {**kwargs, "latent_embeds": z_dq}
 
 
 def _vqmodel_subfolder(folder: Path) -> str:

@@ -16,7 +16,6 @@ evaluated at each precision. Needs the taming extra (``pip install ".[taming]"``
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import logging
 import math
@@ -67,7 +66,7 @@ def phase3(model, views, precision: str, args, work: Path, sync) -> float:
                           disc_warmup_steps=1, drop_vgg_terms=True, start_steps={"gradient": 0, "adversarial": 0},
                           device=args.device, precision=precision, progress=False, log_every=0, val_every=0,
                           checkpoint_every=0, output_dir=str(work / f"phase3-{precision}"))
-    trainer = Phase3Trainer(copy.deepcopy(model), load_demo_fdm(), views, config)  # trains its own decoder copy
+    trainer = Phase3Trainer(model, load_demo_fdm(), views, config)  # fine-tunes a copy of the model's decoder
     batches = [torch.stack([views[(i * config.batch_size + j) % len(views)] for j in range(config.batch_size)])
                for i in range(config.steps)]
     trainer._train_step(batches[0])  # warm-up (the trainer's loop adds only logging and checkpoints)

@@ -19,7 +19,7 @@ from torch import nn
 from fdm.adapter import VQAdapter
 from fdm.errors import CheckpointError, FingerprintMismatchError, InputError
 from fdm.io.decoder_weights import apply_decoder_state
-from fdm.masks import latent_mask
+from fdm.masks import pool_cells
 from fdm.module import FDM
 from fdm.padding import crop, pad_image, pad_mask, padded_size
 from fdm.pipeline import Latents, encode_latents, quantize
@@ -30,8 +30,9 @@ from fdm.validation import (
     check_fdm_fits,
     check_image,
     check_latent,
-    check_latent_mask,
+    check_latent_mask_shape,
     check_pixel_mask,
+    check_pixel_mask_shape,
 )
 from fdm.validation import check_finite as _check_finite
 
@@ -180,24 +181,28 @@ class Dequantizer(nn.Module):
         check_latent(z, self.adapter.channels)
         return quantize(self.adapter, z)
 
-    def cell_mask(
-        self, mask: torch.Tensor | None, z: torch.Tensor, *, check_binary: bool = True
-    ) -> torch.Tensor | None:
-        """Resolve a pixel hole mask (B, 1, H, W) or a latent-cell mask (B, 1, h, w) to the latter.
+    def cell_mask(self, mask: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor | None:
+        """Resolve a pixel hole mask (B, 1, H, W) or a latent-cell mask (B, 1, h, w) to the latter, checking its
+        shape and its values (0 and 1).
 
         A pixel mask may have the size of the image before padding (any H, W with ``ceil(H / f) = h`` and
         ``ceil(W / f) = w``, see :meth:`encode`); it is padded as known (:func:`fdm.padding.pad_mask`).
-        ``check_binary=False`` skips the binary check of ``mask`` (a device sync) for a mask checked already.
         """
+        if mask is not None:
+            check_binary_mask(mask)
+        return self._cells(mask, z)
+
+    def _cells(self, mask: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`cell_mask` of a mask whose values were checked (shapes are checked here)."""
         if mask is None:
             return None
         h, w = z.shape[-2:]
         f = self.factor
         if mask.dim() == 4 and mask.shape[-2:] == (h, w):
-            check_latent_mask(mask, z, check_binary=check_binary)
+            check_latent_mask_shape(mask, z)
             return mask.to(z.dtype)
         if mask.dim() == 4 and (padded_size(mask.shape[-2], f), padded_size(mask.shape[-1], f)) == (h * f, w * f):
-            return latent_mask(pad_mask(mask, f), f, check_binary=check_binary).to(z.dtype)
+            return pool_cells(pad_mask(mask, f), f).to(z.dtype)
         raise InputError(
             f"mask must be a pixel mask (B, 1, {h * f}, {w * f}) (or of the image's size before padding: height "
             f"{(h - 1) * f + 1} to {h * f}, width {(w - 1) * f + 1} to {w * f}) or a latent-cell mask (B, 1, {h}, "
@@ -208,8 +213,8 @@ class Dequantizer(nn.Module):
         """Apply FDM: ``z_q + F([z_q, m]) * m``; ``mask`` is a pixel or latent-cell mask, None = all cells."""
         return self.fdm(z_q, self.cell_mask(mask, z_q), check_binary=False)  # cell_mask checked it
 
-    def decode(self, z_q: torch.Tensor, mask: torch.Tensor | None = None, *, size: tuple[int, int] | None = None,
-               **model_kwargs: Any) -> torch.Tensor:
+    def decode(self, z_q: torch.Tensor, mask: torch.Tensor | None = None, *, image: torch.Tensor | None = None,
+               size: tuple[int, int] | None = None, **model_kwargs: Any) -> torch.Tensor:
         """Decode ``z_q`` (B, C, h, w) with FDM applied -> (B, 3, h f, w f) image in [-1, 1], or (B, 3, H, W) with
         ``size``.
 
@@ -217,15 +222,26 @@ class Dequantizer(nn.Module):
             z_q: quantized map; on known cells it may hold continuous features (inpainting).
             mask: pixel hole mask (B, 1, h f, w f), or of the image's size before padding (see :meth:`cell_mask`),
                 or latent-cell mask (B, 1, h, w); None = every cell generated.
+            image: (B, 3, H, W) the image being inpainted, for decoders guided by its known pixels (PUT): the
+                model's guide is built from it and the pixel ``mask`` (``adapter.decode_guide``, both padded as
+                :meth:`encode` pads them). Decoders that read only the features ignore it.
             size: (H, W) of the image whose padded feature ``z_q`` is (:meth:`encode`): the decoded image is
                 cropped to it (:func:`fdm.padding.crop`); None keeps (h f, w f).
-            **model_kwargs: passed to the adapter's decode: what else the model's decoder reads, e.g. PUT's
-                guide ``image=x, pixel_mask=hole`` (the known pixels of ``x`` guide its decoder;
-                ``adapter.decode_guide(*deq.prepare(x, hole))`` builds them at the padded size). The adapter
-                checks their shapes, not their values.
+            **model_kwargs: passed to the adapter's decode as they are (after the guide built from ``image``).
         """
         z_dq = self.correct(z_q, mask)
+        if image is not None:
+            model_kwargs = {**self._guide(image, mask), **model_kwargs}
         return crop(self._decode_raw(z_dq, **model_kwargs), size, self.factor)
+
+    def _guide(self, image: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
+        """The decoder's guide for ``image`` with pixel holes ``mask`` (values checked already by the caller)."""
+        check_image(image, factor=None, name="image")
+        image = pad_image(image, self.factor)
+        if mask is not None:
+            mask = pad_mask(mask, self.factor)
+            check_pixel_mask_shape(mask, image, name="mask (a pixel mask of image's size, with image=)")
+        return self.adapter.decode_guide(image, mask)
 
     def decode_indices(
         self, indices: torch.Tensor, mask: torch.Tensor | None = None, *, size: tuple[int, int] | None = None,
@@ -327,5 +343,5 @@ class Dequantizer(nn.Module):
     def _hooked_correction(self, z_q: torch.Tensor) -> torch.Tensor:
         if self._bypass_hook:
             return z_q
-        cells = self.cell_mask(self._attached_mask, z_q, check_binary=False)  # attach checked its values
+        cells = self._cells(self._attached_mask, z_q)  # attach checked its values
         return self.fdm(z_q, cells, check_binary=False)

@@ -15,28 +15,39 @@ from fdm.errors import InputError
 from fdm.images import read_gray
 from fdm.validation import check_binary_mask
 
-__all__ = ["CellMaskBank", "latent_mask", "keep_known", "load_mask", "random_irregular_mask", "DEFAULT_HOLE_RATIO"]
+__all__ = ["CellMaskBank", "DEFAULT_HOLE_RATIO", "keep_known", "latent_mask", "load_mask", "pool_cells", "random_irregular_mask"]
 
 DEFAULT_HOLE_RATIO = (0.2, 0.6)
 """Hole-area range of the official FDM training recipe (hyudsl/FDM configs, ``use_provided_mask_ratio``)."""
 
 
-def latent_mask(mask: torch.Tensor, factor: int, *, check_binary: bool = True) -> torch.Tensor:
-    """Turn a pixel hole mask into a latent-cell mask: a cell is generated if its patch has any hole pixel.
+def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """Turn a binary pixel hole mask into a latent-cell mask: a cell is generated if its patch has any hole pixel.
 
     Args:
         mask: (B, 1, H, W) binary, 1 = hole; H and W multiples of ``factor``.
         factor: the model's downsampling factor.
-        check_binary: check that ``mask`` holds only 0 and 1 (a device sync); False for a mask checked already.
 
     Returns:
         (B, 1, H / factor, W / factor) float mask, 1 = generated cell.
+
+    Raises:
+        InputError: a mask of another shape, or with values other than 0 and 1 (a device sync reads them; steps
+            behind a checked entry point use :func:`pool_cells`).
 
     Example:
         >>> m = torch.zeros(1, 1, 32, 32); m[..., 3, 20] = 1
         >>> latent_mask(m, 16)[0, 0].tolist()
         [[0.0, 1.0], [0.0, 0.0]]
     """
+    cells = pool_cells(mask, factor)
+    check_binary_mask(mask)
+    return cells
+
+
+def pool_cells(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """:func:`latent_mask` of a mask whose values are 0 and 1 already (checked by the caller, or built so): the
+    shape is checked, the values are not read."""
     if isinstance(factor, bool) or not isinstance(factor, int) or factor <= 0:
         raise InputError(f"factor must be a positive integer (the model's downsampling factor); got {factor!r}.")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1:
@@ -47,8 +58,6 @@ def latent_mask(mask: torch.Tensor, factor: int, *, check_binary: bool = True) -
     h, w = mask.shape[-2:]
     if h % factor or w % factor:
         raise InputError(f"mask size {h}x{w} is not a multiple of the downsampling factor {factor}.")
-    if check_binary:
-        check_binary_mask(mask)
     dtype = mask.dtype if mask.is_floating_point() else torch.float32
     return F.max_pool2d(mask.to(dtype), kernel_size=factor, stride=factor)
 
@@ -161,7 +170,7 @@ class CellMaskBank:
         holes = torch.stack([random_irregular_mask(h * factor, w * factor, hole_ratio,
                                                    generator=torch.Generator().manual_seed(_mask_seed(seed, k)))
                              for k in range(count)])  # (count, 1, H, W)
-        self.cells = latent_mask(holes, factor, check_binary=False)  # (count, 1, h, w), 1 = generated
+        self.cells = pool_cells(holes, factor)  # (count, 1, h, w), 1 = generated (binary by construction)
         self.variants = 8 if h == w else 4
 
     def pick(self, key: int) -> torch.Tensor:

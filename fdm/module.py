@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fdm.io.fdm_files import FDMFiles
-from fdm.validation import check_latent, check_latent_mask
+from fdm.validation import check_binary_mask, check_latent, check_latent_mask_shape
 
 __all__ = ["FDM", "ResidualBlock"]
 
@@ -159,15 +159,17 @@ class FDM(
         Args:
             z_q: (B, C, h, w) quantized (or partly continuous) feature map.
             mask: (B, 1, h, w) latent-cell mask, 1 = generated cell, or None for all ones.
-            check_binary: check that ``mask`` holds only 0 and 1 (a device sync); False for a mask the caller
-                checked or built (the :class:`~fdm.Dequantizer` passes False).
+            check_binary: read ``mask``'s values to check that they are 0 and 1 (a device sync); False for a
+                mask the caller checked or built binary (the library's own steps behind a checked entry point).
 
         Returns:
             (B, C, h, w) residual, zero on cells where ``mask`` is 0.
         """
         check_latent(z_q, self.channels, name="z_q")
         if mask is not None:
-            check_latent_mask(mask, z_q, check_binary=check_binary)
+            check_latent_mask_shape(mask, z_q)
+            if check_binary:
+                check_binary_mask(mask)
             mask = mask.to(z_q.dtype)
         if self.mask_channels:
             cell_mask = torch.ones_like(z_q[:, :1]) if mask is None else mask.expand(z_q.shape[0], -1, -1, -1)

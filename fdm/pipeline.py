@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from fdm.adapter import VQAdapter
-from fdm.masks import keep_known, latent_mask
+from fdm.masks import keep_known, pool_cells
 from fdm.precision import full_precision
 
 __all__ = ["Latents", "encode_latents", "quantize"]
@@ -77,7 +77,7 @@ def encode_latents(adapter: VQAdapter, x: torch.Tensor, mask: torch.Tensor | Non
     z_q, indices = quantize(adapter, z)
     cells = known = None
     if mask is not None:
-        cells = latent_mask(mask, adapter.factor, check_binary=False).to(z.dtype)
+        cells = pool_cells(mask, adapter.factor).to(z.dtype)
         known = adapter.encode_known(x, mask, z)
     return Latents(size=tuple(size or x.shape[-2:]), z=z, z_q=z_q, indices=indices, cells=cells, known=known,
                    guide=adapter.decode_guide(x, mask))

@@ -9,6 +9,7 @@ from fdm.errors import FingerprintMismatchError, InputError
 
 __all__ = [
     "check_binary_mask", "check_dtype", "check_fdm_fits", "check_finite", "check_image", "check_latent",
+    "check_latent_mask_shape", "check_pixel_mask_shape",
     "check_latent_mask", "check_pixel_mask",
 ]
 
@@ -77,7 +78,8 @@ def check_binary_mask(mask: torch.Tensor, *, name: str = "mask") -> None:
     """Check that a hole mask holds only 0 and 1 (bool masks pass as they are).
 
     This is the library's one binary check of a mask; it reads the values, so it is a device sync. Public entry
-    points run it once per call; the steps behind them take ``check_binary=False``.
+    points run it once per call (through :func:`check_pixel_mask`, :func:`check_latent_mask` or
+    :func:`fdm.latent_mask`); the steps behind them check shapes only.
     """
     if _check_tensor(mask, name).dtype == torch.bool:
         return
@@ -89,24 +91,22 @@ def check_binary_mask(mask: torch.Tensor, *, name: str = "mask") -> None:
         )
 
 
-def check_pixel_mask(mask: torch.Tensor, image: torch.Tensor, *, name: str = "mask", check_binary: bool = True) -> None:
-    """Check a binary (B, 1, H, W) hole mask (1 = hole) that matches ``image`` (B, 3, H, W).
-
-    ``check_binary=False`` checks the shape only, for a mask whose values were checked already.
-    """
+def check_pixel_mask_shape(mask: torch.Tensor, image: torch.Tensor, *, name: str = "mask") -> None:
+    """Check that a (B, 1, H, W) hole mask matches ``image`` (B, 3, H, W); its values are not read."""
     _check_tensor(mask, name)
     b, _, h, w = image.shape
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (h, w) or mask.shape[0] not in (1, b):
         raise InputError(f"{name} must have shape ({b}, 1, {h}, {w}) to match the image; got {_shape(mask)}.")
-    if check_binary:
-        check_binary_mask(mask, name=name)
 
 
-def check_latent_mask(mask: torch.Tensor, z: torch.Tensor, *, name: str = "mask", check_binary: bool = True) -> None:
-    """Check a binary (B, 1, h, w) latent-cell mask (1 = generated cell) that matches ``z`` (B, C, h, w).
+def check_pixel_mask(mask: torch.Tensor, image: torch.Tensor, *, name: str = "mask") -> None:
+    """Check a binary (B, 1, H, W) hole mask (1 = hole) that matches ``image`` (B, 3, H, W): shape and values."""
+    check_pixel_mask_shape(mask, image, name=name)
+    check_binary_mask(mask, name=name)
 
-    ``check_binary=False`` checks the shape only, for a mask whose values were checked already.
-    """
+
+def check_latent_mask_shape(mask: torch.Tensor, z: torch.Tensor, *, name: str = "mask") -> None:
+    """Check that a (B, 1, h, w) latent-cell mask matches ``z`` (B, C, h, w); its values are not read."""
     _check_tensor(mask, name)
     b, _, h, w = z.shape
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (h, w) or mask.shape[0] not in (1, b):
@@ -114,8 +114,12 @@ def check_latent_mask(mask: torch.Tensor, z: torch.Tensor, *, name: str = "mask"
             f"{name} must be a latent-cell mask of shape ({b}, 1, {h}, {w}) to match the feature map "
             f"{_shape(z)}; got {_shape(mask)}. Convert pixel masks with fdm.latent_mask(mask, factor)."
         )
-    if check_binary:
-        check_binary_mask(mask, name=name)
+
+
+def check_latent_mask(mask: torch.Tensor, z: torch.Tensor, *, name: str = "mask") -> None:
+    """Check a binary (B, 1, h, w) latent-cell mask (1 = generated cell) that matches ``z``: shape and values."""
+    check_latent_mask_shape(mask, z, name=name)
+    check_binary_mask(mask, name=name)
 
 
 def check_finite(x: torch.Tensor, *, name: str = "image") -> None:

@@ -154,7 +154,7 @@ def test_put_checks_each_mask_once_per_public_call(binary_checks):
     assert out.shape == (1, 3, 32, 48)
     _checked_once(binary_checks, lambda: deq.encode(x, hole))
     corrected = _checked_once(binary_checks, lambda: deq.decode(z_q, hole))
-    _checked_once(binary_checks, lambda: deq.correct(z_q, fdm.latent_mask(hole, 8, check_binary=False)))
+    _checked_once(binary_checks, lambda: deq.correct(z_q, fdm.masks.pool_cells(hole, 8)))
     _checked_once(binary_checks, lambda: compare(deq, x, hole))
     _checked_once(binary_checks, lambda: model.codec.reconstruct(x, hole))
     _checked_once(binary_checks, lambda: inpaint(model, x, hole, top_k=1, fdm=deq.fdm, progress=False))

@@ -180,6 +180,7 @@ def test_put_any_size():
         z = deq.encode(x, mask)
         z_q = keep_known(z, deq.quantize(z)[0], latent_mask(padded_mask, 8))
         out = deq.decode(z_q, mask, size=x.shape[-2:], **deq.adapter.decode_guide(padded, padded_mask))
+        assert torch.equal(deq.decode(z_q, mask, size=x.shape[-2:], image=x), out)  # the guide built from x
     assert out.shape == x.shape
 
 

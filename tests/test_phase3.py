@@ -268,7 +268,28 @@ def test_put_codec_fine_tunes_through_the_same_trainer(tmp_path):
     fresh = load_model(weights)
     original = {k: v.clone() for k, v in fresh.state_dict().items()}
     fdm.Dequantizer(fresh, fdm.FDM.from_pretrained(tmp_path / "put" / "fdm"), load_decoder="in_place")
-    tuned = {k: v for k, v in model.state_dict().items() if ".decoder." in k or "post_quant_conv" in k}
+    trained = trainer.model.state_dict()  # the trainer's copy of the model
+    tuned = {k: v for k, v in trained.items() if ".decoder." in k or "post_quant_conv" in k}
     assert tuned and all(torch.equal(fresh.state_dict()[k], v) for k, v in tuned.items())
     assert any(not torch.equal(original[k], v) for k, v in tuned.items())  # the decoder did change
-    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items() if k not in tuned)  # nothing else
+    assert all(torch.equal(original[k], v) for k, v in trained.items() if k not in tuned)  # nothing else
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())  # the caller's model: untouched
+
+
+def test_the_callers_model_is_left_alone_unless_in_place(tmp_path):
+    """As with fdm.Dequantizer: by default a copy of the model is fine-tuned, and the caller's model keeps its
+    weights and requires_grad flags; in_place=True fine-tunes the caller's decoder and leaves the model frozen."""
+    views = TensorViews(smooth_images(4))
+    model = toy_model()
+    model.decoder.requires_grad_(True)  # the caller's own flags, whatever they are, stay as they are
+    untouched = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    Phase3Trainer(model, toy_fdm(), views, config(tmp_path, "copy", steps=2)).train()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in untouched.items())
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+
+    tuned = Phase3Trainer(model, toy_fdm(), views, config(tmp_path, "in_place", steps=2), in_place=True).train()
+    changed = [k for k, v in untouched.items() if not torch.equal(v, model.state_dict()[k])]
+    assert changed and all(k.startswith(("post_quant_conv", "decoder")) for k in changed)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in tuned.decoder_state.items())

@@ -147,7 +147,10 @@ def test_adapter_and_dequantizer(model, image, hole):
         assert with_fdm.shape == image.shape and not torch.allclose(with_fdm, without)
         z = deq.encode(image, hole)
         z_q, _ = deq.quantize(z)
-        explicit = deq.decode(z_q, hole, image=image, pixel_mask=hole)
+        explicit = deq.decode(z_q, hole, image=image)  # the guide built from image and the mask given once
+        torch.testing.assert_close(explicit, deq.decode(z_q, hole, image=image, pixel_mask=hole))
+        with pytest.raises(InputError, match=r"mask \(a pixel mask of image's size, with image=\)"):
+            deq.decode(z_q, deq.cell_mask(hole, z_q), image=image)  # a latent-cell mask cannot guide pixels
         with deq.attached(hole):  # PUT's own decode path, corrected by the hook
             hooked = model.codec.decode(z_q, image, hole)
         torch.testing.assert_close(hooked, explicit)

@@ -53,7 +53,7 @@ class PUTAdapter(VQAdapter):
     def encode_known(self, x: torch.Tensor, mask: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Features of the masked image (hole pixels = -1), as PUT encodes it for inpainting; ``mask`` (B, 1, H, W),
         1 = hole, is checked by the caller (the Dequantizer's entry points)."""
-        return self.codec.encode(x, mask, check_binary=False)
+        return self.codec.encode(x, mask)
 
     def decode_guide(self, x: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
         """``{"image": x, "pixel_mask": mask}``: the decoder's guide (none without a mask)."""
@@ -70,7 +70,7 @@ class PUTAdapter(VQAdapter):
         """Decode ``z`` (B, C, h, w), guided by the known pixels of ``image`` (B, 3, H, W) where ``pixel_mask``
         (B, 1, H, W, 1 = hole) is 0; without both, every pixel is a hole (no guide). Shapes are checked here, the
         mask's values by the caller (the Dequantizer's entry points)."""
-        return self.codec.decode(z, image, pixel_mask, check_binary=False)
+        return self.codec.decode(z, image, pixel_mask)
 
     def hook_module(self) -> nn.Module:
         return self.codec.post_quant_conv

@@ -92,8 +92,8 @@ def inpaint(
     if generator is None and seed is not None:
         generator = torch.Generator(device).manual_seed(seed)
 
-    z = codec.encode(image, mask, check_binary=False)  # (B, C, h, w) features of the masked image
-    known = codec.known_cells(mask, image, check_binary=False)  # (B, h, w), True = known (PUT's convention)
+    z = codec.encode(image, mask)  # (B, C, h, w) features of the masked image
+    known = codec.known_cells(mask, image)  # (B, h, w), True = known (PUT's convention)
     _, known_idx = codec.quantize.quantize(z, known)  # (B, h, w)
     x, m, z, known, known_idx = (t.repeat_interleave(n, dim=0) for t in (image, mask, z, known, known_idx))
     codes = sample_codes(model.transformer, codec.quantize.embedding, z, known, top_k=top_k,
@@ -105,7 +105,7 @@ def inpaint(
     if not quantize_known:
         features = keep_known(z, features, cells)  # (B*N, C, h, w)
 
-    plain = codec.decode(features, x, m, check_binary=False)
+    plain = codec.decode(features, x, m)
     corrected = None
     if fdm is not None:
         deq = Dequantizer(model, fdm, check_fingerprint=check_fingerprint)

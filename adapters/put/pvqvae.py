@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdm.errors import InputError
-from fdm.masks import latent_mask
-from fdm.validation import check_image, check_pixel_mask
+from fdm.masks import pool_cells
+from fdm.validation import check_image, check_pixel_mask, check_pixel_mask_shape
 
 __all__ = ["PVQVAE", "PatchEncoder", "DualCodebookQuantizer", "GuidedDecoder", "masked_input"]
 
@@ -248,32 +248,26 @@ class PVQVAE(nn.Module):
     def embed_dim(self) -> int:
         return self.quantize.channels
 
-    def known_cells(self, pixel_mask: torch.Tensor | None, image: torch.Tensor, *,
-                    check_binary: bool = True) -> torch.Tensor:
-        """(B, h, w) bool: True where the patch has no hole pixel (PUT's token type 1).
-
-        ``check_binary=False`` skips the binary check of ``pixel_mask`` (a device sync) for a mask checked already.
-        """
+    def known_cells(self, pixel_mask: torch.Tensor | None, image: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) bool: True where the patch has no hole pixel (PUT's token type 1)."""
         p = self.patch_size
         b, _, height, width = image.shape
         if pixel_mask is None:
             return torch.ones(b, height // p, width // p, dtype=torch.bool, device=image.device)
         # PUT's convention (True = known) is the inverse of fdm.latent_mask's (1 = generated): inverted here only
-        return (latent_mask(pixel_mask, p, check_binary=check_binary) == 0)[:, 0].expand(b, -1, -1)
+        return (pool_cells(pixel_mask, p) == 0)[:, 0].expand(b, -1, -1)
 
-    def encode(self, image: torch.Tensor, pixel_mask: torch.Tensor | None = None, *,
-               check_binary: bool = True) -> torch.Tensor:
+    def encode(self, image: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, H, W) image in [-1, 1] -> (B, C, H/p, W/p) continuous features ``z``.
 
         With ``pixel_mask`` (B, 1, H, W, 1 = hole) the masked image is encoded (hole pixels = -1), as PUT
         does for inpainting; cells without hole pixels then get exactly the features of the full image.
-        ``check_binary=False`` skips the binary check of ``pixel_mask`` (a device sync) for a mask checked already.
         """
-        self._check(image, pixel_mask, check_binary)
+        self._check(image, pixel_mask)
         return self.quant_conv(self.encoder(masked_input(image, pixel_mask)))
 
     def decode(self, z: torch.Tensor, image: torch.Tensor | None = None,
-               pixel_mask: torch.Tensor | None = None, *, check_binary: bool = True) -> torch.Tensor:
+               pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Decode features ``z`` (B, C, h, w) -> (B, 3, H, W) image in [-1, 1].
 
         Args:
@@ -281,8 +275,6 @@ class PVQVAE(nn.Module):
             image: (B, 3, H, W) the image whose known pixels guide the decoder (hole pixels are ignored).
             pixel_mask: (B, 1, H, W) 1 = hole. Without ``pixel_mask`` and ``image`` every pixel is treated as
                 a hole, i.e. a pure decode of ``z`` with no guide.
-            check_binary: check that ``pixel_mask`` holds only 0 and 1 (a device sync); False for a mask
-                checked already (the adapter's decode, behind the Dequantizer's checks).
         """
         b, _, h, w = z.shape
         p = self.patch_size
@@ -291,13 +283,12 @@ class PVQVAE(nn.Module):
         if pixel_mask is None:  # a pure decode: every pixel a hole, no guide (nothing to read back)
             pixel_mask = torch.ones(b, 1, h * p, w * p, dtype=z.dtype, device=z.device)
             image = torch.zeros(b, 3, h * p, w * p, dtype=z.dtype, device=z.device)
-            check_binary = False  # all holes, by construction
         elif image is None:
             if not pixel_mask.bool().all():
                 raise InputError("PUT's decoder needs the image whose known pixels guide it: pass image=... "
                                  "together with a pixel_mask that has known pixels.")
             image = torch.zeros(b, 3, h * p, w * p, dtype=z.dtype, device=z.device)
-        self._check(image, pixel_mask, check_binary)
+        self._check(image, pixel_mask)
         if image.shape[-2:] != (h * p, w * p):
             raise InputError(f"features of size {h}x{w} decode to {h * p}x{w * p} pixels, but the guide image is "
                              f"{image.shape[-2]}x{image.shape[-1]}.")
@@ -308,11 +299,15 @@ class PVQVAE(nn.Module):
     def reconstruct(self, image: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
         """PUT's own reconstruction: encode, quantize every cell (hole cells with the second codebook half),
         decode guided by the known pixels. (B, 3, H, W) in [-1, 1]."""
-        z = self.encode(image, pixel_mask)  # the one binary check of pixel_mask
-        z_q, _ = self.quantize.quantize(z, self.known_cells(pixel_mask, image, check_binary=False))
-        return self.decode(z_q, image if pixel_mask is not None else None, pixel_mask, check_binary=False)
+        if pixel_mask is not None:
+            check_pixel_mask(pixel_mask, image)  # the one binary check of pixel_mask
+        z = self.encode(image, pixel_mask)
+        z_q, _ = self.quantize.quantize(z, self.known_cells(pixel_mask, image))
+        return self.decode(z_q, image if pixel_mask is not None else None, pixel_mask)
 
-    def _check(self, image: torch.Tensor, pixel_mask: torch.Tensor | None, check_binary: bool) -> None:
+    def _check(self, image: torch.Tensor, pixel_mask: torch.Tensor | None) -> None:
+        """Shapes only: the values of ``pixel_mask`` (0 and 1) are checked by the entry points that take a mask
+        from a caller (:meth:`reconstruct`, the Dequantizer, :func:`fdm.adapters.put.inpaint`)."""
         check_image(image, factor=self.patch_size, name="image")
         if pixel_mask is not None:
-            check_pixel_mask(pixel_mask, image, check_binary=check_binary)
+            check_pixel_mask_shape(pixel_mask, image)

@@ -156,7 +156,7 @@ def finetune(model: nn.Module, fdm_module: FDM, args: argparse.Namespace) -> FDM
     if args.val_data:
         val_views = SeededViews(_random_access_source(args.val_data, "--val-data"), crop_size=args.crop_size,
                                 seed=args.seed, flip=False)
-    trainer = Phase3Trainer(model, fdm_module, views, config, val_views=val_views)
+    trainer = Phase3Trainer(model, fdm_module, views, config, val_views=val_views, in_place=True)  # loaded for this run
     return trainer.train(checkpoint_to_resume(trainer.checkpoint_dir, resume=args.resume))
 
 

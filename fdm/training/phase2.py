@@ -56,7 +56,8 @@ class Phase2Trainer:
     """Train an FDM for a frozen VQ model on a dataset of training views.
 
     Args:
-        model: the base VQ model (any model with a registered adapter); put in eval mode, never updated.
+        model: the base VQ model (any model with a registered adapter); moved to the run's device and put in eval
+            mode, its weights never updated.
         views: dataset of (3, S, S) views in [-1, 1], e.g. :class:`~fdm.training.ImageFolderViews`.
         config: the run's :class:`Phase2Config`.
         fdm_module: the FDM to train, in place; by default a new one with the model's channel count, one mask

@@ -80,8 +80,11 @@ class _Generator(nn.Module):
 class Phase3Trainer:
     """Joint fine-tuning of an FDM and its base model's decoder.
 
-    The FDM (a phase-2 result) and the model's decoder modules (``adapter.decoder_modules()``) are trained
-    in place; the encoder and codebook stay frozen. :meth:`train` returns a new :class:`~fdm.FDM` with
+    The FDM (a phase-2 result) and the model's decoder modules (``adapter.decoder_modules()``) are trained; the
+    encoder and codebook stay frozen. The model is handled as :class:`~fdm.Dequantizer` handles it: by default
+    the trainer fine-tunes a deep copy and your model keeps its decoder (weights, ``requires_grad`` and device);
+    ``in_place=True`` fine-tunes your model's decoder itself (no second copy of the model in memory) and leaves
+    the model frozen (``requires_grad`` off) in eval mode at the end of :meth:`train`. :meth:`train` returns a new :class:`~fdm.FDM` with
     ``finetuned_decoder=True`` carrying the decoder weights, and writes it with them to
     ``<output_dir>/fdm`` (``model.safetensors``, ``decoder.safetensors``, ``config.json``, ``README.md``).
 
@@ -92,7 +95,9 @@ class Phase3Trainer:
             (e.g. :class:`~fdm.training.ImageFolderViews`).
         config: the run's :class:`Phase3Config`.
         val_views: dataset of validation images (None: no validation).
-        adapter: the model's adapter (found from the model's type when None).
+        adapter: the model's adapter (found from the model's type when None); with the default copy of the
+            model, an adapter of the same type is made for the copy.
+        in_place: fine-tune ``model``'s own decoder instead of a copy's (see above).
         backbone: feature extractor for the perceptual and style terms; None loads VGG19 from
             ``config.vgg_weights`` or torchvision's cache and raises
             :class:`~fdm.training.backbones.VGG19WeightsMissing` if there is none (unless
@@ -114,6 +119,7 @@ class Phase3Trainer:
         *,
         val_views: Dataset | None = None,
         adapter: VQAdapter | None = None,
+        in_place: bool = False,
         backbone: nn.Module | None = None,
     ):
         self.config = cfg = config
@@ -121,12 +127,13 @@ class Phase3Trainer:
         if len(views) == 0:
             raise InputError("the training set is empty.")
         check_fdm_fits(fdm_module, self.adapter.channels, masked=cfg.hole_ratio is not None)
-        if fdm_module.finetuned_decoder:  # fine-tuning a phase-3 FDM further: its decoder goes in first
-            if fdm_module.decoder_state is None:
-                raise CheckpointError("this FDM was fine-tuned with a decoder (finetuned_decoder=True) but carries "
-                                      "no decoder weights; load it with FDM.from_pretrained.")
-            model = copy.deepcopy(model)  # the caller's model keeps its own decoder (see fdm.Dequantizer)
+        if fdm_module.finetuned_decoder and fdm_module.decoder_state is None:
+            raise CheckpointError("this FDM was fine-tuned with a decoder (finetuned_decoder=True) but carries no "
+                                  "decoder weights; load it with FDM.from_pretrained.")
+        if not in_place:
+            model = copy.deepcopy(model)  # the caller's model keeps its own decoder (as with fdm.Dequantizer)
             self.adapter = type(self.adapter)(model)
+        if fdm_module.finetuned_decoder:  # fine-tuning a phase-3 FDM further: its decoder goes in first
             apply_decoder_state(self.adapter, fdm_module.decoder_state, source="decoder of the phase-3 FDM given")
         self.ctx: DistContext = init_distributed(cfg.device if cfg.device is not None else self.adapter.device)
         self.device = self.ctx.device
@@ -409,10 +416,12 @@ class Phase3Trainer:
         bar.close()
         self.seconds += time.perf_counter() - started
         result = self.result()
-        if self.ctx.is_main and self.step == cfg.steps:
-            result.save_pretrained(self.output_dir / "fdm")
-            logger.info("saved the fine-tuned FDM%s to %s", "" if cfg.freeze_decoder else " and its decoder",
-                        self.output_dir / "fdm")
+        if self.step == cfg.steps:
+            self.model.requires_grad_(False).eval()  # done: the model (yours, with in_place) is left frozen
+            if self.ctx.is_main:
+                result.save_pretrained(self.output_dir / "fdm")
+                logger.info("saved the fine-tuned FDM%s to %s", "" if cfg.freeze_decoder else " and its decoder",
+                            self.output_dir / "fdm")
         barrier(self.ctx)
         return result
 
