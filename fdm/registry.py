@@ -231,33 +231,29 @@ def family_of(model: object) -> tuple[ModelFamily, VQAdapter] | None:
 
 def cli_models() -> dict[str, tuple[ModelFamily, CliModel]]:
     """Every ``--model`` choice of the command line, with its family."""
-    choices: dict[str, tuple[ModelFamily, CliModel]] = {}
-    for family in families():
-        for name, entry in family.cli_models.items():
-            if name in choices:
-                raise ConfigError(f"--model {name} is declared by both {choices[name][0].name} and {family.name}.")
-            choices[name] = (family, entry)
-    return choices
+    return _declared("cli_models", "--model")
 
 
 def cli_options() -> dict[str, tuple[ModelFamily, Mapping[str, Any]]]:
-    """Every family's own command-line option: flag -> (family, ``add_argument`` keyword arguments).
-
-    Raises:
-        ConfigError: two families declare the same flag.
-    """
-    options: dict[str, tuple[ModelFamily, Mapping[str, Any]]] = {}
-    for family in families():
-        for flag, kwargs in family.cli_options.items():
-            if flag in options:
-                raise ConfigError(f"the option {flag} is declared by both {options[flag][0].name} and {family.name}.")
-            options[flag] = (family, kwargs)
-    return options
+    """Every family's own command-line option: flag -> (family, ``add_argument`` keyword arguments)."""
+    return _declared("cli_options", "the option")
 
 
 def cli_commands() -> dict[str, str]:
     """The families' own sub-commands: name -> module path."""
-    commands: dict[str, str] = {}
+    return {name: module for name, (_, module) in _declared("commands", "the sub-command").items()}
+
+
+def _declared(field: str, what: str) -> dict[str, tuple[ModelFamily, Any]]:
+    """The entries of the mapping ``field`` of every family, by name, with their family.
+
+    Raises:
+        ConfigError: two families declare the same name (names both).
+    """
+    found: dict[str, tuple[ModelFamily, Any]] = {}
     for family in families():
-        commands.update(family.commands)
-    return commands
+        for name, entry in getattr(family, field).items():
+            if name in found:
+                raise ConfigError(f"{what} {name} is declared by both {found[name][0].name} and {family.name}.")
+            found[name] = (family, entry)
+    return found

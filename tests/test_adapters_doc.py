@@ -263,3 +263,16 @@ def test_a_channel_mismatch_is_the_same_error_everywhere(tmp_path):
         Phase3Trainer(model, wrong, views, Phase3Config(steps=1, output_dir=str(tmp_path / "p3"), drop_vgg_terms=True))
     with pytest.raises(FingerprintMismatchError, match="16-channel"):
         fdm.Dequantizer(model, wrong)
+
+
+def test_a_model_choice_or_sub_command_declared_twice_is_refused(tmp_path, monkeypatch, registry_restored):
+    (tmp_path / "twice.py").write_text("from fdm.registry import CliModel, ModelFamily\nfrom toy_vq import ToyVQAdapter\n"
+                                       "FAMILY = ModelFamily(name='twice', adapters=(ToyVQAdapter,), "
+                                       "cli_models={'taming': CliModel(lambda args: None)}, "
+                                       "commands={'sample': 'twice'})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.register_family("twice")
+    with pytest.raises(fdm.errors.ConfigError, match="--model taming is declared by both taming and twice"):
+        registry.cli_models()
+    with pytest.raises(fdm.errors.ConfigError, match="the sub-command sample is declared by both taming and twice"):
+        registry.cli_commands()

@@ -473,3 +473,17 @@ def test_every_command_prints_its_help(command, capsys):
         cli.main([command, "--help"])
     assert stopped.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: fdm {command}")
+
+
+def test_the_data_is_checked_before_the_model_is_loaded(tmp_path, run_here):
+    """A mistyped --data fails at once, not after the (possibly large) model has been read: here the checkpoint
+    is no checkpoint at all, and the error is still about the data."""
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+    model = ["--model", "taming", "--config", str(tmp_path / "model.yaml"), "--checkpoint", "broken.ckpt"]
+    (tmp_path / "model.yaml").write_text("model: {}\n")
+    result = run_here("train", "--data", "missing-photos", "--out", "out", *model)
+    assert result.returncode == 2 and "Training data not found: missing-photos" in result.stderr
+    result = run_here("finetune", "--data", "missing-photos", "--out", "out", "--steps", "1", "--fdm", "none", *model)
+    assert result.returncode == 2 and "Training data not found: missing-photos" in result.stderr
+    result = run_here("train", "--data", str(tmp_path), "--out", "out", "--minutes", "1", "--warmup-steps", "5", *model)
+    assert result.returncode == 2 and "--warmup-steps counts steps" in result.stderr

@@ -52,7 +52,7 @@ def test_public_names():
 
     homes = {"FDM": fdm.module, "Dequantizer": fdm.dequantizer, "latent_mask": fdm.masks, "load_mask": fdm.masks,
              "random_irregular_mask": fdm.masks, "register_family": fdm.registry, "ModelFamily": fdm.registry,
-             "find_adapter": fdm.adapter, "VQAdapter": fdm.adapter}
+             "find_adapter": fdm.registry, "VQAdapter": fdm.adapter}
     for name, home in homes.items():  # each exported name is the object of its one home module
         assert name in fdm.__all__ and getattr(fdm, name) is getattr(home, name), name
 

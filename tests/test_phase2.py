@@ -125,7 +125,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, model, views):
         changed.train(resume_from=step3)
     torch.manual_seed(5)
     other_model = Phase2Trainer(ToyVQ().eval(), views, config(tmp_path / "other", steps=10, checkpoint_every=3))
-    with pytest.raises(CheckpointError, match=r"for another base model \(codebook fingerprint\)"):
+    with pytest.raises(CheckpointError, match=r"for another base model: the base model \(codebook fingerprint\) differ"):
         other_model.train(resume_from=step3)
 
 

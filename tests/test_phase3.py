@@ -77,6 +77,14 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     changed = Phase3Trainer(toy_model(), toy_fdm(), views, config(tmp_path, "split", lr=1e-3))
     with pytest.raises(CheckpointError, match="different config.*'lr'"):
         changed.resume(checkpoint)
+    other_images = Phase3Trainer(toy_model(), toy_fdm(), TensorViews(smooth_images(8, seed=1)),
+                                 config(tmp_path, "split"))
+    with pytest.raises(CheckpointError, match=r"other data or for another base model: the training views \(images"):
+        other_images.resume(checkpoint)
+    torch.manual_seed(5)
+    other_model = ToyVQ().eval()  # the same architecture, another codebook
+    with pytest.raises(CheckpointError, match=r"for another base model: the base model \(codebook fingerprint\) differ"):
+        Phase3Trainer(other_model, toy_fdm(), views, config(tmp_path, "split")).resume(checkpoint)
 
 
 def test_saved_result_carries_the_decoder_and_the_dequantizer_uses_it(tmp_path):

@@ -1,4 +1,4 @@
-"""`fdm eval --report DIR` (fdm/report.py): metrics.json agrees with evaluate_views, the page is self-contained and
+"""`fdm eval --report DIR` (fdm/evaluation/report.py): metrics.json agrees with evaluate_views, the page is self-contained and
 works in headless Chromium (tests/chromium.py: images load, no console errors, the table sorts on a click, the
 screenshot is not blank), and the report folder is refused, replaced or left alone as documented."""
 
@@ -178,7 +178,7 @@ def test_stlpips_per_photo(tmp_path, monkeypatch):
     def no_fid(device):
         raise MissingExtraError("FID left out by this test")
 
-    monkeypatch.setattr("fdm.evaluation.load_fid", no_fid)
+    monkeypatch.setattr("fdm.evaluation.comparison.load_fid", no_fid)
     views = ImageFolderViews(_photos(tmp_path / "images"), crop_size=CROP, views_per_image=1)
     deq = Dequantizer(load_demo_vqgan(), load_demo_fdm())
     summary = write_report(tmp_path / "report", deq, views, run={"model": "demo"}, progress=False)

@@ -33,7 +33,7 @@ from fdm.training import ImageSource, SeededViews, checkpoint_to_resume, open_so
 from fdm.training.backbones import BACKBONES
 from fdm.training.phase3 import Phase3Config, Phase3Trainer
 
-__all__ = ["add_arguments", "finetune", "run"]
+__all__ = ["add_arguments", "finetune", "run", "training_sources"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +112,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        fdm_module = load_fdm(args)  # first: the cheapest to fail
-        finetune(load_base_model(args), fdm_module, args)
+        sources = training_sources(args)  # first: the data and the FDM fail before the model is loaded
+        fdm_module = load_fdm(args)
+        finetune(load_base_model(args), fdm_module, args, sources)
     finally:
         shutdown_distributed()
     return 0
 
 
-def finetune(model: nn.Module, fdm_module: FDM, args: argparse.Namespace) -> FDM:
-    """Fine-tune ``fdm_module`` (and ``model``'s decoder unless ``--freeze-decoder``) as the parsed options say."""
+def training_sources(args: argparse.Namespace) -> tuple[ImageSource, ImageSource | None]:
+    """The sources ``--data`` and ``--val-data`` name (None without ``--val-data``); streaming ones are refused."""
+    val = _random_access_source(args.val_data, "--val-data") if args.val_data else None
+    return _random_access_source(args.data, "--data"), val
+
+
+def finetune(model: nn.Module, fdm_module: FDM, args: argparse.Namespace,
+             sources: tuple[ImageSource, ImageSource | None] | None = None) -> FDM:
+    """Fine-tune ``fdm_module`` (and ``model``'s decoder unless ``--freeze-decoder``) as the parsed options say, on
+    ``sources`` (training and validation images; default: :func:`training_sources`)."""
+    train_source, val_source = sources if sources is not None else training_sources(args)
     weights = dict(args.loss_weight)
     if args.no_adversarial:
         weights["adversarial"] = 0.0
@@ -150,12 +160,9 @@ def finetune(model: nn.Module, fdm_module: FDM, args: argparse.Namespace) -> FDM
         num_workers=args.num_workers,
         progress=not args.no_progress,
     )
-    views = SeededViews(_random_access_source(args.data, "--data"), crop_size=args.crop_size,
-                        views_per_image=args.views_per_image, seed=args.seed)
-    val_views = None
-    if args.val_data:
-        val_views = SeededViews(_random_access_source(args.val_data, "--val-data"), crop_size=args.crop_size,
-                                seed=args.seed, flip=False)
+    views = SeededViews(train_source, crop_size=args.crop_size, views_per_image=args.views_per_image, seed=args.seed)
+    val_views = None if val_source is None else SeededViews(val_source, crop_size=args.crop_size, seed=args.seed,
+                                                            flip=False)
     trainer = Phase3Trainer(model, fdm_module, views, config, val_views=val_views, in_place=True)  # loaded for this run
     return trainer.train(checkpoint_to_resume(trainer.checkpoint_dir, resume=args.resume))
 

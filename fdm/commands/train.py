@@ -65,7 +65,7 @@ from fdm.training.recipe import (
     views_per_image_for,
 )
 
-__all__ = ["add_arguments", "run", "train"]
+__all__ = ["add_arguments", "run", "train", "training_source"]
 
 #: Every option's default is Phase2Config's (a config needs a run length, so its field defaults are read).
 _DEFAULTS = SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(Phase2Config)})
@@ -142,19 +142,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        train(load_base_model(args), args)
+        source = training_source(args)  # first: options and data fail before the model is loaded
+        train(load_base_model(args), args, source)
     finally:
         shutdown_distributed()
     return 0
 
 
-def train(model: nn.Module, args: argparse.Namespace) -> FDM:
-    """Train an FDM for ``model`` as the parsed ``fdm train`` options say; returns the trained FDM."""
-    adapter = find_adapter(model)
+def training_source(args: argparse.Namespace) -> ImageSource:
+    """Check the options that need no model and open ``--data``.
+
+    Raises:
+        UsageError: ``--warmup-steps`` without a length in steps, or ``--cache none`` on a streamed source.
+        InputError: ``--data`` does not exist or cannot be opened.
+    """
     no_length = args.steps is None and args.epochs is None and args.minutes is None
     if args.warmup_steps is not None and args.steps is None and args.epochs is None and not no_length:
         raise UsageError("--warmup-steps counts steps: give --steps or --epochs too, or leave it out (the warm-up "
                          f"is then the first {WARMUP_FRACTION:.0%} of the run).")
+    source = open_source(args.data)
+    if args.cache == "none" and not source.random_access:
+        raise UsageError(f"--cache none re-encodes views by index at every step, which {source.describe()} cannot "
+                         "do (it streams); use --cache memory or --cache disk.")
+    return source
+
+
+def train(model: nn.Module, args: argparse.Namespace, source: ImageSource | None = None) -> FDM:
+    """Train an FDM for ``model`` as the parsed ``fdm train`` options say, on ``source`` (default:
+    :func:`training_source`); returns the trained FDM."""
+    source = source if source is not None else training_source(args)
+    adapter = find_adapter(model)
+    no_length = args.steps is None and args.epochs is None and args.minutes is None
     config = Phase2Config(
         steps=args.steps,
         epochs=DEFAULT_EPOCHS if no_length else args.epochs,
@@ -180,10 +198,6 @@ def train(model: nn.Module, args: argparse.Namespace) -> FDM:
         checks=args.checks,
         patience=args.patience or None,
     )
-    source = open_source(args.data)
-    if args.cache == "none" and not source.random_access:
-        raise UsageError(f"--cache none re-encodes views by index at every step, which {source.describe()} cannot "
-                         "do (it streams); use --cache memory or --cache disk.")
     source, heldout = split_heldout(source, args.val_fraction, seed=args.seed)
     crop = args.crop_size or crop_size_for(adapter.factor)
     per_image = args.views_per_image or views_per_image_for(

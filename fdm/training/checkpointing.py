@@ -37,8 +37,10 @@ from fdm.io.weights import (
 )
 
 __all__ = [
+    "check_resumable",
     "latest_checkpoint",
     "load_checkpoint",
+    "run_identity",
     "save_checkpoint",
 ]
 
@@ -177,6 +179,58 @@ def _verify_manifest(path: Path) -> None:
         if file_sha256(file) != expected:
             raise CheckpointError(f"{file} does not match the sha256 recorded in {manifest_file}: the file is "
                                   f"corrupted or was altered. {remedy}")
+
+
+_IDENTITY_WORDS = {
+    "base_model": "the base model (codebook fingerprint)",
+    "views": "the training views (images, crops, views per image, held-out part or seed)",
+    "heldout": "the held-out views",
+    "val": "the validation views",
+}
+
+
+def run_identity(base_model: str | None, **views: Any) -> dict[str, str | None]:
+    """What a resumed run must train on and for: the fingerprint of the base model's codebook and of each set of
+    views given by role (``views=``, ``heldout=``...; a dataset without ``fingerprint()`` counts by its length,
+    None stays None). Saved in every checkpoint under ``"data"`` and compared by :func:`check_resumable`."""
+    def fingerprint(dataset: Any) -> str | None:
+        if dataset is None:
+            return None
+        return dataset.fingerprint() if hasattr(dataset, "fingerprint") else str(len(dataset))
+    return {"base_model": base_model, **{role: fingerprint(dataset) for role, dataset in views.items()}}
+
+
+def check_resumable(path: str | Path, state: dict[str, Any], *, phase: int, config: dict[str, Any],
+                    fields: tuple[str, ...], identity: dict[str, str | None], world_size: int) -> None:
+    """Refuse to resume a checkpoint written by another kind of run.
+
+    Args:
+        path: the checkpoint folder (named in messages).
+        state: its training state (:func:`load_checkpoint`).
+        phase: the resuming trainer's phase (2 or 3).
+        config: the resuming run's config (``to_dict()``); ``fields`` of it must equal the saved ones.
+        identity: the resuming run's :func:`run_identity`, which must equal the saved one.
+        world_size: the resuming run's process count, which must equal the saved one.
+
+    Raises:
+        CheckpointError: another phase, config, data or base model, or process count (names what differs).
+    """
+    if state.get("phase") != phase:
+        raise CheckpointError(f"{path} is not a phase-{phase} checkpoint (phase {state.get('phase')}).")
+    saved = state.get("config") or {}
+    changed = {k: (saved.get(k), config[k]) for k in fields if saved.get(k) != config[k]}
+    if changed:
+        raise CheckpointError(f"cannot resume {path} with a different config: {changed} (saved, now).")
+    saved_identity = state.get("data") or {}
+    differ = [role for role in sorted(set(identity) | set(saved_identity)) if saved_identity.get(role) != identity.get(role)]
+    if differ:
+        words = [_IDENTITY_WORDS.get(role, f"the {role} views") for role in differ]
+        raise CheckpointError(f"{path} was written by a run on other data or for another base model: "
+                              f"{' and '.join(words)} differ; resume it with the same data and model, or start a new "
+                              "run in another --out folder.")
+    if state.get("world_size") != world_size:
+        raise CheckpointError(f"{path} was written by {state.get('world_size')} processes; resume it with as many "
+                              f"(got {world_size}).")
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

@@ -22,13 +22,13 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from fdm.adapter import VQAdapter
-from fdm.errors import CheckpointError, InputError
+from fdm.errors import InputError
 from fdm.losses.qe import qe_loss
 from fdm.masks import CellMaskBank, keep_known
 from fdm.module import FDM
 from fdm.precision import autocast, grad_scaler, load_scaler_state
 from fdm.registry import find_adapter
-from fdm.training.checkpointing import load_checkpoint, save_checkpoint
+from fdm.training.checkpointing import check_resumable, load_checkpoint, run_identity, save_checkpoint
 from fdm.training.distributed import (
     DistContext,
     all_gather_objects,
@@ -301,20 +301,8 @@ class Phase2Trainer:
     def _resume(self, path: str | Path, ctx: DistContext, optimizer) -> list[float]:
         """Load a checkpoint into the FDM and optimizer; returns the recent losses."""
         state = load_checkpoint(path, {"fdm": self.fdm})
-        if state.get("phase") != 2:
-            raise CheckpointError(f"{path} is not a phase-2 checkpoint (phase {state.get('phase')}).")
-        saved, now = state["config"], self.config.to_dict()
-        changed = {k: (saved.get(k), now[k]) for k in RESUME_FIELDS if saved.get(k) != now[k]}
-        if changed:
-            raise CheckpointError(f"cannot resume {path} with a different config: {changed} (saved, now).")
-        if state.get("data") != self._data_identity():
-            raise CheckpointError(f"{path} was written by a run on other training or held-out views (images, crops, "
-                                  "views per image, --val-fraction or seed differ) or for another base model "
-                                  "(codebook fingerprint); resume it with the same data and model, or start a new "
-                                  "run in another --out folder.")
-        if state["world_size"] != ctx.world_size:
-            raise CheckpointError(f"{path} was written by {state['world_size']} processes; resume it with as many "
-                                  f"(got {ctx.world_size}).")
+        check_resumable(path, state, phase=2, config=self.config.to_dict(), fields=RESUME_FIELDS,
+                        identity=self._data_identity(), world_size=ctx.world_size)
         optimizer.load_state_dict(state["optimizer"])
         load_scaler_state(self.scaler, state.get("scaler"))
         self.history = list(state["history"])
@@ -326,12 +314,9 @@ class Phase2Trainer:
         return list(state["ranks"][ctx.rank]["recent_losses"])
 
     def _data_identity(self) -> dict[str, str | None]:
-        """Fingerprints of the training and held-out views and of the base model's codebook (what a resumed run must
-        train and check on, and for)."""
-        def fingerprint(views: Dataset | None) -> str | None:
-            return None if views is None else views.fingerprint() if hasattr(views, "fingerprint") else str(len(views))
-        return {"views": fingerprint(self.views), "heldout": fingerprint(self.heldout_views),
-                "base_model": self.fdm.base_model_fingerprint}
+        """The run's :func:`~fdm.training.checkpointing.run_identity`: its training and held-out views and the base
+        model's codebook."""
+        return run_identity(self.fdm.base_model_fingerprint, views=self.views, heldout=self.heldout_views)
 
     # --- the result ---------------------------------------------------------------------------------------
 

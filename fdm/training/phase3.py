@@ -35,7 +35,9 @@ from fdm.training.backbones import load_backbone
 from fdm.training.checkpointing import (
     _capture_rng_state,
     _restore_rng_state,
+    check_resumable,
     load_checkpoint,
+    run_identity,
     save_checkpoint,
 )
 from fdm.training.discriminator import PatchDiscriminator
@@ -311,7 +313,8 @@ class Phase3Trainer:
         path = None
         if self.ctx.is_main:
             state = {name: obj.state_dict() for name, obj in (self._stateful() | self._scalers()).items()}
-            state |= {"phase": 3, "config": self.config.to_dict(), "world_size": self.ctx.world_size, "ranks": ranks}
+            state |= {"phase": 3, "config": self.config.to_dict(), "world_size": self.ctx.world_size, "ranks": ranks,
+                      "data": self._data_identity()}
             path = save_checkpoint(self.checkpoint_dir, self.step, self._modules(), state,
                                    keep=self.config.keep_checkpoints)
         barrier(self.ctx)
@@ -324,25 +327,23 @@ class Phase3Trainer:
         restored where both runs use fp16 and starts afresh otherwise.
 
         Raises:
-            CheckpointError: not a phase-3 checkpoint, another config or process count, or weights that do
-                not fit.
+            CheckpointError: not a phase-3 checkpoint, another config, data, base model or process count, or
+                weights that do not fit.
         """
         state = load_checkpoint(path, self._modules(), map_location=self.device)
-        if state.get("phase") != 3:
-            raise CheckpointError(f"{path} is not a phase-3 checkpoint (phase {state.get('phase')}).")
-        saved, now = state["config"], self.config.to_dict()
-        changed = {k: (saved.get(k), now[k]) for k in RESUME_FIELDS if saved.get(k) != now[k]}
-        if changed:
-            raise CheckpointError(f"cannot resume {path} with a different config: {changed} (saved, now).")
-        if state["world_size"] != self.ctx.world_size:
-            raise CheckpointError(f"{path} was written by {state['world_size']} processes; resume it with as many "
-                                  f"(got {self.ctx.world_size}).")
+        check_resumable(path, state, phase=3, config=self.config.to_dict(), fields=RESUME_FIELDS,
+                        identity=self._data_identity(), world_size=self.ctx.world_size)
         for name, obj in self._stateful().items():
             obj.load_state_dict(state[name])
         for name, scaler in self._scalers().items():  # the precision may differ from the saved run's
             load_scaler_state(scaler, state.get(name))
         _restore_rng_state(state["ranks"][self.ctx.rank]["rng"])
         self.step = int(state["step"])
+
+    def _data_identity(self) -> dict[str, str | None]:
+        """The run's :func:`~fdm.training.checkpointing.run_identity`: its training and validation views and the
+        base model's codebook."""
+        return run_identity(self.adapter.fingerprint(), views=self.views, val=self.val_views)
 
     # --- the result ------------------------------------------------------------------------------------
 
