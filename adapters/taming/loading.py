@@ -22,6 +22,7 @@ from torch import nn
 
 from fdm.adapters.taming.compat import (
     _to_container,
+    check_sizes,
     check_targets,
     import_taming,
     inference_config,
@@ -59,7 +60,8 @@ def load_config(config: Any, *, repo_id: str | None = None, revision: str | None
             trust (custom model classes, say).
 
     Raises:
-        ConfigError: the file does not parse, or a ``target`` is not allowed (naming its key path and value).
+        ConfigError: the file does not parse, a ``target`` is not allowed, or a size is out of
+            :data:`~fdm.adapters.taming.compat.SIZE_LIMITS` (naming its key path and value).
         CheckpointError: there is no ``model`` section with a ``target``.
     """
     if isinstance(config, (str, Path)):
@@ -80,7 +82,9 @@ def load_config(config: Any, *, repo_id: str | None = None, revision: str | None
         check_targets(model_config, prefix="model")  # every depth, before anything is imported
         if not str(model_config["target"]).startswith("taming."):
             raise CheckpointError(f"Expected a taming model target (taming.models...); got {model_config['target']!r}.")
-    return inference_config(model_config)
+    cleaned = inference_config(model_config)
+    check_sizes(cleaned)  # before anything is built: no config makes taming build millions of modules
+    return cleaned
 
 
 def build_model(config: Any, *, device: str | torch.device | None = None, trust_config: bool = False) -> nn.Module:
@@ -95,7 +99,7 @@ def build_model(config: Any, *, device: str | torch.device | None = None, trust_
         The taming model (VQModel, GumbelVQ or Net2NetTransformer) in eval mode.
 
     Raises:
-        ConfigError: a ``target`` is not allowed (before anything is imported).
+        ConfigError: a ``target`` is not allowed or a size is out of bounds (before anything is imported).
     """
     model_config = load_config(config, trust_config=trust_config)
     import_taming()
