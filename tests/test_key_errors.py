@@ -241,3 +241,16 @@ def test_diffusers_config_that_does_not_parse(diffusers_folder):
     (diffusers_folder / "config.json").write_text('{\n  "act_fn": "silu",\n  "block_out_channels": [8, 8\n}\n')
     with pytest.raises(ConfigError, match=r"config.json is not valid JSON: line 4 column 1"):
         load_diffusers(diffusers_folder)
+
+
+def test_a_block_index_beyond_the_file_is_refused_before_building(put_model):
+    """A crafted key must not make a model of a billion blocks: a block index larger than the file's tensor count
+    is refused when the sizes are read from the shapes."""
+    codec_file, transformer_file = put_state_dicts(put_model)
+    crafted = dict(transformer_file)
+    crafted["blocks.1000000000.ln1.weight"] = transformer_file["blocks.0.ln1.weight"]
+    message = _error(load_model, {"model": crafted}, n_head=2)
+    assert "name block 1000000000 (blocks.1000000000.ln1.weight)" in message and "corrupted or crafted" in message
+    crafted = dict(codec_file)
+    crafted["encoder.res_layers.99999.layers.1.weight"] = codec_file["encoder.res_layers.0.layers.1.weight"]
+    assert "name block 99999" in _error(load_model, crafted)

@@ -127,10 +127,20 @@ def _get(sd: dict[str, torch.Tensor], key: str, what: str, spell: Callable[[str]
     return sd[key]
 
 
-def _count(sd: dict[str, torch.Tensor], pattern: str) -> int:
-    """1 + the highest index matching ``pattern`` (a block with a missing key then shows up as that key)."""
+def _count(sd: dict[str, torch.Tensor], pattern: str, what: str, spell: Callable[[str], str]) -> int:
+    """1 + the highest index matching ``pattern`` (a block with a missing key then shows up as that key).
+
+    Raises:
+        CheckpointError: an index larger than the file's tensor count (each block has tensors of its own: a crafted
+            key such as ``blocks.1000000000.ln1.weight`` must not make a model of a billion blocks).
+    """
     regex = re.compile(pattern)
-    return 1 + max((int(m.group(1)) for k in sd if (m := regex.match(k))), default=-1)
+    indices = {int(m.group(1)): k for k in sd if (m := regex.match(k))}
+    count = 1 + max(indices, default=-1)
+    if count > len(sd):
+        raise CheckpointError(f"The {what} weights name block {count - 1} ({spell(indices[count - 1])}) but hold only "
+                              f"{len(sd)} tensors: a file this size has no such block (corrupted or crafted).")
+    return count
 
 
 def _dims(sd: dict[str, torch.Tensor], key: str, ndim: int, what: str, spell: Callable[[str], str]) -> torch.Tensor:
@@ -154,8 +164,8 @@ def pvqvae_config_from_state_dict(
     patch = math.isqrt(pre.shape[1] // 3)
     if 3 * patch * patch != pre.shape[1]:
         raise CheckpointError(f"{spell('encoder.pre_layers.0.weight')} has {pre.shape[1]} inputs, not 3 x patch^2.")
-    enc_blocks = _count(sd, r"^encoder\.res_layers\.(\d+)\.layers\.1\.weight$")
-    dec_blocks = _count(sd, r"^decoder\.res_layers\.(\d+)\.conv\.1\.weight$")
+    enc_blocks = _count(sd, r"^encoder\.res_layers\.(\d+)\.layers\.1\.weight$", what, spell)
+    dec_blocks = _count(sd, r"^decoder\.res_layers\.(\d+)\.conv\.1\.weight$", what, spell)
     num_codes = _dims(sd, "quantize.embedding", 2, what, spell).shape[0]
     dec_pre = _dims(sd, "decoder.pre_layers.0.weight", 4, what, spell)
     return {
@@ -189,7 +199,7 @@ def transformer_config_from_state_dict(
     config = {
         "embed_dim": proj.shape[1],
         "n_embd": n_embd,
-        "n_layer": _count(sd, r"^blocks\.(\d+)\.ln1\.weight$"),
+        "n_layer": _count(sd, r"^blocks\.(\d+)\.ln1\.weight$", what, spell),
         "num_codes": _dims(sd, "to_logits.weight", 2, what, spell).shape[0],
         "seq_len": _dims(sd, "pos_emb", 3, what, spell).shape[1],
         "mlp_ratio": _get(sd, "blocks.0.mlp.0.weight", what, spell).shape[0] // n_embd,
