@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from fdm.adapter import VQAdapter
-from fdm.config_io import read_json
+from fdm.config_io import check_sizes, read_json
 from fdm.errors import CheckpointError, FdmError, InputError, MissingExtraError
 from fdm.io.hub import locate, resolve_file
 from fdm.registry import CliModel, ModelFamily
 
-__all__ = ["FAMILY", "DiffusersVQAdapter", "import_vqmodel", "load_model"]
+__all__ = ["FAMILY", "SIZE_LIMITS", "DiffusersVQAdapter", "import_vqmodel", "load_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,16 @@ def _vqmodel_subfolder(folder: Path) -> str:
     return names[0]
 
 
+#: Largest value a VQModel config.json may give a size (checked by :func:`fdm.config_io.check_sizes` before diffusers
+#: builds the model): the released VQModels (amused, Kandinsky's MoVQ, LDM's VQ-f4) stay far below. For a list:
+#: (most entries, largest entry).
+SIZE_LIMITS: dict[str, int | tuple[int, int | None]] = {
+    "in_channels": 64, "out_channels": 64, "latent_channels": 16384, "vq_embed_dim": 16384, "num_vq_embeddings": 1 << 22,
+    "layers_per_block": 64, "norm_num_groups": 4096, "sample_size": 65536,
+    "block_out_channels": (16, 16384), "down_block_types": (16, None), "up_block_types": (16, None),
+}
+
+
 def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
     """Load a diffusers ``VQModel`` with ``VQModel.from_pretrained``, in eval mode, every key and shape checked.
 
@@ -251,7 +261,7 @@ def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
     # a Hub config.json is fetched here so that Hub errors become fdm errors; diffusers then reads it from the cache
     hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
     config_file = resolve_file(source, config_name, layout="VQModel.save_pretrained", **hub_kwargs)
-    read_json(config_file, "diffusers VQModel config")
+    check_sizes(read_json(config_file, "diffusers VQModel config"), SIZE_LIMITS, prefix=str(config_file))
     kwargs.setdefault("use_safetensors", True)  # never diffusers' pickled .bin fallback (see docs/security.md)
     kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, all at once, instead of the first only
     kwargs.pop("output_loading_info", None)  # always asked for: the keys are checked below

@@ -4,7 +4,8 @@ A file that does not parse, cannot be read, whose top level is not a mapping, or
 :data:`MAX_DEPTH` or holds more than :data:`MAX_ENTRIES` values (YAML aliases counted each time they are used)
 raises :class:`~fdm.errors.ConfigError` (``json.JSONDecodeError`` / ``yaml.YAMLError`` say where, but not which
 file). Configuration files are small and shallow; these bounds stop crafted ones from exhausting the recursion
-limit or the time of the code that walks them.
+limit or the time of the code that walks them. :func:`check_sizes` bounds the sizes a model config gives (layer
+counts, widths, codebook sizes) before a model is built from it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from fdm.errors import ConfigError
 
-__all__ = ["MAX_DEPTH", "MAX_ENTRIES", "read_json", "read_yaml"]
+__all__ = ["MAX_DEPTH", "MAX_ENTRIES", "check_sizes", "read_json", "read_yaml"]
 
 MAX_DEPTH = 64
 """Deepest nesting of mappings and lists a configuration file may have."""
@@ -92,3 +93,42 @@ def _check_bounds(data: Any, name: str) -> None:
             raise ConfigError(f"{name} nests deeper than {MAX_DEPTH} levels; a configuration file is far shallower.")
         children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
         stack.extend((child, depth + 1) for child in children)
+
+
+def check_sizes(config: Any, limits: dict[str, int | tuple[int, int | None]], *, prefix: str) -> None:
+    """Refuse a size in a model config (a plain nested dict) that is not a non-negative integer within ``limits``,
+    before a model is built from it. ``limits`` maps a key, wherever it occurs, to its largest value, or for a list
+    to (most entries, largest entry; None: entries of any kind, e.g. block type names); None values (a model's
+    default) pass.
+
+    Raises:
+        ConfigError: naming the key path (under ``prefix``), the value and the limit.
+    """
+    if isinstance(config, list):
+        for i, item in enumerate(config):
+            check_sizes(item, limits, prefix=f"{prefix}[{i}]")
+        return
+    if not isinstance(config, dict):
+        return
+    for key, value in config.items():
+        where, limit = f"{prefix}.{key}", limits.get(key)
+        if value is None or limit is None:
+            check_sizes(value, limits, prefix=where)
+        elif isinstance(limit, tuple):
+            most, largest = limit
+            if not isinstance(value, list) or len(value) > most:
+                raise ConfigError(f"{where} must be a list of at most {most} entries; got {_short(value)}.")
+            for i, item in enumerate(value if largest is not None else ()):
+                _check_size(f"{where}[{i}]", item, largest)
+        else:
+            _check_size(where, value, limit)
+
+
+def _check_size(where: str, value: Any, limit: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise ConfigError(f"{where} must be an integer from 0 to {limit}; got {_short(value)}.")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."

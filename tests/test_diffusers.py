@@ -282,6 +282,25 @@ def _hub_cache(root: Path, repo_id: str, files: dict[str, Path]) -> Path:
 
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")  # raised inside diffusers
+def test_config_sizes_out_of_bounds_are_refused_before_building(models, tmp_path):
+    """A crafted config.json cannot make diffusers build millions of blocks: its sizes are bounded
+    (fdm.adapters.diffusers.SIZE_LIMITS), checked before the model is built."""
+    from fdm.errors import ConfigError
+
+    models["group"].save_pretrained(tmp_path / "vq")
+    config_file = tmp_path / "vq" / "config.json"
+    config = json.loads(config_file.read_text())
+    for key, value, message in [("layers_per_block", 10**6, r"layers_per_block must be an integer from 0 to 64"),
+                                ("down_block_types", ["DownEncoderBlock2D"] * 1000,
+                                 r"down_block_types must be a list of at most 16 entries"),
+                                ("block_out_channels", [32, -1], r"block_out_channels\[1\] must be an integer")]:
+        config_file.write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ConfigError, match=message):
+            load_model(tmp_path / "vq")
+    config_file.write_text(json.dumps(config))
+    assert isinstance(load_model(tmp_path / "vq"), type(models["group"]))  # the saved sizes pass
+
+
 def test_load_model_from_hub_repo_and_pipeline_folders(models, tmp_path):
     model = models["lookup"]
     pipeline = tmp_path / "pipeline"

@@ -120,7 +120,7 @@ def test_bad_config_and_missing_file(tmp_path, vqgan):
 
 def test_sizes_out_of_bounds_are_refused_before_anything_is_built():
     """A crafted config cannot make taming build millions of modules (even on the meta device): every size is
-    bounded (fdm.adapters.taming.compat.SIZE_LIMITS), checked before taming is imported or called; every shipped
+    bounded (fdm.adapters.taming.compat.SIZE_LIMITS, fdm.config_io.check_sizes), checked before taming builds anything; every shipped
     tiny config and the released layouts stay within."""
     from fdm.errors import ConfigError
 
@@ -128,7 +128,7 @@ def test_sizes_out_of_bounds_are_refused_before_anything_is_built():
         build_model(make(), device="meta")  # within the bounds
     crafted = [("ddconfig", "num_res_blocks", 10**6, r"model.params.ddconfig.num_res_blocks must be an integer "
                                                       r"from 0 to 64; got 1000000"),
-               ("ddconfig", "ch_mult", [1] * 1000, r"ddconfig.ch_mult must be a list of at most 16 sizes"),
+               ("ddconfig", "ch_mult", [1] * 1000, r"ddconfig.ch_mult must be a list of at most 16 entries"),
                ("ddconfig", "ch", True, r"ddconfig.ch must be an integer"),
                (None, "n_embed", -1, r"model.params.n_embed must be an integer from 0 to 1048576; got -1")]
     for section, key, value, message in crafted:

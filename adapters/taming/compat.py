@@ -45,7 +45,6 @@ __all__ = [
     "ALLOWED_TARGETS",
     "INSTALL_HINT",
     "SIZE_LIMITS",
-    "check_sizes",
     "check_targets",
     "import_taming",
     "inference_config",
@@ -231,53 +230,16 @@ def import_taming() -> None:
     logger.debug("imported %s with fdm-vq's stand-ins for taming.main and transformers", ", ".join(MODEL_MODULES))
 
 
-#: Largest value a taming config may give a size (at any depth): a crafted config must not make taming build
-#: millions of modules (even on the meta device) or tensors of terabytes. The released models stay far below: f16
+#: Largest value a taming config may give a size (at any depth, checked by :func:`fdm.config_io.check_sizes`): a
+#: crafted config must not make taming build millions of modules (even on the meta device) or tensors of terabytes. The released models stay far below: f16
 #: VQGAN ch 128, num_res_blocks 2, n_embed 16384; the transformers n_layer 24-48, n_embd 1536, block_size 512-1024.
 #: For a list (``ch_mult``, ``attn_resolutions``): (most entries, largest entry).
-SIZE_LIMITS: dict[str, int | tuple[int, int]] = {
+SIZE_LIMITS: dict[str, int | tuple[int, int | None]] = {
     "ch": 4096, "out_ch": 64, "in_channels": 4096, "z_channels": 4096, "embed_dim": 4096, "num_res_blocks": 64,
     "resolution": 16384, "n_embed": 1 << 20, "vocab_size": 1 << 20, "block_size": 1 << 16, "n_layer": 256,
     "n_head": 256, "n_embd": 16384, "n_unmasked": 1 << 16, "n_classes": 1 << 20,
     "ch_mult": (16, 64), "attn_resolutions": (64, 16384),
 }
-
-
-def check_sizes(config: Any, *, prefix: str = "model") -> None:
-    """Refuse a size in a (cleaned, plain) taming config that is not a non-negative integer within
-    :data:`SIZE_LIMITS`, before anything is built.
-
-    Raises:
-        ConfigError: naming the key path, the value and the limit.
-    """
-    if isinstance(config, list):
-        for i, item in enumerate(config):
-            check_sizes(item, prefix=f"{prefix}[{i}]")
-        return
-    if not isinstance(config, dict):
-        return
-    for key, value in config.items():
-        where, limit = f"{prefix}.{key}", SIZE_LIMITS.get(key)
-        if isinstance(limit, tuple):
-            most, largest = limit
-            if not isinstance(value, list) or len(value) > most:
-                raise ConfigError(f"{where} must be a list of at most {most} sizes; got {_short(value)}.")
-            for i, item in enumerate(value):
-                _check_size(f"{where}[{i}]", item, largest)
-        elif limit is not None:
-            _check_size(where, value, limit)
-        else:
-            check_sizes(value, prefix=where)
-
-
-def _check_size(where: str, value: Any, limit: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-        raise ConfigError(f"{where} must be an integer from 0 to {limit}; got {_short(value)}.")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def inference_config(config: Any) -> dict[str, Any]:

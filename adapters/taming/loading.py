@@ -21,14 +21,15 @@ import torch
 from torch import nn
 
 from fdm.adapters.taming.compat import (
+    SIZE_LIMITS,
     _to_container,
-    check_sizes,
     check_targets,
     import_taming,
     inference_config,
     instantiate_from_config,
     trusted_targets,
 )
+from fdm.config_io import check_sizes, read_yaml
 from fdm.errors import CheckpointError
 from fdm.io.hub import resolve_file
 from fdm.io.torch_files import read_checkpoint
@@ -61,12 +62,11 @@ def load_config(config: Any, *, repo_id: str | None = None, revision: str | None
 
     Raises:
         ConfigError: the file does not parse, a ``target`` is not allowed, or a size is out of
-            :data:`~fdm.adapters.taming.compat.SIZE_LIMITS` (naming its key path and value).
+            :data:`~fdm.adapters.taming.compat.SIZE_LIMITS` (:func:`fdm.config_io.check_sizes`; naming its key path
+            and value).
         CheckpointError: there is no ``model`` section with a ``target``.
     """
     if isinstance(config, (str, Path)):
-        from fdm.config_io import read_yaml
-
         source = resolve_file(repo_id, str(config), layout=None, revision=revision) if repo_id else \
             resolve_file(config, revision=revision)
         config = read_yaml(source, "taming config")  # ConfigError naming the file and line if it does not parse
@@ -83,7 +83,7 @@ def load_config(config: Any, *, repo_id: str | None = None, revision: str | None
         if not str(model_config["target"]).startswith("taming."):
             raise CheckpointError(f"Expected a taming model target (taming.models...); got {model_config['target']!r}.")
     cleaned = inference_config(model_config)
-    check_sizes(cleaned)  # before anything is built: no config makes taming build millions of modules
+    check_sizes(cleaned, SIZE_LIMITS, prefix="model")  # before anything is built: no millions of modules
     return cleaned
 
 
