@@ -520,6 +520,11 @@ REFUSED_CONSTRUCTS = {
               _tensor(_storage_pid(_global("torch", "FloatStorage"))), pickle.NEWFALSE,
               _call(_global("collections", "OrderedDict")), _dict(__class__=_global("os", "system"))),
         "plain attributes"),
+    "Parameter state replacing a tensor method": (
+        _call(_global("torch._utils", "_rebuild_parameter_with_state"),
+              _tensor(_storage_pid(_global("torch", "FloatStorage"))), pickle.NEWFALSE,
+              _call(_global("collections", "OrderedDict")), _dict(is_floating_point=_global("builtins", "eval"))),
+        "not replace a tensor method"),
 }
 
 

@@ -110,9 +110,11 @@ def _rebuild_parameter(data: Any, requires_grad: bool, backward_hooks: Any) -> n
 
 def _rebuild_parameter_with_state(data: Any, requires_grad: bool, backward_hooks: Any, state: Any) -> nn.Parameter:
     parts = state if isinstance(state, tuple) else (state,)
-    for part in parts:  # plain public attributes only: not ``__class__``, not ``_backward_hooks``...
-        if part and not (isinstance(part, dict) and all(type(k) is str and not k.startswith("_") for k in part)):
-            raise Refused("a pickled Parameter's state may only set plain attributes")
+    for part in parts:  # new plain attributes only: not ``__class__`` or ``_backward_hooks``, not ``detach``...
+        if part and not (isinstance(part, dict) and all(
+                type(k) is str and not k.startswith("_") and not hasattr(nn.Parameter, k) for k in part)):
+            raise Refused("a pickled Parameter's state may only set plain attributes of its own, not replace a "
+                          "tensor method or property")
     param = _rebuild_parameter(data, requires_grad, backward_hooks)
     return torch._utils._set_obj_state(param, state)
 
