@@ -70,10 +70,13 @@ def decode_image(data: bytes, what: str = "image") -> Iterator[Image.Image]:
 def _decoded(source: Path | io.BytesIO, label: str) -> Iterator[Image.Image]:
     try:
         img = Image.open(source)
-        img.load()
     except Exception as err:  # anything a decoder raises on hostile bytes (a TIFF tag of the wrong type: TypeError)
         raise InputError(f"Cannot read {label}: {err} (not an image, truncated or corrupted?)") from err
-    with img:
+    with img:  # closed also when decoding fails (a truncated file left its handle open)
+        try:
+            img.load()
+        except Exception as err:
+            raise InputError(f"Cannot read {label}: {err} (not an image, truncated or corrupted?)") from err
         yield img
 
 
