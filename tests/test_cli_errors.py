@@ -487,3 +487,29 @@ def test_the_data_is_checked_before_the_model_is_loaded(tmp_path, run_here):
     assert result.returncode == 2 and "Training data not found: missing-photos" in result.stderr
     result = run_here("train", "--data", str(tmp_path), "--out", "out", "--minutes", "1", "--warmup-steps", "5", *model)
     assert result.returncode == 2 and "--warmup-steps counts steps" in result.stderr
+
+
+def test_skip_bad_images_leaves_out_and_lists_what_cannot_be_decoded(tmp_path, run_here):
+    """By default a training image that cannot be decoded stops the run, naming it; --skip-bad-images reads every
+    image first and trains on the others, listing the skipped ones with their count."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
+    (photos / "bad.tif").write_bytes(malformed_tiff())
+    (photos / "cut.png").write_bytes((photos / "p0.png").read_bytes()[:60])
+    run = ["train", "--data", "photos", "--steps", "2", "--batch-size", "2", "--crop-size", "16",
+           "--views-per-image", "1", "--val-fraction", "0", "--no-progress"]
+    result = run_here(*run, "--out", "stops")
+    assert result.returncode == 2 and re.search(r"Cannot read \w* ?image file photos/bad.tif", result.stderr)
+    result = run_here(*run, "--out", "skips", "--skip-bad-images")
+    assert result.returncode == 0, result.stderr
+    assert "--data photos: skipped 2 unreadable images: bad.tif, cut.png" in result.stderr
+    trained = json.loads((tmp_path / "skips" / "config.json").read_text())["training"]
+    assert trained["steps"] == 2 and trained["views"] == 3  # one view of each readable image
+    (photos / "p0.png").write_bytes(b"")
+    (photos / "p1.png").write_bytes(b"")
+    (photos / "p2.png").write_bytes(b"")
+    result = run_here(*run, "--out", "none", "--skip-bad-images")
+    assert result.returncode == 2 and "none of the 5 images of folder photos can be read" in result.stderr

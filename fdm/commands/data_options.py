@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from fdm.commands.argtypes import positive_int
-from fdm.training.sources import DATA_FORMS
+from fdm.training.sources import DATA_FORMS, ImageSource, open_source
+from fdm.training.sources.base import skip_unreadable
 
-__all__ = ["add_data_arguments"]
+logger = logging.getLogger(__name__)
 
+__all__ = ["add_data_arguments", "open_training_source"]
 
 
 def add_data_arguments(
     parser: argparse.ArgumentParser, *, streaming: bool, validation: bool = False, recipe: bool = False
 ) -> None:
-    """Add ``--data``, ``--crop-size`` and ``--views-per-image`` (and ``--val-data``) in a "data" group.
+    """Add ``--data``, ``--skip-bad-images``, ``--crop-size`` and ``--views-per-image`` (and ``--val-data``) in a
+    "data" group.
 
     ``streaming``: whether the command accepts streamed Hugging Face datasets (it says so in ``--data``'s help).
     ``recipe``: crop and views per image default to None, for the command to choose from the model and the data
@@ -28,6 +32,9 @@ def add_data_arguments(
                    "reads images by index; see docs/training.md, Data sources)")
     group = parser.add_argument_group("data")
     group.add_argument("--data", required=True, metavar="SPEC", help=f"training images: {DATA_FORMS}; {options}")
+    group.add_argument("--skip-bad-images", action="store_true",
+                       help="read every image once first and leave out those that cannot be decoded, listing them "
+                            "(default: stop at the first one, naming it)")
     if validation:
         group.add_argument("--val-data", metavar="SPEC",
                            help="validation images, in the forms of --data (PNG grids and metrics every --val-every "
@@ -43,3 +50,22 @@ def add_data_arguments(
                            help="side of the square training crops (default 256)")
         group.add_argument("--views-per-image", type=positive_int, default=1,
                            help="fixed random crops per image (default 1)")
+
+
+def open_training_source(spec: str, args: argparse.Namespace, option: str = "--data") -> ImageSource:
+    """The source ``spec`` names; with ``--skip-bad-images``, without the images that do not decode (a warning lists
+    them with their count).
+
+    Raises:
+        InputError: nothing at ``spec``, or (with ``--skip-bad-images``) no image of it decodes.
+        UsageError: ``--skip-bad-images`` on a streamed source.
+    """
+    source = open_source(spec)
+    if not args.skip_bad_images:
+        return source
+    source, unreadable = skip_unreadable(source, progress=not args.no_progress)
+    if unreadable:
+        shown = ", ".join(unreadable[:10]) + (f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else "")
+        logger.warning("%s %s: skipped %d unreadable image%s: %s", option, spec, len(unreadable),
+                       "s" if len(unreadable) != 1 else "", shown)
+    return source

@@ -22,14 +22,14 @@ from collections.abc import Callable
 from torch import nn
 
 from fdm.commands.argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int
-from fdm.commands.data_options import add_data_arguments
+from fdm.commands.data_options import add_data_arguments, open_training_source
 from fdm.commands.model_options import add_model_arguments, load_base_model, load_fdm
 from fdm.errors import UsageError
 from fdm.losses import TERMS
 from fdm.masks import DEFAULT_HOLE_RATIO
 from fdm.module import FDM
 from fdm.precision import PRECISIONS
-from fdm.training import ImageSource, SeededViews, checkpoint_to_resume, open_source, shutdown_distributed
+from fdm.training import ImageSource, SeededViews, checkpoint_to_resume, shutdown_distributed
 from fdm.training.backbones import BACKBONES
 from fdm.training.phase3 import Phase3Config, Phase3Trainer
 
@@ -122,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
 
 def training_sources(args: argparse.Namespace) -> tuple[ImageSource, ImageSource | None]:
     """The sources ``--data`` and ``--val-data`` name (None without ``--val-data``); streaming ones are refused."""
-    val = _random_access_source(args.val_data, "--val-data") if args.val_data else None
-    return _random_access_source(args.data, "--data"), val
+    val = _random_access_source(args.val_data, "--val-data", args) if args.val_data else None
+    return _random_access_source(args.data, "--data", args), val
 
 
 def finetune(model: nn.Module, fdm_module: FDM, args: argparse.Namespace,
@@ -167,9 +167,9 @@ def finetune(model: nn.Module, fdm_module: FDM, args: argparse.Namespace,
     return trainer.train(checkpoint_to_resume(trainer.checkpoint_dir, resume=args.resume))
 
 
-def _random_access_source(spec: str, option: str) -> ImageSource:
+def _random_access_source(spec: str, option: str, args: argparse.Namespace) -> ImageSource:
     """The source ``spec`` names (see :func:`~fdm.training.open_source`); a streaming one is refused."""
-    source = open_source(spec)
+    source = open_training_source(spec, args, option)
     if not source.random_access:
         raise UsageError(f"{option} {spec}: fine-tuning reads images by index and {source.describe()} only streams; "
                          "drop streaming=1.")

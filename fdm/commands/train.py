@@ -37,7 +37,7 @@ from fdm.commands.argtypes import (
     positive_float,
     positive_int,
 )
-from fdm.commands.data_options import add_data_arguments
+from fdm.commands.data_options import add_data_arguments, open_training_source
 from fdm.commands.model_options import add_model_arguments, load_base_model
 from fdm.errors import UsageError
 from fdm.masks import DEFAULT_HOLE_RATIO
@@ -53,7 +53,6 @@ from fdm.training import (
     SeededViews,
     checkpoint_to_resume,
     encode_views,
-    open_source,
     shutdown_distributed,
     split_heldout,
 )
@@ -154,13 +153,14 @@ def training_source(args: argparse.Namespace) -> ImageSource:
 
     Raises:
         UsageError: ``--warmup-steps`` without a length in steps, or ``--cache none`` on a streamed source.
-        InputError: ``--data`` does not exist or cannot be opened.
+        InputError: ``--data`` does not exist or cannot be opened (or, with ``--skip-bad-images``, holds no readable
+            image).
     """
     no_length = args.steps is None and args.epochs is None and args.minutes is None
     if args.warmup_steps is not None and args.steps is None and args.epochs is None and not no_length:
         raise UsageError("--warmup-steps counts steps: give --steps or --epochs too, or leave it out (the warm-up "
                          f"is then the first {WARMUP_FRACTION:.0%} of the run).")
-    source = open_source(args.data)
+    source = open_training_source(args.data, args)
     if args.cache == "none" and not source.random_access:
         raise UsageError(f"--cache none re-encodes views by index at every step, which {source.describe()} cannot "
                          "do (it streams); use --cache memory or --cache disk.")

@@ -11,12 +11,13 @@ from fdm.training.checkpointing import (
 from fdm.training.data import IMAGE_EXTENSIONS, ImageFolderViews, SeededViews, TensorViews, list_images
 from fdm.training.distributed import DistContext, init_distributed, shutdown_distributed
 from fdm.training.feature_cache import CACHE_DTYPES, CACHE_MODES, FeatureCache, encode_views
-from fdm.training.holdout import HeldOutCheck, HeldOutResult, ImageSubset, split_heldout
+from fdm.training.holdout import HeldOutCheck, HeldOutResult, split_heldout
 from fdm.training.phase2 import Phase2Config, Phase2Trainer, train_phase2
 from fdm.training.phase3 import Phase3Config, Phase3Trainer, finetune
 from fdm.training.schedule import WarmupCosineLR, paper_optimizer
 from fdm.training.shards import ShardedBatches
 from fdm.training.sources import FolderSource, HFDatasetSource, ImageSource, TarShardSource, open_source
+from fdm.training.sources.base import ImageSubset
 
 __all__ = [
     "CACHE_DTYPES",

@@ -5,13 +5,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from fdm.adapter import VQAdapter
@@ -24,9 +22,9 @@ from fdm.module import FDM
 from fdm.pipeline import Latents
 from fdm.precision import autocast
 from fdm.training.data import SeededViews
-from fdm.training.sources.base import ImageSource, bounds
+from fdm.training.sources.base import ImageSource, ImageSubset
 
-__all__ = ["MAX_CHECK_VIEWS", "MAX_HELDOUT_IMAGES", "MIN_IMPROVEMENT", "HeldOutCheck", "HeldOutRecord", "HeldOutResult", "ImageSubset",
+__all__ = ["MAX_CHECK_VIEWS", "MAX_HELDOUT_IMAGES", "MIN_IMPROVEMENT", "HeldOutCheck", "HeldOutRecord", "HeldOutResult",
            "split_heldout"]
 
 logger = logging.getLogger(__name__)
@@ -35,48 +33,6 @@ MAX_CHECK_VIEWS = 32
 """Most held-out views one check measures (spread over the held-out images)."""
 MAX_HELDOUT_IMAGES = 256
 """Most images held out, whatever the fraction: a check measures a few dozen views, the rest is for training."""
-
-
-class ImageSubset(ImageSource):
-    """The images of ``source`` at ``indices`` (sorted), in order; streams when ``source`` does."""
-
-    def __init__(self, source: ImageSource, indices: list[int], role: str):
-        self.source = source
-        self.indices = sorted(indices)
-        self.role = role
-        self.random_access = source.random_access
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def image(self, index: int) -> Image.Image:
-        if not 0 <= index < len(self):
-            raise IndexError(f"image index {index} out of range for {len(self)} {self.role} images")
-        return self.source.image(self.indices[index])
-
-    def iter_images(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Image.Image]]:
-        """Runs of consecutive indices are read through the parent's :meth:`iter_images` (a tar shard is opened
-        once per run, a stream is read once); images between runs are skipped by index where the source allows."""
-        start, stop = bounds(start, stop, len(self))
-        own = start
-        while own < stop:
-            end = own + 1
-            while end < stop and self.indices[end] == self.indices[end - 1] + 1:
-                end += 1
-            first = self.indices[own]
-            for parent, image in self.source.iter_images(first, self.indices[end - 1] + 1):
-                yield own + parent - first, image
-            own = end
-
-    def identity(self) -> Any:
-        return {"source": self.source.identity(), self.role: self.indices}
-
-    def names(self) -> list[str]:
-        names = self.source.names()
-        return [names[i] for i in self.indices]
-
-    def describe(self) -> str:
-        return f"{len(self)} {self.role} image{'s' if len(self) != 1 else ''} of {self.source.describe()}"
 
 
 def split_heldout(source: ImageSource, fraction: float, *, seed: int = 0) -> tuple[ImageSource, ImageSource | None]:

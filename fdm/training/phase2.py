@@ -40,12 +40,13 @@ from fdm.training.distributed import (
     wrap_ddp,
 )
 from fdm.training.feature_cache import FeatureCache
-from fdm.training.holdout import MIN_IMPROVEMENT, HeldOutCheck, HeldOutRecord, HeldOutResult, ImageSubset
+from fdm.training.holdout import MIN_IMPROVEMENT, HeldOutCheck, HeldOutRecord, HeldOutResult
 from fdm.training.monitoring import check_finite_losses
 from fdm.training.phase2_config import RESUME_FIELDS, Phase2Config
 from fdm.training.recipe import WARMUP_FRACTION, fdm_width
 from fdm.training.schedule import ProgressLR, RunBudget, loop_seconds, paper_optimizer
 from fdm.training.shards import ShardedBatches
+from fdm.training.sources.base import ImageSubset
 from fdm.validation import check_fdm_fits
 
 __all__ = ["Phase2Config", "Phase2Trainer", "train_phase2"]

@@ -1,19 +1,25 @@
-"""The image-source interface (:class:`ImageSource`), the folder source, and what every source shares."""
+"""The image-source interface (:class:`ImageSource`), the folder source, subsets of a source (held-out parts,
+readable images), and what every source shares."""
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from tqdm import tqdm
 
 from fdm.errors import InputError, UsageError
 from fdm.images import as_rgb8, open_image
 from fdm.io.fingerprint import json_digest
 
-__all__ = ["IMAGE_EXTENSIONS", "FolderSource", "ImageSource", "bounds", "check_index", "file_stats", "list_images"]
+__all__ = ["IMAGE_EXTENSIONS", "FolderSource", "ImageSource", "ImageSubset", "bounds", "check_index", "file_stats",
+           "list_images", "skip_unreadable"]
+
+logger = logging.getLogger(__name__)
 
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -140,3 +146,69 @@ def bounds(start: int, stop: int | None, length: int) -> tuple[int, int]:
 def check_index(index: int, length: int) -> None:
     if not 0 <= index < length:
         raise IndexError(f"image index {index} out of range for {length} images")
+
+
+class ImageSubset(ImageSource):
+    """The images of ``source`` at ``indices`` (sorted), in order; streams when ``source`` does."""
+
+    def __init__(self, source: ImageSource, indices: list[int], role: str):
+        self.source = source
+        self.indices = sorted(indices)
+        self.role = role
+        self.random_access = source.random_access
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def image(self, index: int) -> Image.Image:
+        if not 0 <= index < len(self):
+            raise IndexError(f"image index {index} out of range for {len(self)} {self.role} images")
+        return self.source.image(self.indices[index])
+
+    def iter_images(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Image.Image]]:
+        """Runs of consecutive indices are read through the parent's :meth:`iter_images` (a tar shard is opened
+        once per run, a stream is read once); images between runs are skipped by index where the source allows."""
+        start, stop = bounds(start, stop, len(self))
+        own = start
+        while own < stop:
+            end = own + 1
+            while end < stop and self.indices[end] == self.indices[end - 1] + 1:
+                end += 1
+            first = self.indices[own]
+            for parent, image in self.source.iter_images(first, self.indices[end - 1] + 1):
+                yield own + parent - first, image
+            own = end
+
+    def identity(self) -> Any:
+        return {"source": self.source.identity(), self.role: self.indices}
+
+    def names(self) -> list[str]:
+        names = self.source.names()
+        return [names[i] for i in self.indices]
+
+    def describe(self) -> str:
+        return f"{len(self)} {self.role} image{'s' if len(self) != 1 else ''} of {self.source.describe()}"
+
+
+def skip_unreadable(source: ImageSource, *, progress: bool = True) -> tuple[ImageSource, list[str]]:
+    """The images of ``source`` that decode, and the names of those that do not (every image is read once).
+
+    Raises:
+        UsageError: ``source`` streams (its images cannot be skipped by index).
+        InputError: no image of ``source`` decodes.
+    """
+    if not source.random_access:
+        raise UsageError(f"skipping unreadable images reads them by index, which {source.describe()} cannot do (it "
+                         "streams); drop streaming=1 or the option.")
+    names, readable, unreadable = source.names(), [], []
+    for index in tqdm(range(len(source)), desc="checking images", unit="image", disable=not progress):
+        try:
+            source.image(index)
+        except InputError as err:
+            logger.debug("unreadable: %s", err)
+            unreadable.append(names[index])
+        else:
+            readable.append(index)
+    if not readable:
+        raise InputError(f"none of the {len(source)} images of {source.describe()} can be read.")
+    return (source if not unreadable else ImageSubset(source, readable, "readable")), unreadable
