@@ -156,8 +156,7 @@ def training_source(args: argparse.Namespace) -> ImageSource:
         InputError: ``--data`` does not exist or cannot be opened (or, with ``--skip-bad-images``, holds no readable
             image).
     """
-    no_length = args.steps is None and args.epochs is None and args.minutes is None
-    if args.warmup_steps is not None and args.steps is None and args.epochs is None and not no_length:
+    if args.warmup_steps is not None and args.steps is None and args.epochs is None and args.minutes is not None:
         raise UsageError("--warmup-steps counts steps: give --steps or --epochs too, or leave it out (the warm-up "
                          f"is then the first {WARMUP_FRACTION:.0%} of the run).")
     source = open_training_source(args.data, args)
