@@ -61,19 +61,18 @@ def phase2(model, views, x, precision: str, args, work: Path) -> tuple[float, fl
 
 
 def phase3(model, views, precision: str, args, work: Path, sync) -> float:
-    """Phase-3 steps/s after one warm-up step (the trainer's step: masks, frozen encoder, both updates)."""
+    """Phase-3 steps/s after one warm-up step (the trainer's step: batch, masks, frozen encoder, both updates)."""
     config = Phase3Config(steps=args.phase3_steps + 1, batch_size=args.phase3_batch_size, warmup_steps=1,
                           disc_warmup_steps=1, drop_vgg_terms=True, start_steps={"gradient": 0, "adversarial": 0},
                           device=args.device, precision=precision, progress=False, log_every=0, val_every=0,
                           checkpoint_every=0, output_dir=str(work / f"phase3-{precision}"))
     trainer = Phase3Trainer(model, load_demo_fdm(), views, config)  # fine-tunes a copy of the model's decoder
-    batches = [torch.stack([views[(i * config.batch_size + j) % len(views)] for j in range(config.batch_size)])
-               for i in range(config.steps)]
-    trainer._train_step(batches[0])  # warm-up (the trainer's loop adds only logging and checkpoints)
+    trainer.prepare()  # the batches in the loop's order
+    trainer.train_step(0.0)  # warm-up (the trainer's loop adds only records and checkpoints)
     sync()
     start = time.perf_counter()
-    for batch in batches[1:]:
-        trainer._train_step(batch)
+    for _ in range(args.phase3_steps):
+        trainer.train_step(0.0)
     sync()
     return args.phase3_steps / (time.perf_counter() - start)
 

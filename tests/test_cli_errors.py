@@ -261,7 +261,7 @@ def test_only_rank_0_of_a_distributed_run_prints_info_lines(run_here, image_dir,
     photos.mkdir()
     (image_dir / "photo.png").rename(photos / "photo.png")
     command = ["eval", "photos", "--crop-size", "32", "--views-per-image", "1", "--no-extras", "--no-progress"]
-    assert "views of 1 images" in run_here(*command).stderr
+    assert "1 views (crop 32) of folder photos" in run_here(*command).stderr
     monkeypatch.setenv("RANK", "1")
     result = run_here(*command)
     assert result.returncode == 0 and result.stderr == ""

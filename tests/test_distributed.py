@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent(
                           checkpoint_every=2, output_dir=os.path.join(out, "phase3"))
     trainer = Phase3Trainer(model, module, views, phase3)
     trainer.train()
-    weights = {{f"{{name}}.{{k}}": v.detach().clone().contiguous() for name, m in trainer._modules().items()
+    weights = {{f"{{name}}.{{k}}": v.detach().clone().contiguous() for name, m in trainer.checkpoint_modules().items()
                for k, v in m.state_dict().items()}}
     save_file(weights, os.path.join(out, f"phase3-rank{{rank}}.safetensors"))
     print(f"rank {{rank}} of {{os.environ['WORLD_SIZE']}} done", flush=True)

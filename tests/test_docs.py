@@ -88,6 +88,7 @@ SUBSTITUTIONS = {
         ("--config vqgan-project.yaml --checkpoint vqgan.ckpt", f"--config {DEMO_CONFIG} --checkpoint {DEMO_WEIGHTS}"),
         ("--data photos/train", f"--data {IMAGES}"),
         ("--epochs 50 --batch-size 16", SHORT_RUN),
+        ("--minutes 4", "--minutes 0.2 --batch-size 2 --crop-size 64 --views-per-image 1"),  # the time-budget path
         ('"photos/train", crop_size=256', f'"{IMAGES}", crop_size=64'),
         ("epochs=50, batch_size=16", "steps=2, batch_size=2"),
     ],

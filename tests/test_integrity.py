@@ -61,7 +61,34 @@ def test_checkpoint_without_manifest_is_refused(tmp_path, views):
     checkpoint = latest_checkpoint(tmp_path / "out" / "checkpoints")
     (checkpoint / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="manifest.json is missing"):
-        phase2(tmp_path, views).train(resume_from=checkpoint)
+        phase2(tmp_path, views, steps=2, output_dir=str(tmp_path / "again")).train(resume_from=checkpoint)
+
+
+def test_non_finite_training_state_is_neither_resumed_nor_saved(tmp_path, views):
+    """An optimizer moment set to NaN, with the checkpoint's digests recomputed (so only the values are wrong), is
+    refused before any weight is loaded; a trainer never writes such a state."""
+    from fdm.io.weights import file_sha256
+
+    phase2(tmp_path, views, steps=2).train()
+    checkpoint = latest_checkpoint(tmp_path / "out" / "checkpoints")
+    state_file = checkpoint / "training_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["optimizer"]["state"][0]["exp_avg"][0] = float("nan")
+    torch.save(state, state_file)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["sha256"]["training_state.pt"] = file_sha256(state_file)
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    resumed = phase2(tmp_path, views, steps=4, output_dir=str(tmp_path / "again"))
+    before = {k: v.clone() for k, v in resumed.fdm.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"holds NaN or Inf \(at /optimizer/state/0/exp_avg\)"):
+        resumed.train(resume_from=checkpoint)
+    assert all(torch.equal(v, resumed.fdm.state_dict()[k]) for k, v in before.items())
+    trainer = phase2(tmp_path, views, steps=2, output_dir=str(tmp_path / "broken"))
+    trainer.prepare()
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    with pytest.raises(CheckpointError, match="the training state of step 0 holds NaN or Inf"):
+        trainer.save_checkpoint()
+    assert not (tmp_path / "broken" / "checkpoints").exists() or not any((tmp_path / "broken" / "checkpoints").iterdir())
 
 
 # --- fine-tuned decoder ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from test_training_data import write_images
 
 import fdm
 from fdm.commands import train as train_command
-from fdm.errors import CheckpointError, InputError
+from fdm.errors import CheckpointError, InputError, UsageError
 from fdm.training import (
     ImageFolderViews,
     Phase2Config,
@@ -193,7 +193,7 @@ def test_train_command(tmp_path, model, views, monkeypatch):
     # --resume continues from the latest checkpoint (step 4, the end): same weights, no step repeated
     assert run_train_command(argv + ["--resume"]) == 0
     assert_same(weights(fdm.FDM.from_pretrained(out)), weights(first))
-    with pytest.raises(CheckpointError, match="holds checkpoints of an earlier run"):  # a new run, same --out
+    with pytest.raises(CheckpointError, match="holds an earlier run"):  # a new run, same --out
         run_train_command(argv)
     # masked training with an explicit hole-ratio range
     assert run_train_command(common + ["--out", str(tmp_path / "masked"), "--hole-ratio", "0.1", "0.3",
@@ -205,16 +205,36 @@ def test_train_command(tmp_path, model, views, monkeypatch):
         run_train_command(["--data", str(tmp_path / "none"), "--out", str(out), "--steps", "1"])
 
 
-def test_a_new_run_refuses_a_folder_with_an_earlier_runs_checkpoints(tmp_path, caplog):
-    from fdm.training import checkpoint_to_resume, save_checkpoint
-
-    root = tmp_path / "checkpoints"
-    assert checkpoint_to_resume(root, resume=False) is None
+def test_one_run_per_folder_new_resume_and_overwrite(tmp_path, model, views, caplog):
+    """A folder holds one run: run.json records it; a new run into it is refused (naming the earlier run's files),
+    a run of another kind is refused naming the field that differs, --overwrite replaces the run, --resume continues
+    it."""
+    out = tmp_path / "run"
+    trainer = Phase2Trainer(model, views, config(out, steps=2, checkpoint_every=1))
     with caplog.at_level("INFO", logger="fdm"):
-        assert checkpoint_to_resume(root, resume=True) is None
+        assert trainer.start_point(resume=True) is None  # nothing to resume yet
     assert "no checkpoint in" in caplog.text
-    saved = save_checkpoint(root, 7, {"fdm": fdm.FDM(4, hidden_channels=4, num_blocks=1)}, {})
-    assert checkpoint_to_resume(root, resume=True) == saved
-    with pytest.raises(CheckpointError, match=r"holds checkpoints of an earlier run \(the latest: step-00000007\): "
-                                              r"continue that run with --resume, or start this one in another --out"):
-        checkpoint_to_resume(root, resume=False)
+    assert trainer.start_point(resume=False) is None
+    trainer.train()
+    record = json.loads((out / "out" / "run.json").read_text())
+    assert record["phase"] == 2 and record["data"]["views"]["crop_size"] == views.crop_size
+    again = Phase2Trainer(model, views, config(out, steps=2, checkpoint_every=1))
+    with pytest.raises(CheckpointError, match=r"holds an earlier run \(run.json, metrics.jsonl, checkpoints, "
+                                              r"model.safetensors, config.json\): continue it with --resume, replace "
+                                              r"it with --overwrite, or choose another --out"):
+        again.start_point(resume=False)
+    assert again.start_point(resume=True).name == "step-00000002"
+    with pytest.raises(UsageError, match="give one of them"):
+        again.start_point(resume=True, overwrite=True)
+    # another kind of run into the same folder: refused by the trainer itself, naming the field
+    cropped = ImageFolderViews(views.root, crop_size=8, views_per_image=views.views_per_image, seed=views.seed)
+    with pytest.raises(CheckpointError, match=r"the training views differ \(crop_size: 16 \(saved\), 8 \(now\)\)"):
+        Phase2Trainer(model, cropped, config(out, steps=2)).train()
+    with pytest.raises(CheckpointError, match=r"another config \(lr: 0.002 \(saved\), 0.001 \(now\)\)"):
+        Phase2Trainer(model, views, config(out, steps=2, lr=1e-3)).train()
+    # --overwrite: the earlier run's files go (a feature cache would stay), the new run starts from scratch
+    replaced = Phase2Trainer(model, cropped, config(out, steps=1))
+    assert replaced.start_point(resume=False, overwrite=True) is None
+    assert not (out / "out" / "checkpoints").exists() and not (out / "out" / "model.safetensors").exists()
+    replaced.train()
+    assert json.loads((out / "out" / "run.json").read_text())["data"]["views"]["crop_size"] == 8

@@ -148,11 +148,11 @@ def test_bf16_phase3_runs_generator_and_discriminator_in_bfloat16(tmp_path):
     seen: dict[str, set] = {"decoder": set(), "discriminator": set()}
     trainer.generator.decoder["decoder"].register_forward_hook(lambda m, a, out: seen["decoder"].add(out.dtype))
     trainer.discriminator.register_forward_hook(lambda m, a, out: seen["discriminator"].add(out.dtype))
-    before = {name: weights(module) for name, module in trainer._modules().items()}
+    before = {name: weights(module) for name, module in trainer.checkpoint_modules().items()}
     result = trainer.train()
     assert seen == {"decoder": {torch.bfloat16}, "discriminator": {torch.bfloat16}}
     assert not trainer.scaler.is_enabled() and not trainer.disc_scaler.is_enabled()
-    for name, module in trainer._modules().items():
+    for name, module in trainer.checkpoint_modules().items():
         after = weights(module)
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in after.values()), name
         assert any(not torch.equal(before[name][k], after[k]) for k in after), name  # every part trained
@@ -167,10 +167,10 @@ def test_fp16_phase3_resume_restores_both_loss_scales(tmp_path):
     checkpoint = latest_checkpoint(tmp_path / "split" / "checkpoints")
     resumed = phase3_trainer(tmp_path, "split", "fp16")
     resumed.train(resume_from=checkpoint)
-    for name, module in full._modules().items():
-        assert all(torch.equal(v, weights(resumed._modules()[name])[k]) for k, v in weights(module).items()), name
-    for name, scaler in full._scalers().items():
-        assert scaler.is_enabled() and resumed._scalers()[name].state_dict() == scaler.state_dict(), name
+    for name, module in full.checkpoint_modules().items():
+        assert all(torch.equal(v, weights(resumed.checkpoint_modules()[name])[k]) for k, v in weights(module).items()), name
+    for name, scaler in full.gradient_scalers().items():
+        assert scaler.is_enabled() and resumed.gradient_scalers()[name].state_dict() == scaler.state_dict(), name
 
 
 # --- inference -----------------------------------------------------------------------------------------------

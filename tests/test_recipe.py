@@ -63,7 +63,7 @@ def test_recipe_sizes_the_fdm_and_the_views_from_model_and_data():
     assert 1 < views_per_image_for(258) < MAX_VIEWS_PER_IMAGE
     # a trainer without hidden_channels builds the recipe's width, not the model's channel count
     trainer = Phase2Trainer(ToyVQ().eval(), fdm.training.TensorViews(torch.zeros(2, 3, 16, 16)),
-                            Phase2Config(steps=1, output_dir="unused"))
+                            Phase2Config(steps=1, batch_size=2, output_dir="unused"))
     assert trainer.fdm.hidden_channels == MIN_WIDTH and trainer.fdm.channels == 8
 
 

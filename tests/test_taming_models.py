@@ -162,15 +162,23 @@ def test_hub_download_from_prepared_cache(tmp_path, monkeypatch, vqgan):
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch and pytorch-lightning
-def test_no_torchvision_transformers_or_network_needed(tmp_path, vqgan):
-    """A fresh interpreter with transformers absent and sockets disabled loads and samples; taming's training
-    script and losses (torchvision, LPIPS download) are never imported."""
+@pytest.mark.parametrize("transformers", ["absent", "installed"])
+def test_no_torchvision_transformers_or_network_needed(tmp_path, vqgan, transformers):
+    """A fresh interpreter with sockets disabled, transformers absent or installed, loads and samples; taming's
+    training script and losses (torchvision, LPIPS download) are never imported, and sys.modules and an installed
+    transformers are left as they were."""
+    if transformers == "installed":
+        pytest.importorskip("transformers")
     model = random_model(unconditional_config())
     ckpt = save_lightning_ckpt(model.state_dict(), tmp_path / "last.ckpt")
     config = write_config(unconditional_config(), tmp_path / "project.yaml")
+    block = ('import pytorch_lightning  # imports transformers (via torchmetrics) where it is installed, as taming '
+             'would\nsys.modules["transformers"] = None  # then not installed') if transformers == "absent" else ""
+    after = ('assert sys.modules["transformers"] is None, "sys.modules was not restored"' if transformers == "absent"
+             else 'assert not hasattr(sys.modules["transformers"], "top_k_top_p_filtering"), "transformers was changed"')
     script = textwrap.dedent(f"""
         import socket, sys
-        sys.modules["transformers"] = None  # not installed
+        {{block}}
         def refuse(*args, **kwargs):
             raise RuntimeError("network access")
         socket.socket.connect = refuse
@@ -183,11 +191,11 @@ def test_no_torchvision_transformers_or_network_needed(tmp_path, vqgan):
         assert images.shape == (2, 3, 32, 32)
         import taming.modules.transformer.mingpt as mingpt
         assert mingpt.top_k_top_p_filtering.__module__ == "fdm.adapters.taming.compat"
-        assert sys.modules["transformers"] is None, "sys.modules was not restored"
+        {{after}}
         loaded = sorted(m for m in sys.modules if m in ("main", "taming.main") or m.startswith("taming.modules.losses"))
         assert not loaded, loaded
         print("ok")
-    """)
+    """).replace("{block}", block).replace("{after}", after)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 

@@ -11,10 +11,12 @@ Three upstream imports break or drag in training-only dependencies:
    downloads LPIPS weights when the loss is constructed.
 
 :func:`import_taming` handles 1 and 2 without patching anything permanently: while it imports taming's
-model modules it places two small stand-in modules in ``sys.modules`` (a ``taming.main`` / ``main``
-that only provides ``instantiate_from_config``, and a ``transformers`` that only provides
-``top_k_top_p_filtering``), then restores ``sys.modules`` exactly as it was. Modules a user already
-imported are left alone. :func:`inference_config` handles 3: it swaps every ``lossconfig`` for
+model modules it places small stand-in modules in ``sys.modules`` (a ``taming.main`` / ``main`` that only
+provides ``instantiate_from_config``, and, where transformers is not installed, a ``transformers`` that only
+provides ``top_k_top_p_filtering``; an installed transformers gets that function for the duration of the import
+instead, so that pytorch-lightning's torchmetrics, which imports transformers when it is installed, finds the real
+package), then restores ``sys.modules`` and transformers exactly as they were. Modules a user already imported are
+left alone. :func:`inference_config` handles 3: it swaps every ``lossconfig`` for
 ``torch.nn.Identity`` (the losses hold no inference weights) and drops ``ckpt_path`` entries, so that
 constructing a model neither downloads nor unpickles anything.
 
@@ -183,13 +185,14 @@ def _stand_in(name: str, **attributes: Any) -> types.ModuleType:
 
 
 @contextlib.contextmanager
-def _temporary_modules(modules: dict[str, types.ModuleType], *, replace: set[str]) -> Iterator[None]:
-    """Put ``modules`` into ``sys.modules`` (names in ``replace`` even if present), then restore them."""
+def _temporary_modules(modules: dict[str, types.ModuleType]) -> Iterator[None]:
+    """Put ``modules`` into ``sys.modules`` where the name is free (absent or blocked with None), then restore
+    ``sys.modules``."""
     missing = object()
     saved = {name: sys.modules.get(name, missing) for name in modules}
     try:
         for name, module in modules.items():
-            if name in replace or name not in sys.modules:
+            if sys.modules.get(name) is None:
                 sys.modules[name] = module
         yield
     finally:
@@ -200,11 +203,32 @@ def _temporary_modules(modules: dict[str, types.ModuleType], *, replace: set[str
                 sys.modules[name] = previous
 
 
+@contextlib.contextmanager
+def _temporary_attribute(module: types.ModuleType, name: str, value: Any) -> Iterator[None]:
+    """Give ``module`` the attribute ``name`` while the block runs, if it has none."""
+    if hasattr(module, name):
+        yield
+        return
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        delattr(module, name)
+
+
+def _installed_transformers() -> types.ModuleType | None:
+    """The transformers package when it is installed (pytorch-lightning's torchmetrics then imports it too)."""
+    try:
+        return importlib.import_module("transformers")
+    except ImportError:
+        return None
+
+
 def import_taming() -> None:
     """Import taming's model modules (VQModel, GumbelVQ, Net2NetTransformer, minGPT) safely.
 
-    Works for the ``taming-transformers-rom1504`` package and for a git clone on ``sys.path``. Neither
-    torchvision, nor transformers, nor taming's training script is imported. Idempotent.
+    Works for the ``taming-transformers-rom1504`` package and for a git clone on ``sys.path``. Neither torchvision
+    nor taming's training script is imported; transformers only where it is installed. Idempotent.
 
     Raises:
         MissingExtraError: taming is not installed (an ImportError naming the extra to install).
@@ -219,12 +243,12 @@ def import_taming() -> None:
             "CompVis/taming-transformers on sys.path)."
         ) from err
     main = _stand_in("main", instantiate_from_config=instantiate_from_config)
-    stand_ins = {
-        "taming.main": main,
-        "main": main,
-        "transformers": _stand_in("transformers", top_k_top_p_filtering=top_k_top_p_filtering),
-    }
-    with _temporary_modules(stand_ins, replace={"transformers"}):
+    stand_ins = {"taming.main": main, "main": main}
+    transformers = _installed_transformers()
+    if transformers is None:
+        stand_ins["transformers"] = transformers = _stand_in("transformers")
+    with _temporary_modules(stand_ins), _temporary_attribute(transformers, "top_k_top_p_filtering",
+                                                             top_k_top_p_filtering):
         for name in MODEL_MODULES:
             importlib.import_module(name)
     logger.debug("imported %s with fdm-vq's stand-ins for taming.main and transformers", ", ".join(MODEL_MODULES))

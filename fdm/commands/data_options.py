@@ -1,4 +1,5 @@
-"""Command-line options that name the training images and their crops, shared by `fdm train` and `fdm finetune`."""
+"""Command-line options shared by `fdm train` and `fdm finetune`: the training images and their crops, and where a
+run starts."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fdm.training.sources.base import skip_unreadable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_data_arguments", "open_training_source"]
+__all__ = ["add_data_arguments", "add_run_start_options", "open_training_source"]
 
 
 def add_data_arguments(
@@ -52,6 +53,15 @@ def add_data_arguments(
                            help="fixed random crops per image (default 1)")
 
 
+def add_run_start_options(group: argparse._ActionsContainer) -> None:
+    """Add ``--resume`` and ``--overwrite``: where a training command's run starts
+    (:meth:`~fdm.training.TrainingLoop.start_point`)."""
+    group.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the earlier run in OUT (its record, metrics, checkpoints and results; a feature "
+                            "cache is kept)")
+
+
 def open_training_source(spec: str, args: argparse.Namespace, option: str = "--data") -> ImageSource:
     """The source ``spec`` names; with ``--skip-bad-images``, without the images that do not decode (a warning lists
     them with their count).
@@ -63,7 +73,7 @@ def open_training_source(spec: str, args: argparse.Namespace, option: str = "--d
     source = open_source(spec)
     if not args.skip_bad_images:
         return source
-    source, unreadable = skip_unreadable(source, progress=not args.no_progress)
+    source, unreadable = skip_unreadable(source, progress=args.progress)
     if unreadable:
         shown = ", ".join(unreadable[:10]) + (f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else "")
         logger.warning("%s %s: skipped %d unreadable image%s: %s", option, spec, len(unreadable),

@@ -19,11 +19,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -37,10 +35,10 @@ from fdm.commands.argtypes import (
     positive_float,
     positive_int,
 )
-from fdm.commands.data_options import add_data_arguments, open_training_source
+from fdm.commands.config_options import ConfigOption, add_config_options, config_from_args
+from fdm.commands.data_options import add_data_arguments, add_run_start_options, open_training_source
 from fdm.commands.model_options import add_model_arguments, load_base_model
 from fdm.errors import UsageError
-from fdm.masks import DEFAULT_HOLE_RATIO
 from fdm.module import FDM
 from fdm.precision import PRECISIONS
 from fdm.registry import find_adapter
@@ -51,7 +49,6 @@ from fdm.training import (
     Phase2Config,
     Phase2Trainer,
     SeededViews,
-    checkpoint_to_resume,
     encode_views,
     shutdown_distributed,
     split_heldout,
@@ -64,10 +61,7 @@ from fdm.training.recipe import (
     views_per_image_for,
 )
 
-__all__ = ["add_arguments", "run", "train", "training_source"]
-
-#: Every option's default is Phase2Config's (a config needs a run length, so its field defaults are read).
-_DEFAULTS = SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(Phase2Config)})
+__all__ = ["add_arguments", "phase2_config", "run", "train", "training_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,63 +74,60 @@ DEFAULT_VAL_FRACTION = 0.1
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, fdm=False)
     add_data_arguments(parser, streaming=True, recipe=True)
-    run_group = parser.add_argument_group("training")
-    run_group.add_argument("--out", required=True, help="output folder: the trained FDM and its checkpoints")
-    length = run_group.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=positive_int, help="number of optimizer steps (instead of --epochs)")
-    length.add_argument("--epochs", type=positive_int,
-                        help=f"number of passes over the training views (default {DEFAULT_EPOCHS} when neither --steps "
-                             "nor --minutes is given)")
-    run_group.add_argument("--minutes", type=positive_float,
-                           help="wall-time budget of the whole run, feature cache included: train until it is spent "
-                                "(or until --steps/--epochs, whichever comes first), then save")
-    run_group.add_argument("--val-fraction", type=held_out_fraction, default=DEFAULT_VAL_FRACTION,
-                           help=f"part of the images held out to check the FDM on unseen images (default "
-                                f"{DEFAULT_VAL_FRACTION}, at least one image; 0: none)")
-    run_group.add_argument("--checks", type=positive_int, default=_DEFAULTS.checks,
-                           help="held-out checks per run, evenly spaced (default %(default)s); the best one's weights "
-                                "are saved")
-    run_group.add_argument("--patience", type=non_negative_int, default=_DEFAULTS.patience,
-                           help="stop early after this many held-out checks in a row without improvement (default "
-                                "%(default)s; 0: never)")
-    run_group.add_argument("--batch-size", type=positive_int, default=_DEFAULTS.batch_size,
-                           help="views per step and process (default %(default)s)")
-    run_group.add_argument("--lr", type=positive_float, default=_DEFAULTS.lr,
-                           help="peak learning rate (default %(default)s)")
-    run_group.add_argument("--warmup-steps", type=non_negative_int,
-                           help=f"linear warm-up steps (default: the first {WARMUP_FRACTION * 100:.0f}%% of the run, however "
-                                "long; needs --steps or --epochs)")
-    masks = run_group.add_mutually_exclusive_group()
-    masks.add_argument("--hole-ratio", type=fraction, nargs=2, metavar=("LO", "HI"), default=list(DEFAULT_HOLE_RATIO),
-                       help="hole-area range of the random training masks (default %(default)s, the official recipe)")
+    group = parser.add_argument_group("training")
+    group.add_argument("--out", required=True, help="output folder: the trained FDM, its checkpoints and records")
+    add_config_options(group.add_mutually_exclusive_group(), Phase2Config, [
+        ConfigOption("steps", "number of optimizer steps (instead of --epochs)", positive_int),
+        ConfigOption("epochs", f"number of passes over the training views (default {DEFAULT_EPOCHS} when neither "
+                               "--steps nor --minutes is given)", positive_int),
+    ])
+    add_config_options(group, Phase2Config, [
+        ConfigOption("minutes", "wall-time budget of the whole run, feature cache included: train until it is spent "
+                                "(or until --steps/--epochs, whichever comes first), then save", positive_float),
+    ])
+    group.add_argument("--val-fraction", type=held_out_fraction, default=DEFAULT_VAL_FRACTION,
+                       help=f"part of the images held out to check the FDM on unseen images (default "
+                            f"{DEFAULT_VAL_FRACTION}, at least one image; 0: none)")
+    add_config_options(group, Phase2Config, [
+        ConfigOption("checks", "held-out checks per run, evenly spaced; the best one's weights are saved",
+                     positive_int),
+        ConfigOption("patience", "stop early after this many held-out checks in a row without improvement (0: "
+                                 "never)", non_negative_int),
+        ConfigOption("batch_size", "views per step and process", positive_int),
+        ConfigOption("lr", "peak learning rate", positive_float),
+        ConfigOption("warmup_steps", f"linear warm-up steps (default: the first {WARMUP_FRACTION:.0%} of the run, "
+                                     "however long; needs --steps or --epochs)", non_negative_int),
+    ])
+    masks = group.add_mutually_exclusive_group()
+    add_config_options(masks, Phase2Config, [
+        ConfigOption("hole_ratio", "hole-area range of the random training masks (the official recipe)", fraction,
+                     metavar=("LO", "HI"), nargs=2),
+    ])
     masks.add_argument("--no-mask", action="store_true",
                        help="mask-free training (every cell generated): unconditional / class-conditional models")
-    run_group.add_argument("--cache", choices=CACHE_MODES, default=_DEFAULTS.cache,
-                           help="where the frozen model's features live: memory, disk, or none (re-encode every "
-                                "step); default %(default)s")
-    run_group.add_argument("--cache-dir", help="disk cache folder (default OUT/feature-cache)")
-    run_group.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=_DEFAULTS.cache_dtype,
-                           help="storage type of the cached features z (default %(default)s; bfloat16 where float16 "
-                                "overflows; z_q is looked up from stored code indices)")
-    run_group.add_argument("--cache-shards", type=int_at_least(1),
-                           help="cache shards (default: one per process); each process encodes and reads its own")
-    run_group.add_argument("--num-workers", type=non_negative_int, default=_DEFAULTS.num_workers,
-                           help="data-loading workers while caching")
-    run_group.add_argument("--hidden-channels", type=int_at_least(2),
-                           help="FDM trunk width (default: the model's channels, at least 32 and at most 256)")
-    run_group.add_argument("--num-blocks", type=non_negative_int, default=_DEFAULTS.num_blocks,
-                           help="FDM residual blocks (default %(default)s)")
-    run_group.add_argument("--precision", choices=PRECISIONS, default=_DEFAULTS.precision,
-                           help="FDM forward passes in float32 (fp32, the default), bfloat16 or float16 autocast (fp16 with "
-                                "gradient scaling); see docs/training.md, Mixed precision")
-    run_group.add_argument("--checkpoint-every", type=non_negative_int, default=_DEFAULTS.checkpoint_every,
-                           help="steps between checkpoints (default %(default)s; 0: none)")
-    run_group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
-    run_group.add_argument("--base-model", metavar="NAME",
-                           help="name of the base model recorded in the FDM's config and model card, next to its "
-                                "codebook fingerprint (default: MODEL:CHECKPOINT)")
-    run_group.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    run_group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_options(group, Phase2Config, [
+        ConfigOption("cache", "where the frozen model's features live: memory, disk, or none (re-encode every "
+                              "step)", choices=CACHE_MODES),
+        ConfigOption("cache_dir", "disk cache folder (default OUT/feature-cache)"),
+        ConfigOption("cache_dtype", "storage type of the cached features z (bfloat16 where float16 overflows; z_q "
+                                    "is looked up from stored code indices)", choices=CACHE_DTYPES),
+        ConfigOption("cache_shards", "cache shards (default: one per process); each process encodes and reads its "
+                                     "own", int_at_least(1)),
+        ConfigOption("num_workers", "data-loading workers while caching", non_negative_int),
+        ConfigOption("hidden_channels", "FDM trunk width (default: the model's channels, at least 32 and at most "
+                                        "256)", int_at_least(2)),
+        ConfigOption("num_blocks", "FDM residual blocks", non_negative_int),
+        ConfigOption("precision", "FDM forward passes in float32 (fp32), bfloat16 or float16 autocast (fp16 with "
+                                  "gradient scaling); see docs/training.md, Mixed precision", choices=PRECISIONS),
+        ConfigOption("checkpoint_every", "steps between checkpoints (0: none)", non_negative_int),
+    ])
+    add_run_start_options(group)
+    add_config_options(group, Phase2Config, [
+        ConfigOption("base_model", "name of the base model recorded in the FDM's config and model card, next to "
+                                   "its codebook fingerprint (default: MODEL:CHECKPOINT)", metavar="NAME"),
+        ConfigOption("seed", "seed of the FDM's initialisation, the views, their order and the masks", int),
+        ConfigOption("progress", "no progress bars", flag="--no-progress"),
+    ])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,32 +162,7 @@ def train(model: nn.Module, args: argparse.Namespace, source: ImageSource | None
     :func:`training_source`); returns the trained FDM."""
     source = source if source is not None else training_source(args)
     adapter = find_adapter(model)
-    no_length = args.steps is None and args.epochs is None and args.minutes is None
-    config = Phase2Config(
-        steps=args.steps,
-        epochs=DEFAULT_EPOCHS if no_length else args.epochs,
-        minutes=args.minutes,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        hole_ratio=None if args.no_mask else tuple(args.hole_ratio),
-        cache=args.cache,
-        cache_dir=args.cache_dir,
-        cache_dtype=args.cache_dtype,
-        cache_shards=args.cache_shards,
-        num_workers=args.num_workers,
-        seed=args.seed,
-        device=args.device,
-        precision=args.precision,
-        progress=not args.no_progress,
-        checkpoint_every=args.checkpoint_every,
-        output_dir=args.out,
-        hidden_channels=args.hidden_channels,
-        num_blocks=args.num_blocks,
-        base_model=args.base_model or _base_model_name(args),
-        checks=args.checks,
-        patience=args.patience or None,
-    )
+    config = phase2_config(args)
     source, heldout = split_heldout(source, args.val_fraction, seed=args.seed)
     crop = args.crop_size or crop_size_for(adapter.factor)
     per_image = args.views_per_image or views_per_image_for(
@@ -207,9 +173,18 @@ def train(model: nn.Module, args: argparse.Namespace, source: ImageSource | None
     heldout_views = None if heldout is None else SeededViews(
         heldout, crop_size=max(crop, HELDOUT_CROP), views_per_image=4, seed=args.seed + 1, scale_range=(1.0, 2.0))
     trainer = Phase2Trainer(model, views, config, adapter=adapter, heldout_views=heldout_views)
-    module = trainer.train(checkpoint_to_resume(trainer.checkpoint_dir, resume=args.resume))
+    module = trainer.train(trainer.start_point(resume=args.resume, overwrite=args.overwrite))
     _summarise(trainer, args.out)
     return module
+
+
+def phase2_config(args: argparse.Namespace) -> Phase2Config:
+    """The run's config from the parsed options: each field from its option, or its default."""
+    no_length = args.steps is None and args.epochs is None and args.minutes is None
+    return config_from_args(Phase2Config, args, epochs=DEFAULT_EPOCHS if no_length else args.epochs,
+                            hole_ratio=None if args.no_mask else tuple(args.hole_ratio),
+                            patience=args.patience or None, output_dir=args.out,
+                            base_model=args.base_model or _base_model_name(args))
 
 
 def _seconds_per_view(adapter: VQAdapter, source: ImageSource, crop: int, seed: int) -> float:

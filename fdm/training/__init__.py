@@ -3,7 +3,6 @@ decoder) and the reusable pieces of the trainers (image sources, training views,
 optimiser schedule, checkpoints, data parallelism)."""
 
 from fdm.training.checkpointing import (
-    checkpoint_to_resume,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -12,6 +11,7 @@ from fdm.training.data import IMAGE_EXTENSIONS, ImageFolderViews, SeededViews, T
 from fdm.training.distributed import DistContext, init_distributed, shutdown_distributed
 from fdm.training.feature_cache import CACHE_DTYPES, CACHE_MODES, FeatureCache, encode_views
 from fdm.training.holdout import HeldOutCheck, HeldOutResult, split_heldout
+from fdm.training.loop import TrainingLoop
 from fdm.training.phase2 import Phase2Config, Phase2Trainer, train_phase2
 from fdm.training.phase3 import Phase3Config, Phase3Trainer, finetune
 from fdm.training.schedule import WarmupCosineLR, paper_optimizer
@@ -40,11 +40,11 @@ __all__ = [
     "SeededViews",
     "TarShardSource",
     "TensorViews",
+    "TrainingLoop",
     "WarmupCosineLR",
     "encode_views",
     "finetune",
     "init_distributed",
-    "checkpoint_to_resume",
     "latest_checkpoint",
     "list_images",
     "load_checkpoint",

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,7 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step:08d}"
     for name, module in modules.items():  # before anything is written
         check_finite_weights(module.state_dict(), what=f"the {name} weights of step {step}")
+    _check_finite_state(state, f"the training state of step {step}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, module in modules.items():
@@ -145,19 +148,49 @@ def load_checkpoint(
     """
     path = Path(path)
     _verify_manifest(path)
+    state_file = path / _STATE_FILE
+    try:
+        state = read_checkpoint(state_file, map_location=map_location)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} Delete the checkpoint folder to start over.") from err
+    _check_finite_state(state, f"{state_file}")
     for name, module in modules.items():
         weights = path / f"{name}.safetensors"
         if not weights.is_file():
             raise CheckpointError(f"training checkpoint {path} has no weights for {name!r} ({weights.name}).")
         load_state_dict_strict(module, read_safetensors(weights, require_digest=True, require_finite=True),
                                source=str(weights))
-    state_file = path / _STATE_FILE
-    try:
-        state = read_checkpoint(state_file, map_location=map_location)
-    except CheckpointError as err:
-        raise CheckpointError(f"{err} Delete the checkpoint folder to start over.") from err
     logger.info("resuming from %s (step %d)", path, state["step"])
     return state
+
+
+def _non_finite(value: Any, where: str) -> Iterator[str]:
+    """The places in a training state (nested dicts, lists, tensors, numbers) that hold NaN or Inf."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{where}/{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _non_finite(item, f"{where}/{index}")
+    elif isinstance(value, torch.Tensor) and value.is_floating_point():
+        if not bool(torch.isfinite(value).all()):
+            yield where
+    elif isinstance(value, float) and not math.isfinite(value):
+        yield where
+
+
+def _check_finite_state(state: dict[str, Any], what: str) -> None:
+    """Refuse a training state (optimizer moments, held-out records...) that holds NaN or Inf: a run resumed from it,
+    or saved with it, would be broken.
+
+    Raises:
+        CheckpointError: naming the first places that hold them.
+    """
+    bad = list(_non_finite(state, ""))
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(f"{what} holds NaN or Inf (at {shown}): a run resumed from it, or saved with it, would "
+                              "be broken. Delete the checkpoint folder to resume from the one before, or start over.")
 
 
 def _verify_manifest(path: Path) -> None:
@@ -181,53 +214,69 @@ def _verify_manifest(path: Path) -> None:
                                   f"corrupted or was altered. {remedy}")
 
 
-_IDENTITY_WORDS = {
+_ROLE_WORDS = {
     "base_model": "the base model (codebook fingerprint)",
-    "views": "the training views (images, crops, views per image, held-out part or seed)",
+    "views": "the training views",
     "heldout": "the held-out views",
     "val": "the validation views",
 }
 
 
-def run_identity(base_model: str | None, **views: Any) -> dict[str, str | None]:
-    """What a resumed run must train on and for: the fingerprint of the base model's codebook and of each set of
-    views given by role (``views=``, ``heldout=``...; a dataset without ``fingerprint()`` counts by its length,
-    None stays None). Saved in every checkpoint under ``"data"`` and compared by :func:`check_resumable`."""
-    def fingerprint(dataset: Any) -> str | None:
+def run_identity(base_model: str | None, **views: Any) -> dict[str, Any]:
+    """What a run trains on and for: the fingerprint of the base model's codebook, and each set of views given by
+    role (``views=``, ``heldout=``...) as its ``settings()`` (images, crop size, views per image, seed...: a
+    difference is named field by field), else its ``fingerprint()``, else its length (None stays None). Recorded
+    in every checkpoint and ``run.json`` under ``"data"`` and compared by :func:`check_resumable`."""
+    def describe(dataset: Any) -> Any:
         if dataset is None:
             return None
+        if hasattr(dataset, "settings"):
+            return json.loads(json.dumps(dataset.settings()))  # tuples as lists, as they read back
         return dataset.fingerprint() if hasattr(dataset, "fingerprint") else str(len(dataset))
-    return {"base_model": base_model, **{role: fingerprint(dataset) for role, dataset in views.items()}}
+    return {"base_model": base_model, **{role: describe(dataset) for role, dataset in views.items()}}
+
+
+def _differences(saved: Any, now: Any) -> list[str]:
+    """``field: saved (saved), now (now)`` for each differing field of two settings dicts (the whole values
+    otherwise)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [f"{key}: {saved.get(key)!r} (saved), {now.get(key)!r} (now)"
+                for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+    return [f"{saved!r} (saved), {now!r} (now)"]
 
 
 def check_resumable(path: str | Path, state: dict[str, Any], *, phase: int, config: dict[str, Any],
-                    fields: tuple[str, ...], identity: dict[str, str | None], world_size: int) -> None:
-    """Refuse to resume a checkpoint written by another kind of run.
+                    fields: tuple[str, ...], identity: dict[str, Any], world_size: int) -> None:
+    """Refuse to continue a run recorded by ``state`` (a checkpoint's training state, or ``run.json``) as another
+    kind of run.
 
     Args:
-        path: the checkpoint folder (named in messages).
-        state: its training state (:func:`load_checkpoint`).
-        phase: the resuming trainer's phase (2 or 3).
-        config: the resuming run's config (``to_dict()``); ``fields`` of it must equal the saved ones.
-        identity: the resuming run's :func:`run_identity`, which must equal the saved one.
-        world_size: the resuming run's process count, which must equal the saved one.
+        path: the checkpoint or output folder (named in messages).
+        state: what it records (``phase``, ``config``, ``data``, ``world_size``).
+        phase: the continuing trainer's phase (2 or 3).
+        config: the continuing run's config (``to_dict()``); ``fields`` of it must equal the saved ones.
+        identity: the continuing run's :func:`run_identity`, which must equal the saved one.
+        world_size: the continuing run's process count, which must equal the saved one.
 
     Raises:
-        CheckpointError: another phase, config, data or base model, or process count (names what differs).
+        CheckpointError: another phase, config field, data or base model, or process count (naming each field that
+            differs, with both values).
     """
+    remedy = "continue it with the same settings, or start the new run in another --out folder (or --overwrite)."
     if state.get("phase") != phase:
-        raise CheckpointError(f"{path} is not a phase-{phase} checkpoint (phase {state.get('phase')}).")
+        raise CheckpointError(f"{path} belongs to a phase-{state.get('phase')} run, not to this phase-{phase} run: "
+                              "start the new run in another --out folder (or --overwrite).")
     saved = state.get("config") or {}
-    changed = {k: (saved.get(k), config[k]) for k in fields if saved.get(k) != config[k]}
+    changed = [f"{k}: {saved.get(k)!r} (saved), {config[k]!r} (now)" for k in fields if saved.get(k) != config[k]]
     if changed:
-        raise CheckpointError(f"cannot resume {path} with a different config: {changed} (saved, now).")
+        raise CheckpointError(f"{path} belongs to a run with another config ({'; '.join(changed)}): {remedy}")
     saved_identity = state.get("data") or {}
-    differ = [role for role in sorted(set(identity) | set(saved_identity)) if saved_identity.get(role) != identity.get(role)]
-    if differ:
-        words = [_IDENTITY_WORDS.get(role, f"the {role} views") for role in differ]
-        raise CheckpointError(f"{path} was written by a run on other data or for another base model: "
-                              f"{' and '.join(words)} differ; resume it with the same data and model, or start a new "
-                              "run in another --out folder.")
+    for role in sorted(set(identity) | set(saved_identity)):
+        if saved_identity.get(role) != identity.get(role):
+            words = _ROLE_WORDS.get(role, f"the {role} views")
+            details = "; ".join(_differences(saved_identity.get(role), identity.get(role)))
+            raise CheckpointError(f"{path} belongs to a run on other data or for another base model: {words} "
+                                  f"differ ({details}): {remedy}")
     if state.get("world_size") != world_size:
         raise CheckpointError(f"{path} was written by {state.get('world_size')} processes; resume it with as many "
                               f"(got {world_size}).")
@@ -237,27 +286,6 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     """The most recent ``step-*`` folder under ``root``, or None when there is none."""
     found = _checkpoints(Path(root))
     return found[-1] if found else None
-
-
-def checkpoint_to_resume(root: str | Path, *, resume: bool) -> Path | None:
-    """The checkpoint a run writing its checkpoints to ``root`` starts from: the latest one with ``resume`` (None,
-    and a log line, when there is none yet), none without.
-
-    Raises:
-        CheckpointError: a new run (``resume`` False) into a folder that holds checkpoints of an earlier run: its
-            pruning would keep the highest step numbers, the earlier run's, and a later resume would continue that
-            run.
-    """
-    latest = latest_checkpoint(root)
-    if resume:
-        if latest is None:
-            logger.info("--resume: no checkpoint in %s yet, starting from scratch", root)
-        return latest
-    if latest is not None:
-        raise CheckpointError(f"{root} holds checkpoints of an earlier run (the latest: {latest.name}): continue "
-                              "that run with --resume, or start this one in another --out folder (or delete "
-                              f"{root}).")
-    return None
 
 
 def _checkpoints(root: Path) -> list[Path]:

@@ -12,6 +12,7 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,8 +84,7 @@ class SeededViews(Dataset):
         generator = torch.Generator().manual_seed(seed)
         # one row per view: (scale, top, left, flip), each uniform in [0, 1)
         self._params = torch.rand(len(self), 4, generator=generator, dtype=torch.float64).numpy()
-        logger.info("%d views of %d images from %s (crop %d)", len(self), len(source),
-                    source.describe(), crop_size)
+        logger.info("%d views (crop %d) of %s", len(self), crop_size, source.describe())
 
     @property
     def random_access(self) -> bool:
@@ -137,6 +137,13 @@ class SeededViews(Dataset):
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(img, dtype=np.float32)  # (S, S, 3) in 0..255
         return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0)  # (3, S, S) in [-1, 1]
+
+    def settings(self) -> dict[str, Any]:
+        """What makes this set of views, field by field: the source's images (:meth:`ImageSource.fingerprint`), the
+        crop parameters and the seed (JSON values)."""
+        return {"images": self.source.fingerprint(), "crop_size": self.crop_size,
+                "views_per_image": self.views_per_image, "seed": self.seed, "scale_range": list(self.scale_range),
+                "flip": self.flip}
 
     def fingerprint(self) -> str:
         """Id of this exact set of views (the source's images, crop parameters, seed)."""

@@ -9,18 +9,14 @@ version ``z_q`` on hole cells, as in phase 2; mask-free, every cell is quantized
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from tqdm.auto import tqdm
 
 from fdm.adapter import VQAdapter
 from fdm.errors import CheckpointError, InputError
@@ -29,32 +25,17 @@ from fdm.io.decoder_weights import apply_decoder_state, decoder_state_dict
 from fdm.losses import Phase3Loss
 from fdm.masks import random_irregular_mask
 from fdm.module import FDM
-from fdm.precision import autocast, grad_scaler, load_scaler_state
+from fdm.precision import autocast, grad_scaler
 from fdm.registry import find_adapter
 from fdm.training.backbones import load_backbone
-from fdm.training.checkpointing import (
-    _capture_rng_state,
-    _restore_rng_state,
-    check_resumable,
-    load_checkpoint,
-    run_identity,
-    save_checkpoint,
-)
+from fdm.training.checkpointing import run_identity
 from fdm.training.discriminator import PatchDiscriminator
-from fdm.training.distributed import (
-    DistContext,
-    all_gather_objects,
-    all_reduce_mean,
-    barrier,
-    derived_seed,
-    init_distributed,
-    make_sampler,
-    wrap_ddp,
-)
+from fdm.training.distributed import barrier, make_sampler, wrap_ddp
 from fdm.training.feature_cache import encode_views
+from fdm.training.loop import TrainingLoop, optimizer_step
 from fdm.training.monitoring import ImageMetrics, check_finite_losses
 from fdm.training.phase3_config import RESUME_FIELDS, Phase3Config
-from fdm.training.schedule import WarmupCosineLR, paper_optimizer
+from fdm.training.schedule import RunBudget, WarmupCosineLR, paper_optimizer
 from fdm.validation import check_fdm_fits
 
 __all__ = ["Phase3Config", "Phase3Trainer", "finetune"]
@@ -79,7 +60,7 @@ class _Generator(nn.Module):
         return z_dq, self._adapter.decode(z_dq, **guide)  # (B, 3, H, W); guide: adapter.decode_guide(x, hole)
 
 
-class Phase3Trainer:
+class Phase3Trainer(TrainingLoop):
     """Joint fine-tuning of an FDM and its base model's decoder.
 
     The FDM (a phase-2 result) and the model's decoder modules (``adapter.decoder_modules()``) are trained; the
@@ -88,7 +69,9 @@ class Phase3Trainer:
     ``in_place=True`` fine-tunes your model's decoder itself (no second copy of the model in memory) and leaves
     the model frozen (``requires_grad`` off) in eval mode at the end of :meth:`train`. :meth:`train` returns a new :class:`~fdm.FDM` with
     ``finetuned_decoder=True`` carrying the decoder weights, and writes it with them to
-    ``<output_dir>/fdm`` (``model.safetensors``, ``decoder.safetensors``, ``config.json``, ``README.md``).
+    ``<output_dir>/fdm`` (``model.safetensors``, ``decoder.safetensors``, ``config.json``, ``README.md``). The step
+    loop, its records (``<output_dir>/metrics.jsonl``), checkpoints and resume are
+    :class:`~fdm.training.loop.TrainingLoop`'s.
 
     Args:
         model: the base VQ model (any model with a registered adapter).
@@ -112,6 +95,11 @@ class Phase3Trainer:
         >>> deq = fdm.Dequantizer(vqgan, fdm.FDM.from_pretrained("fdm-phase3/fdm"))         # doctest: +SKIP
     """
 
+    phase = 3
+    resume_fields = RESUME_FIELDS
+    checkpoint_at_end = True
+    results = ("fdm", "validation")
+
     def __init__(
         self,
         model: nn.Module,
@@ -124,7 +112,7 @@ class Phase3Trainer:
         in_place: bool = False,
         backbone: nn.Module | None = None,
     ):
-        self.config = cfg = config
+        cfg = config
         self.adapter = adapter if adapter is not None else find_adapter(model)
         if len(views) == 0:
             raise InputError("the training set is empty.")
@@ -137,9 +125,7 @@ class Phase3Trainer:
             self.adapter = type(self.adapter)(model)
         if fdm_module.finetuned_decoder:  # fine-tuning a phase-3 FDM further: its decoder goes in first
             apply_decoder_state(self.adapter, fdm_module.decoder_state, source="decoder of the phase-3 FDM given")
-        self.ctx: DistContext = init_distributed(cfg.device if cfg.device is not None else self.adapter.device)
-        self.device = self.ctx.device
-        self.output_dir = Path(cfg.output_dir)
+        super().__init__(config, self.adapter.device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.generator = _Generator(fdm_module.to(self.device), self.adapter).requires_grad_(True)
         self.generator.decoder.requires_grad_(not cfg.freeze_decoder)
@@ -166,10 +152,9 @@ class Phase3Trainer:
             disc_steps = max(1, cfg.steps - self.schedule.start_steps["adversarial"])
             self.disc_scheduler = WarmupCosineLR(self.disc_optimizer, disc_steps, cfg.disc_warmup_steps, cfg.min_lr)
             self.disc_scaler = grad_scaler(self.device, cfg.precision)
-        self.step = 0
-        self.seconds = 0.0  # wall time of train() calls in this process (a resumed run counts its own part)
         self._mask_generator = torch.Generator()
         self._metrics: ImageMetrics | None = None
+        self._batches: Iterator[torch.Tensor] | None = None
 
     def _train_mode(self) -> None:
         """Training mode for the trained parts; a frozen decoder or FDM stays in eval mode."""
@@ -178,11 +163,6 @@ class Phase3Trainer:
             self.generator.decoder.eval()
         if self.config.freeze_fdm:
             self.generator.fdm.eval()
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        """Folder of the resumable checkpoints (``<output_dir>/checkpoints``)."""
-        return self.output_dir / "checkpoints"
 
     # --- data ------------------------------------------------------------------------------------------
 
@@ -199,7 +179,7 @@ class Phase3Trainer:
         lat = encode_views(self.adapter, x, hole)
         return {"z_in": lat.z_in.float(), "z": lat.z.float(), "cells": lat.cells, "guide": lat.guide}
 
-    def _batches(self, sampler: DistributedSampler, steps_per_epoch: int) -> Iterator[torch.Tensor]:
+    def _epochs(self, sampler: DistributedSampler, steps_per_epoch: int) -> Iterator[torch.Tensor]:
         """Batches from the current step on; a resumed run continues mid-epoch in the same order."""
         bs = self.config.batch_size
         while True:
@@ -209,15 +189,27 @@ class Phase3Trainer:
             yield from DataLoader(Subset(self.views, indices), batch_size=bs, drop_last=True,
                                   num_workers=self.config.num_workers)
 
+    def prepare(self) -> RunBudget:
+        """Order the batches from the current step on, and validate before the first step."""
+        cfg = self.config
+        sampler = make_sampler(len(self.views), self.ctx, seed=cfg.seed)
+        steps_per_epoch = len(sampler) // cfg.batch_size
+        if steps_per_epoch == 0:
+            raise InputError(f"{len(self.views)} training images give less than one batch of {cfg.batch_size} "
+                             f"per process ({self.ctx.world_size} processes).")
+        self._batches = self._epochs(sampler, steps_per_epoch)
+        if self.step == 0:
+            self.validate()
+        return RunBudget(cfg.steps)
+
     # --- one step --------------------------------------------------------------------------------------
 
-    def _train_step(self, x: torch.Tensor) -> dict[str, float]:
+    def train_step(self, progress: float) -> dict[str, float]:
         cfg, step = self.config, self.step
-        x = x.to(self.device, non_blocking=True)
+        x = next(self._batches).to(self.device, non_blocking=True)
         hole = None
         if cfg.hole_ratio is not None:  # masks depend only on (seed, step, rank): nothing to carry on resume
-            seed = derived_seed(cfg.seed, step, self.ctx.rank)
-            hole = self._masks(x, self._mask_generator.manual_seed(seed))
+            hole = self._masks(x, self._mask_generator.manual_seed(self.step_seed(self.ctx.rank)))
         inp = self._inputs(x, hole)
         with autocast(self.device, cfg.precision):  # the losses cast to float32 before reducing (fdm.losses)
             z_dq, recon = self.net(inp["z_in"], inp["cells"], inp["guide"])
@@ -225,33 +217,34 @@ class Phase3Trainer:
                                                cell_mask=inp["cells"])
         logs = {k: v.item() for k, v in terms.items()} | {"loss": total.item()}
         check_finite_losses(logs, step=step + 1)
-        self._update(total, self.optimizer, self.scheduler, self.scaler, self.generator)
+        optimizer_step(total, self.optimizer, self.scaler, clip=cfg.grad_clip, parameters=self.generator.parameters())
+        self.scheduler.step()
         if self.discriminator is not None and self.loss.discriminator_step_active(step):
             with autocast(self.device, cfg.precision):
                 d_loss = self.loss.discriminator_loss(self.disc_net, x, recon)
             logs["discriminator"] = d_loss.item()
             check_finite_losses({"discriminator": logs["discriminator"]}, step=step + 1)
-            self._update(d_loss, self.disc_optimizer, self.disc_scheduler, self.disc_scaler, self.discriminator)
-        self.step += 1
+            optimizer_step(d_loss, self.disc_optimizer, self.disc_scaler, clip=cfg.grad_clip,
+                           parameters=self.discriminator.parameters())
+            self.disc_scheduler.step()
         return logs
 
-    def _update(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: WarmupCosineLR,
-                scaler: torch.amp.GradScaler, module: nn.Module) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if self.config.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(module.parameters(), self.config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
 
-    # --- validation and logs ---------------------------------------------------------------------------
+    def after_step(self, progress: float) -> bool:
+        """Validate every ``val_every`` steps and at the run's end."""
+        if (self.config.val_every and self.step % self.config.val_every == 0) or progress >= 1.0:
+            self.validate()
+        return False
+
+    # --- validation ------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Reconstruct the first ``num_val_images`` validation images (fixed masks), write a PNG grid
-        (masked input | reconstruction | original) to ``validation/step-*.png`` and return the metrics.
+        (masked input | reconstruction | original) to ``validation/step-*.png`` and return the metrics (also
+        recorded in ``metrics.jsonl``, ``"split": "val"``).
 
         Runs on rank 0 only (other processes return ``{}``).
         """
@@ -275,74 +268,32 @@ class Phase3Trainer:
         grid = self.output_dir / "validation" / f"step-{self.step:08d}.png"
         grid.parent.mkdir(parents=True, exist_ok=True)
         image_grid(list(zip(shown, recon, x)), ["input", "reconstruction", "target"]).save(grid)
-        self._log({"step": self.step, "split": "val", **metrics})
+        self.log_record({"step": self.step, "split": "val", **metrics})
         return metrics
-
-    def _log(self, record: dict[str, Any]) -> None:
-        if not self.ctx.is_main:
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        logger.info("step %d %s: %s", record["step"], record["split"],
-                    "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "split")))
 
     # --- checkpoints -----------------------------------------------------------------------------------
 
-    def _modules(self) -> dict[str, nn.Module]:
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
         modules = {"fdm": self.generator.fdm, "decoder": self.generator.decoder}
         if self.discriminator is not None:
             modules["discriminator"] = self.discriminator
         return modules
 
-    def _stateful(self) -> dict[str, Any]:
+    def checkpoint_objects(self) -> dict[str, Any]:
         objects = {"optimizer": self.optimizer, "scheduler": self.scheduler}
         if self.discriminator is not None:
             objects |= {"disc_optimizer": self.disc_optimizer, "disc_scheduler": self.disc_scheduler}
         return objects
 
-    def _scalers(self) -> dict[str, torch.amp.GradScaler]:
+    def gradient_scalers(self) -> dict[str, torch.amp.GradScaler]:
         scalers = {"scaler": self.scaler}
         if self.discriminator is not None:
             scalers["disc_scaler"] = self.disc_scaler
         return scalers
 
-    def save_checkpoint(self) -> Path | None:
-        """Write a resumable checkpoint of the current step (rank 0; every process waits for it)."""
-        ranks = all_gather_objects({"rng": _capture_rng_state()}, self.ctx)  # each process's RNG states
-        path = None
-        if self.ctx.is_main:
-            state = {name: obj.state_dict() for name, obj in (self._stateful() | self._scalers()).items()}
-            state |= {"phase": 3, "config": self.config.to_dict(), "world_size": self.ctx.world_size, "ranks": ranks,
-                      "data": self._data_identity()}
-            path = save_checkpoint(self.checkpoint_dir, self.step, self._modules(), state,
-                                   keep=self.config.keep_checkpoints)
-        barrier(self.ctx)
-        return path
-
-    def resume(self, path: str | Path) -> None:
-        """Load a checkpoint written by :meth:`save_checkpoint` of a run with the same config.
-
-        ``precision`` may differ from the saved run's (e.g. a run moved to another device): the fp16 loss scale is
-        restored where both runs use fp16 and starts afresh otherwise.
-
-        Raises:
-            CheckpointError: not a phase-3 checkpoint, another config, data, base model or process count, or
-                weights that do not fit.
-        """
-        state = load_checkpoint(path, self._modules(), map_location=self.device)
-        check_resumable(path, state, phase=3, config=self.config.to_dict(), fields=RESUME_FIELDS,
-                        identity=self._data_identity(), world_size=self.ctx.world_size)
-        for name, obj in self._stateful().items():
-            obj.load_state_dict(state[name])
-        for name, scaler in self._scalers().items():  # the precision may differ from the saved run's
-            load_scaler_state(scaler, state.get(name))
-        _restore_rng_state(state["ranks"][self.ctx.rank]["rng"])
-        self.step = int(state["step"])
-
-    def _data_identity(self) -> dict[str, str | None]:
-        """The run's :func:`~fdm.training.checkpointing.run_identity`: its training and validation views and the
-        base model's codebook."""
+    def run_identity(self) -> dict[str, Any]:
+        """The training and validation views and the base model's codebook
+        (:func:`~fdm.training.checkpointing.run_identity`)."""
         return run_identity(self.adapter.fingerprint(), views=self.views, val=self.val_views)
 
     # --- the result ------------------------------------------------------------------------------------
@@ -355,74 +306,23 @@ class Phase3Trainer:
         config["base_model_fingerprint"] = config["base_model_fingerprint"] or self.adapter.fingerprint()
         cfg = self.config
         config["training"] = {**source.training_info, "phase3": {
-            "steps": self.step, "batch_size": cfg.batch_size, "world_size": self.ctx.world_size,
-            "hole_ratio": list(cfg.hole_ratio) if cfg.hole_ratio is not None else None, "lr": cfg.lr,
-            "warmup_steps": cfg.warmup_steps, "seed": cfg.seed, "freeze_decoder": cfg.freeze_decoder,
-            "freeze_fdm": cfg.freeze_fdm, "backbone": cfg.backbone, "precision": cfg.precision,
-            "seconds": round(self.seconds, 1),
-            **self.schedule.to_dict()}}
+            **self.training_record(), "freeze_decoder": cfg.freeze_decoder, "freeze_fdm": cfg.freeze_fdm,
+            "backbone": cfg.backbone, **self.schedule.to_dict()}}
         result = FDM(**config)
         result.load_state_dict(source.state_dict())
         if not cfg.freeze_decoder:
             result.decoder_state = decoder_state_dict(self.adapter)
         return result.cpu().eval()
 
-    # --- the loop --------------------------------------------------------------------------------------
-
-    def train(self, resume_from: str | Path | None = None, *, until: int | None = None) -> FDM:
-        """Run (or resume) the fine-tuning and save the result to ``<output_dir>/fdm``.
-
-        Args:
-            resume_from: a checkpoint folder of an earlier run with the same config (see
-                :func:`~fdm.training.checkpointing.latest_checkpoint`); the run continues exactly where it
-                stopped.
-            until: stop after this step with a checkpoint instead of running to ``config.steps`` (for jobs
-                with a time limit; resume later). Nothing is written to ``<output_dir>/fdm`` then.
-
-        Returns:
-            The fine-tuned FDM with its decoder weights (see :meth:`result`).
-        """
-        cfg = self.config
-        started = time.perf_counter()
-        if resume_from is not None:
-            self.resume(resume_from)
-        stop = cfg.steps if until is None else min(until, cfg.steps)
-        sampler = make_sampler(len(self.views), self.ctx, seed=cfg.seed)
-        steps_per_epoch = len(sampler) // cfg.batch_size
-        if steps_per_epoch == 0:
-            raise InputError(f"{len(self.views)} training images give less than one batch of {cfg.batch_size} "
-                             f"per process ({self.ctx.world_size} processes).")
-        if self.step == 0:
-            self.validate()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="FDM phase 3", unit="step",
-                   disable=not (cfg.progress and self.ctx.is_main))
-        running: dict[str, list[float]] = {}
-        batches = self._batches(sampler, steps_per_epoch)
-        while self.step < stop:
-            logs = self._train_step(next(batches))
-            for k, v in logs.items():
-                running.setdefault(k, []).append(v)
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            last = self.step == stop
-            if (cfg.log_every and self.step % cfg.log_every == 0) or last:
-                means = {k: all_reduce_mean(torch.tensor(float(np.mean(v)), device=self.device), self.ctx).item()
-                         for k, v in sorted(running.items())}
-                self._log({"step": self.step, "split": "train", "lr": self.scheduler.get_last_lr()[0], **means})
-                running = {}
-            if (cfg.val_every and self.step % cfg.val_every == 0) or (last and self.step == cfg.steps):
-                self.validate()
-            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last:
-                self.save_checkpoint()
-        bar.close()
-        self.seconds += time.perf_counter() - started
+    def finish(self, complete: bool) -> FDM:
+        """:meth:`result`; at the run's end also saved to ``<output_dir>/fdm``, with the model left frozen."""
         result = self.result()
-        if self.step == cfg.steps:
+        if complete:
             self.model.requires_grad_(False).eval()  # done: the model (yours, with in_place) is left frozen
             if self.ctx.is_main:
                 result.save_pretrained(self.output_dir / "fdm")
-                logger.info("saved the fine-tuned FDM%s to %s", "" if cfg.freeze_decoder else " and its decoder",
-                            self.output_dir / "fdm")
+                logger.info("saved the fine-tuned FDM%s to %s", "" if self.config.freeze_decoder else " and its "
+                            "decoder", self.output_dir / "fdm")
         barrier(self.ctx)
         return result
 
