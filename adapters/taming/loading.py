@@ -33,7 +33,7 @@ from fdm.config_io import check_sizes, read_yaml
 from fdm.errors import CheckpointError
 from fdm.io.hub import resolve_file
 from fdm.io.torch_files import read_checkpoint
-from fdm.io.weights import load_state_dict_strict, read_safetensors
+from fdm.io.weights import check_state_dict, load_state_dict_strict, read_safetensors
 
 __all__ = ["build_model", "load_config", "load_model", "model_state_dict"]
 
@@ -117,12 +117,8 @@ def model_state_dict(checkpoint: dict[str, Any], model: nn.Module, *, source: st
 
     A transformer checkpoint given for a first-stage model contributes its ``first_stage_model.*`` keys.
     """
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{source} holds {type(checkpoint).__name__}, not a state dict.")
-    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise CheckpointError(f"{source}: these state-dict entries are not tensors: {not_tensors[:10]}.")
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    state_dict = check_state_dict(state_dict, source=source)
     state_dict = {k: v for k, v in state_dict.items() if not _LOSS_KEY.match(k)}
     expected = model.state_dict()
     if not any(k in expected for k in state_dict) and any(k.startswith(_FIRST_STAGE_PREFIX) for k in state_dict):

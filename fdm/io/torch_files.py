@@ -49,8 +49,8 @@ def _nonnegative_int(value: Any, what: str) -> int:
 def _typed_storage(data: torch.Tensor, dtype: torch.dtype, byteorder: str) -> torch.storage.TypedStorage:
     """A storage of ``dtype`` over the uint8 tensor ``data`` (byte-swapped if written on the other endianness)."""
     width = dtype.itemsize // 2 if dtype.is_complex else dtype.itemsize
-    if byteorder != sys.byteorder and width > 1:
-        data = data.view(-1, width).flip(-1).reshape(-1)
+    if byteorder != sys.byteorder and width > 1:  # swapped into a fixed-size buffer like the one read
+        data = _bytes_tensor(data.numel()).copy_(data.view(-1, width).flip(-1).reshape(-1))
     return torch.storage.TypedStorage(wrap_storage=data.untyped_storage(), dtype=dtype, _internal=True)
 
 

@@ -1,0 +1,184 @@
+"""Crafted files against the readers (issue 23): tensors that would grow their storage or share memory, state dicts
+of the wrong types, and the limits every reader applies (:mod:`fdm.limits`)."""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import fdm
+from fdm.errors import CheckpointError
+from fdm.io.official import fdm_to_official_state_dict
+from fdm.io.torch_files import read_checkpoint
+
+LEGACY_HEADER = b"".join(pickle.dumps(obj, protocol=2) for obj in (
+    0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True, "type_sizes": {}}))
+
+
+class Storage:
+    """Stands for a storage record of a crafted file (pickled as a persistent id)."""
+
+    def __init__(self, key: str, numel: int):
+        self.key, self.numel = key, numel
+
+
+class Tensor:
+    """Pickles as ``_rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())``."""
+
+    def __init__(self, storage: Storage, size: tuple, stride: tuple, offset: int = 0):
+        self.args = (storage, offset, size, stride, False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file, legacy: bool):
+        super().__init__(file, protocol=2)
+        self.legacy = legacy
+
+    def persistent_id(self, obj):
+        if isinstance(obj, Storage):
+            return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel) + ((None,) if self.legacy else ())
+        return None
+
+
+def _dumps(obj, legacy: bool = False) -> bytes:
+    out = io.BytesIO()
+    _Pickler(out, legacy).dump(obj)
+    return out.getvalue()
+
+
+def write_archive(path: Path, obj, floats: dict[str, list[float]], byteorder: str = "little") -> Path:
+    """A ``torch.save`` zip archive of ``obj`` (holding :class:`Tensor` / :class:`Storage`) and float32 records."""
+    fmt = "<" if byteorder == "little" else ">"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", _dumps(obj))
+        archive.writestr("archive/byteorder", byteorder)
+        for key, values in floats.items():
+            archive.writestr(f"archive/data/{key}", struct.pack(f"{fmt}{len(values)}f", *values))
+    return path
+
+
+def write_legacy(path: Path, obj, floats: dict[str, list[float]]) -> Path:
+    """A legacy (pre-zip) ``torch.save`` file of ``obj`` and float32 storages."""
+    body = _dumps(obj, legacy=True) + pickle.dumps(list(floats), protocol=2)
+    for values in floats.values():
+        body += struct.pack("<q", len(values)) + struct.pack(f"<{len(values)}f", *values)
+    path.write_bytes(LEGACY_HEADER + body)
+    return path
+
+
+# --- tensors never reach past their storage, nor share memory ---------------------------------------------------
+
+
+@pytest.mark.parametrize("writer", [write_archive, write_legacy, "big-endian"])
+@pytest.mark.parametrize("stored", [0, 2])
+def test_a_tensor_larger_than_its_storage_is_refused(tmp_path, writer, stored):
+    """torch would grow the storage to fit the view, and the weights would be uninitialised memory."""
+    values = [1.5, -2.0][:stored]
+    obj = {"t": Tensor(Storage("0", stored), (1000,), (1,))}
+    if writer == "big-endian":
+        path = write_archive(tmp_path / "be.pt", obj, {"0": values}, byteorder="big")
+    else:
+        path = writer(tmp_path / "grow.pt", obj, {"0": values})
+    with pytest.raises(CheckpointError, match=rf"size \(1000,\), stride \(1,\) at offset 0 reaches element 1000, "
+                                              rf"beyond its storage of {stored}"):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize(("size", "stride", "offset", "phrase"), [
+    ((10**6,), (0,), 0, "sharing memory"),  # stride 0: a million elements over two stored floats
+    ((2, 2), (1, 1), 0, "sharing memory"),  # overlapping rows
+    ((2,), (1,), 1, "reaches element 3"),  # offset past the end
+    ((2,), (-1,), 0, "must be non-negative ints"),
+    ((2, 1), (1,), 0, "one stride per dimension"),
+])
+def test_views_that_share_memory_or_leave_their_storage_are_refused(tmp_path, size, stride, offset, phrase):
+    path = write_archive(tmp_path / "view.pt", {"t": Tensor(Storage("0", 2), size, stride, offset)},
+                         {"0": [1.5, -2.0]})
+    with pytest.raises(CheckpointError, match=phrase):
+        read_checkpoint(path)
+
+
+def test_views_torch_save_writes_still_read(tmp_path):
+    """Slices, transposes and big-endian storages: views inside their storage read back exactly."""
+    base = torch.randn(4, 6)
+    obj = {"base": base, "t": base.t(), "row": base[1], "col": base[:, 2], "step": base[::2, 1::3]}
+    path = tmp_path / "views.pt"
+    torch.save(obj, path)
+    loaded = read_checkpoint(path)
+    assert all(torch.equal(loaded[k], v) for k, v in obj.items())
+    path = write_archive(tmp_path / "be.pt", {"t": Tensor(Storage("0", 2), (2,), (1,))}, {"0": [1.5, -2.0]}, "big")
+    assert torch.equal(read_checkpoint(path)["t"], torch.tensor([1.5, -2.0]))
+
+
+def test_a_big_endian_storage_cannot_grow(tmp_path):
+    path = write_archive(tmp_path / "be.pt", {"t": Tensor(Storage("0", 2), (2,), (1,))}, {"0": [1.5, -2.0]}, "big")
+    storage = read_checkpoint(path)["t"].untyped_storage()
+    with pytest.raises(RuntimeError, match="not resizable"):
+        storage.resize_(1 << 20)
+
+
+# --- state dicts: names map to tensors, or the loader says which entries do not ---------------------------------
+
+
+def _official_file(tmp_path: Path, change) -> Path:
+    state = fdm_to_official_state_dict(fdm.FDM(8, hidden_channels=8, num_blocks=1).state_dict())
+    path = tmp_path / "fdm.pth"
+    torch.save({"model": change(state)}, path)
+    return path
+
+
+def _taming_state_dict(checkpoint: dict) -> dict:
+    from fdm.adapters.taming.loading import model_state_dict
+
+    return model_state_dict(checkpoint, torch.nn.Conv2d(2, 2, 1), source="checkpoint x.ckpt")
+
+
+def _first(state: dict) -> str:
+    return next(iter(state))
+
+
+STATE_CHANGES = {
+    "an integer key": (lambda sd: {**sd, 7: torch.zeros(1)}, "7: Tensor"),
+    "a number where a tensor is expected": (lambda sd: {**sd, _first(sd): 3}, ": int"),
+    "a nested dict": (lambda sd: {**sd, _first(sd): {"x": torch.zeros(1)}}, ": dict"),
+}
+
+
+@pytest.mark.parametrize("change", list(STATE_CHANGES))
+@pytest.mark.parametrize("loader", ["official FDM", "PUT split", "PUT load_model", "taming"])
+def test_state_dict_entries_of_the_wrong_type_are_named(tmp_path, loader, change):
+    from fdm.adapters.put import load_model, split_checkpoint
+
+    edit, phrase = STATE_CHANGES[change]
+    path = _official_file(tmp_path, edit)
+    read = {"official FDM": fdm.FDM.from_official_checkpoint, "PUT split": split_checkpoint,
+            "PUT load_model": load_model,
+            "taming": lambda p: _taming_state_dict({"state_dict": read_checkpoint(p)["model"]})}[loader]
+    with pytest.raises(CheckpointError, match=f"must map names to tensors; these entries do not: .*{phrase}"):
+        read(path)
+
+
+@pytest.mark.parametrize("loader", ["official FDM", "PUT split"])
+def test_a_model_entry_that_is_not_a_dict_is_refused(tmp_path, loader):
+    from fdm.adapters.put import split_checkpoint
+
+    path = _official_file(tmp_path, lambda sd: 5)
+    read = fdm.FDM.from_official_checkpoint if loader == "official FDM" else split_checkpoint
+    with pytest.raises(CheckpointError, match="must be a state dict .*; got int"):
+        read(path)
+
+
+def test_complex_weights_are_refused_not_cast(tmp_path):
+    path = _official_file(tmp_path, lambda sd: {k: v.to(torch.complex64) for k, v in sd.items()})
+    with pytest.raises(CheckpointError, match="integer and complex weights are refused, not cast"):
+        fdm.FDM.from_official_checkpoint(path)
