@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fdm
+import fdm.limits
 from fdm.errors import CheckpointError
 from fdm.io.official import fdm_to_official_state_dict
 from fdm.io.torch_files import read_checkpoint
@@ -182,3 +183,102 @@ def test_complex_weights_are_refused_not_cast(tmp_path):
     path = _official_file(tmp_path, lambda sd: {k: v.to(torch.complex64) for k, v in sd.items()})
     with pytest.raises(CheckpointError, match="integer and complex weights are refused, not cast"):
         fdm.FDM.from_official_checkpoint(path)
+
+
+# --- one limits object, applied by every reader ------------------------------------------------------------------
+
+
+def test_limits_are_validated_and_override_restores_them():
+    before = fdm.limits.current()
+    with pytest.raises(ValueError, match="max_tensor_bytes must be a positive integer; got 0"):
+        fdm.limits.Limits(max_tensor_bytes=0)
+    with pytest.raises(TypeError):
+        fdm.limits.set_limits(max_tensor_byte=1)  # a misspelt field is not silently ignored
+    with pytest.raises(RuntimeError), fdm.limits.override(max_config_depth=3) as inside:
+        assert inside.max_config_depth == 3 and fdm.limits.current() == inside
+        raise RuntimeError
+    assert fdm.limits.current() == before
+    previous = fdm.limits.set_limits(max_image_pixels=10)
+    try:
+        assert previous == before and fdm.limits.current().max_image_pixels == 10
+    finally:
+        fdm.limits.set_limits(previous)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_storage_over_the_tensor_limit_is_refused_before_it_is_read(tmp_path, legacy):
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.arange(256, dtype=torch.float32)}, path, _use_new_zipfile_serialization=not legacy)
+    with fdm.limits.override(max_tensor_bytes=1000), pytest.raises(CheckpointError, match="1024 bytes, more than the "
+                                                                                            "1000 allowed"):
+        read_checkpoint(path)
+    assert torch.equal(read_checkpoint(path)["w"], torch.arange(256, dtype=torch.float32))
+
+
+def test_a_compressed_data_pkl_bomb_is_refused(tmp_path):
+    """The pickle itself is bounded like the storages (a 10 MB pickle of one long string, deflated to kilobytes)."""
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"s": "a" * 10_000_000}, protocol=2),
+                         compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match=r"record archive/data.pkl inflates \d+ bytes to \d+ \(more than "
+                                              r"100-fold"):
+        read_checkpoint(path)
+
+
+def test_an_archive_inflating_past_the_total_limit_is_refused(tmp_path):
+    path = tmp_path / "many.pt"
+    torch.save({f"w{i}": torch.zeros(100) for i in range(10)}, path)  # 10 stored records of 400 bytes
+    with fdm.limits.override(max_decompressed_bytes=2000), \
+            pytest.raises(CheckpointError, match="inflate to more than 2000 bytes"):
+        read_checkpoint(path)
+
+
+def test_config_depth_fdm_size_and_image_pixels_follow_the_limits(tmp_path):
+    from fdm.config_io import read_json
+    from fdm.errors import ConfigError, InputError
+    from fdm.images import read_image
+
+    config = tmp_path / "config.json"
+    config.write_text('{"a": {"b": {"c": 1}}}')
+    with fdm.limits.override(max_config_depth=2), pytest.raises(ConfigError, match="nests deeper than 2 levels"):
+        read_json(config)
+    assert read_json(config) == {"a": {"b": {"c": 1}}}
+    fdm.FDM(8, hidden_channels=8, num_blocks=1).save_pretrained(tmp_path / "fdm")
+    with fdm.limits.override(max_fdm_parameters=1000), \
+            pytest.raises(CheckpointError, match=r"more than 1,000 is refused \(fdm.limits\)"):
+        fdm.FDM.from_pretrained(tmp_path / "fdm")
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "image.png")
+    with fdm.limits.override(max_image_pixels=1000), \
+            pytest.raises(InputError, match=r"40x30 pixels is more than the 1000 an image may have"):
+        read_image(tmp_path / "image.png")
+    assert read_image(tmp_path / "image.png").shape == (1, 3, 30, 40)
+
+
+def test_label_maps_follow_the_limits(tmp_path):
+    import numpy as np
+
+    from fdm.adapters.taming.command import read_label_maps
+    from fdm.errors import InputError
+
+    np.save(tmp_path / "labels.npy", np.zeros((40, 30), dtype=np.uint8))
+    with fdm.limits.override(max_label_map_pixels=1000), pytest.raises(InputError, match="larger than the 1000"):
+        read_label_maps([tmp_path / "labels.npy"])
+    assert read_label_maps([tmp_path / "labels.npy"]).shape == (1, 40, 30)
+
+
+def test_a_taming_model_over_the_parameter_limit_is_refused_before_its_weights_are_read(tmp_path):
+    pytest.importorskip("taming")
+    from taming_tiny import random_model, save_lightning_ckpt, vqgan_config, write_config
+
+    from fdm.adapters.taming import load_model
+    from fdm.errors import ConfigError
+
+    config = write_config(vqgan_config(), tmp_path / "model.yaml")
+    checkpoint = save_lightning_ckpt(random_model(vqgan_config()).state_dict(), tmp_path / "last.ckpt")
+    with fdm.limits.override(max_model_parameters=1000), \
+            pytest.raises(ConfigError, match=r"VQModel of [\d,]+ parameters, more than the 1,000 allowed"):
+        load_model(config, checkpoint)
+    assert load_model(config, checkpoint) is not None

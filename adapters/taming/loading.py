@@ -30,10 +30,11 @@ from fdm.adapters.taming.compat import (
     trusted_targets,
 )
 from fdm.config_io import check_sizes, read_yaml
-from fdm.errors import CheckpointError
+from fdm.errors import CheckpointError, ConfigError
 from fdm.io.hub import resolve_file
 from fdm.io.torch_files import read_checkpoint
 from fdm.io.weights import check_state_dict, load_state_dict_strict, read_safetensors
+from fdm.limits import current as current_limits
 
 __all__ = ["build_model", "load_config", "load_model", "model_state_dict"]
 
@@ -158,7 +159,8 @@ def load_model(
     Raises:
         CheckpointError: the checkpoint misses expected keys, has unexpected ones or wrong shapes (all named), or
             is refused by :func:`fdm.io.torch_files.read_checkpoint`.
-        ConfigError: the config does not parse, or names a class that is not allowed (key path and value).
+        ConfigError: the config does not parse, names a class that is not allowed (key path and value), or
+            describes a model larger than ``fdm.limits`` ``max_model_parameters``.
         FileNotFoundError: ``file not found: PATH`` for a missing local path (anything but ``hf://...`` or
             ``repo_id=``: :func:`fdm.io.hub.locate`), at once, without trying the Hub.
 
@@ -173,6 +175,10 @@ def load_model(
         resolve_file(checkpoint, revision=revision)
     raw = read_safetensors(path) if path.suffix == ".safetensors" else read_checkpoint(path)
     model = build_model(model_config, device="meta", trust_config=trust_config)
+    count = sum(p.numel() for p in model.parameters())
+    if count > (most := current_limits().max_model_parameters):
+        raise ConfigError(f"The config describes a {type(model).__name__} of {count:,} parameters, more than the "
+                          f"{most:,} allowed (fdm.limits); raise max_model_parameters for a model you trust.")
     source = f"checkpoint {path.name}"
     state_dict = model_state_dict(raw, model, source=source)
     raw_keys = raw.get("state_dict", raw) if isinstance(raw, dict) else {}

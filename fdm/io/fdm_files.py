@@ -22,18 +22,16 @@ from fdm.io.decoder_weights import read_decoder_weights, save_decoder_weights
 from fdm.io.hub import WEIGHTS_NAME, _is_generated_model_card, build_model_card, locate, resolve_file
 from fdm.io.official import load_official_fdm
 from fdm.io.weights import load_state_dict_strict, read_safetensors, write_weights
+from fdm.limits import current as current_limits
 
-__all__ = ["MAX_LOADED_PARAMETERS", "FDMFiles"]
+__all__ = ["FDMFiles"]
 
 logger = logging.getLogger(__name__)
 
-MAX_LOADED_PARAMETERS = 200_000_000
-"""Most parameters an FDM read from a config.json may have (the paper's, at 256 channels, has 3.8 M); checked before
-allocating."""
-
 
 def _check_size(config: dict[str, Any], source: str) -> None:
-    """Refuse sizes that are not integers, or an FDM larger than :data:`MAX_LOADED_PARAMETERS`, before building it."""
+    """Refuse sizes that are not integers, or an FDM larger than ``fdm.limits`` ``max_fdm_parameters``, before
+    building it."""
     sizes = {k: config.get(k, default) for k, default in
              (("channels", 256), ("mask_channels", 1), ("hidden_channels", None), ("num_blocks", 8))}
     for name, value in sizes.items():
@@ -42,9 +40,10 @@ def _check_size(config: dict[str, Any], source: str) -> None:
     c, m, blocks = sizes["channels"], sizes["mask_channels"], sizes["num_blocks"]
     h = c if sizes["hidden_channels"] is None else sizes["hidden_channels"]
     count = 9 * (c + m) * h + blocks * (9 * h * (h // 2) + (h // 2) * h) + 9 * h * c  # convolution weights
-    if count > MAX_LOADED_PARAMETERS:
+    most = current_limits().max_fdm_parameters
+    if count > most:
         raise CheckpointError(f"{source} describes an FDM of about {count:,} parameters (channels {c}, hidden "
-                              f"{h}, {blocks} blocks); more than {MAX_LOADED_PARAMETERS:,} is refused.")
+                              f"{h}, {blocks} blocks); more than {most:,} is refused (fdm.limits).")
 
 
 class FDMFiles(PyTorchModelHubMixin):
