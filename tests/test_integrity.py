@@ -206,6 +206,7 @@ def test_diverging_phase2_run_stops_and_saves_nothing(tmp_path, views):
 def test_nan_weights_are_neither_saved_nor_loaded(tmp_path):
     from safetensors.torch import save_file
 
+    from fdm.io.weights import DIGEST_KEY, state_dict_digest
     from fdm.training.checkpointing import save_checkpoint
 
     module = fdm.FDM(8, hidden_channels=4, num_blocks=1)
@@ -219,9 +220,10 @@ def test_nan_weights_are_neither_saved_nor_loaded(tmp_path):
     with pytest.raises(CheckpointError, match="fdm weights of step 7 hold NaN or Inf values"):
         save_checkpoint(tmp_path / "checkpoints", 7, {"fdm": module}, {})
     assert not (tmp_path / "checkpoints").exists()
-    # a weight file edited to hold a NaN (its digest is not required for a saved FDM) is refused on loading
+    # a weight file edited to hold a NaN, its digest recomputed to match, is refused on loading
     good = tmp_path / "good"
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(good / "model.safetensors"))
+    edited = {k: v.contiguous() for k, v in module.state_dict().items()}
+    save_file(edited, str(good / "model.safetensors"), metadata={DIGEST_KEY: state_dict_digest(edited)})
     with pytest.raises(CheckpointError, match=r"weights in .*model.safetensors hold NaN or Inf values"):
         fdm.FDM.from_pretrained(good)
 

@@ -19,7 +19,14 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from fdm.config_io import read_json
 from fdm.errors import CheckpointError, HubError
 from fdm.io.decoder_weights import read_decoder_weights, save_decoder_weights
-from fdm.io.hub import WEIGHTS_NAME, _is_generated_model_card, build_model_card, locate, resolve_file
+from fdm.io.hub import (
+    WEIGHTS_NAME,
+    _is_generated_model_card,
+    build_model_card,
+    file_in_folder,
+    locate,
+    resolve_file,
+)
 from fdm.io.official import load_official_fdm
 from fdm.io.weights import load_state_dict_strict, read_safetensors, write_weights
 from fdm.limits import current as current_limits
@@ -85,9 +92,10 @@ class FDMFiles(PyTorchModelHubMixin):
             The FDM in eval mode; every weight key and shape was checked against config.json.
 
         Raises:
-            CheckpointError: config.json or model.safetensors is missing, unreadable, truncated or corrupted, or
-                config.json does not describe the weights (names the missing / unexpected / mis-shaped keys); a
-                file given where a folder was expected.
+            CheckpointError: config.json or model.safetensors is missing, unreadable, truncated or corrupted,
+                model.safetensors lacks the digest :meth:`save_pretrained` records, a file of the folder is a link
+                leading out of it, or config.json does not describe the weights (names the missing / unexpected /
+                mis-shaped keys); a file given where a folder was expected.
             ConfigError: config.json does not parse (names the file and line).
             HubError: the Hub repo or revision does not exist, or offline mode is on without a cached copy; a Hub
                 reference with a path inside the repo.
@@ -98,7 +106,7 @@ class FDMFiles(PyTorchModelHubMixin):
             raise HubError(f"{pretrained_model_name_or_path}: an FDM is a whole Hub repo; expected owner/name, "
                            "without a path inside the repo.")
         if isinstance(source, Path) and source.is_dir():
-            config_file = source / "config.json"
+            config_file = file_in_folder(source, "config.json")
         else:  # a local file is refused; a Hub config.json is fetched here so that Hub errors become fdm errors
             hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
             config_file = resolve_file(source, "config.json", **hub_kwargs)
@@ -147,7 +155,7 @@ class FDMFiles(PyTorchModelHubMixin):
             raise CheckpointError(f"config.json of {model_id} (with the keyword arguments given) does not "
                                   f"describe a valid FDM: {err}") from err
         try:
-            load_state_dict_strict(module, read_safetensors(weights_path, require_finite=True),
+            load_state_dict_strict(module, read_safetensors(weights_path, require_digest=True, require_finite=True),
                                    source=f"weight file {weights_path}")
         except CheckpointError as err:
             arch = {k: module.config[k] for k in ("channels", "mask_channels", "hidden_channels", "num_blocks")}
