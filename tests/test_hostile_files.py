@@ -271,10 +271,9 @@ def test_label_maps_follow_the_limits(tmp_path):
 
 def test_a_taming_model_over_the_parameter_limit_is_refused_before_its_weights_are_read(tmp_path):
     pytest.importorskip("taming")
-    from taming_tiny import random_model, save_lightning_ckpt, vqgan_config, write_config
-
     from fdm.adapters.taming import load_model
     from fdm.errors import ConfigError
+    from taming_tiny import random_model, save_lightning_ckpt, vqgan_config, write_config
 
     config = write_config(vqgan_config(), tmp_path / "model.yaml")
     checkpoint = save_lightning_ckpt(random_model(vqgan_config()).state_dict(), tmp_path / "last.ckpt")
@@ -282,3 +281,30 @@ def test_a_taming_model_over_the_parameter_limit_is_refused_before_its_weights_a
             pytest.raises(ConfigError, match=r"VQModel of [\d,]+ parameters, more than the 1,000 allowed"):
         load_model(config, checkpoint)
     assert load_model(config, checkpoint) is not None
+
+
+# --- taming configs: params are mappings, no file is read while building ---------------------------------------
+
+
+@pytest.mark.parametrize(("edit", "phrase"), [
+    (lambda c: c["model"]["params"].__setitem__("remap", "/dev/stdin"),
+     r"model.params.remap = '/dev/stdin': a file that taming reads while building the model"),
+    (lambda c: c["model"].__setitem__("params", [1, 2]), r"model.params must be a mapping .*; got list"),
+    (lambda c: c["model"]["params"]["lossconfig"].__setitem__("params", "x"), None),  # the loss is never built
+    (lambda c: c["model"]["params"].__setitem__("ddconfig", {"target": "torch.nn.Identity", "params": 3}),
+     r"model.params.ddconfig.params must be a mapping .*; got int"),
+])
+def test_taming_config_params_and_remap_are_checked_before_anything_is_built(tmp_path, edit, phrase):
+    pytest.importorskip("taming")
+    from fdm.adapters.taming.loading import load_config
+    from fdm.errors import ConfigError
+    from taming_tiny import vqgan_config, write_config
+
+    config = vqgan_config()
+    edit(config)
+    path = write_config(config, tmp_path / "model.yaml")
+    if phrase is None:
+        load_config(path)
+    else:
+        with pytest.raises(ConfigError, match=phrase):
+            load_config(path)
