@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import pickle
 import struct
 import zipfile
@@ -308,3 +309,27 @@ def test_taming_config_params_and_remap_are_checked_before_anything_is_built(tmp
     else:
         with pytest.raises(ConfigError, match=phrase):
             load_config(path)
+
+
+def test_config_values_a_constructor_refuses_are_the_librarys_error(tmp_path):
+    """Found by the folder fuzz test: taming and diffusers raise TypeError / ValueError / IndexError from their
+    constructors for a config with a missing argument or inconsistent sizes."""
+    from fdm.errors import ConfigError
+
+    pytest.importorskip("taming")
+    from fdm.adapters.taming.loading import build_model
+    from taming_tiny import vqgan_config, write_config
+
+    config = vqgan_config()
+    del config["model"]["params"]["ddconfig"]["in_channels"]
+    with pytest.raises(ConfigError, match=r"taming can build .*TypeError: .*in_channels"):
+        build_model(write_config(config, tmp_path / "model.yaml"), device="meta")
+    diffusers = pytest.importorskip("diffusers")
+    from fdm.adapters.diffusers import load_model
+
+    diffusers.VQModel(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).save_pretrained(tmp_path / "vq")
+    config = json.loads((tmp_path / "vq" / "config.json").read_text())
+    config["norm_num_groups"] = 32  # 8 channels cannot be split into 32 groups
+    (tmp_path / "vq" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"could not build the VQModel that .*config.json describes: ValueError"):
+        load_model(tmp_path / "vq")

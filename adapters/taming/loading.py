@@ -100,14 +100,21 @@ def build_model(config: Any, *, device: str | torch.device | None = None, trust_
         The taming model (VQModel, GumbelVQ or Net2NetTransformer) in eval mode.
 
     Raises:
-        ConfigError: a ``target`` is not allowed or a size is out of bounds (before anything is imported).
+        ConfigError: a ``target`` is not allowed or a size is out of bounds (before anything is imported), or
+            taming refuses the constructor arguments (a missing or misspelt one: taming's TypeError or assertion).
     """
     model_config = load_config(config, trust_config=trust_config)
     import_taming()
     chatter = io.StringIO()  # taming prints shapes and notices while building: keep them out of stdout
-    with torch.device(device) if device is not None else contextlib.nullcontext(), \
-            contextlib.redirect_stdout(chatter), trusted_targets(trust_config):
-        model = instantiate_from_config(model_config)
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext(), \
+                contextlib.redirect_stdout(chatter), trusted_targets(trust_config):
+            model = instantiate_from_config(model_config)
+    except (TypeError, ValueError, LookupError, AssertionError) as err:  # taming's constructors check with asserts
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"The taming config does not describe a model taming can build ({model_config['target']}): "
+                          f"{type(err).__name__}: {err}") from err
     if chatter.getvalue().strip():
         logger.debug("taming: %s", chatter.getvalue().strip())
     return model.eval()
