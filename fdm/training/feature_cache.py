@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 from tqdm.auto import tqdm
 
 from fdm.adapter import VQAdapter
@@ -44,6 +44,7 @@ from fdm.errors import CheckpointError, InputError, TrainingError
 from fdm.io.fingerprint import json_digest
 from fdm.io.weights import file_sha256, state_dict_digest
 from fdm.pipeline import Latents, encode_latents
+from fdm.training.data import load_batches
 from fdm.training.distributed import DistContext, barrier
 from fdm.training.shards import owned_shards, shard_ranges
 from fdm.validation import check_finite, check_image
@@ -261,7 +262,7 @@ class FeatureCache:
         """The images of ``views``, in order, ``batch_size`` at a time."""
         if getattr(self.views, "random_access", True):
             batches = [list(views[i:i + self.batch_size]) for i in range(0, len(views), self.batch_size)]
-            yield from DataLoader(self.views, batch_sampler=batches, num_workers=self.num_workers)
+            yield from load_batches(self.views, batches, self.num_workers)
             return
         batch = []
         for _, image in self.views.iter_views(views.start, views.stop):
