@@ -333,3 +333,13 @@ def test_config_values_a_constructor_refuses_are_the_librarys_error(tmp_path):
     (tmp_path / "vq" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"could not build the VQModel that .*config.json describes: ValueError"):
         load_model(tmp_path / "vq")
+
+
+def test_a_deeply_nested_metrics_json_is_not_taken_for_a_report(tmp_path):
+    from fdm.errors import UsageError
+    from fdm.evaluation.report import check_report_dir
+
+    (tmp_path / "index.html").write_text("<html></html>")
+    (tmp_path / "metrics.json").write_text("[" * 100_000 + "]" * 100_000)  # json.loads: RecursionError
+    with pytest.raises(UsageError, match="not empty and holds no previous report"):
+        check_report_dir(tmp_path)

@@ -143,6 +143,10 @@ def codes_out_of_range_digest_recomputed(folder):
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
+def meta_nested_deeply(folder):
+    (folder / "meta.json").write_text("[" * 100_000 + "]" * 100_000)  # json.loads: RecursionError
+
+
 def array_as_symbolic_link(folder):
     target = folder.parent.parent / "elsewhere.npy"
     (folder / "z.npy").rename(target)
@@ -157,6 +161,7 @@ def array_as_symbolic_link(folder):
     (overwrite_with_other_codes, "missing, truncated or altered"),
     (truncate, "missing, truncated or altered"),
     (garble_meta, "metadata .* is unreadable"),
+    (meta_nested_deeply, "metadata .* is unreadable"),
     (rebind_to_other_views, "built for another views"),
 ])
 def test_damaged_feature_cache_is_refused_and_nothing_is_saved(tmp_path, views, damage, phrase):

@@ -366,7 +366,7 @@ class FeatureCache:
                 if (z_file.shape, z_file.dtype, codes_file.shape, codes_file.dtype) == expected:
                     logger.info("resuming the feature cache shard %s at view %d of %d", folder, done, len(views))
                     return z_file, codes_file, done
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             pass  # no usable partial pass: start the shard afresh
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -405,7 +405,7 @@ class FeatureCache:
             recorded_shard = meta["shard"]
             if not isinstance(recorded, dict):
                 raise TypeError(f"sha256 is {type(recorded).__name__}, not a mapping of file names to digests")
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:  # a crafted, deeply nested file
             raise CheckpointError(f"feature cache metadata {meta_file} is unreadable ({err}). {remedy}") from err
         if binding != self.binding() or recorded_shard != shard:
             differs = sorted(k for k in self.binding() if not isinstance(binding, dict)
