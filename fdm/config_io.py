@@ -1,7 +1,7 @@
 """Reading JSON and YAML configuration files with errors that name the file and the line.
 
 A file that does not parse, cannot be read, whose top level is not a mapping, or that nests deeper or holds more
-values than :mod:`fdm.limits` allows (``max_config_depth``, ``max_config_entries``; YAML aliases counted each time
+values than :mod:`fdm.limits` allows (``max_depth``, ``max_config_entries``; YAML aliases counted each time
 they are used) raises :class:`~fdm.errors.ConfigError` (``json.JSONDecodeError`` / ``yaml.YAMLError`` say where, but not which
 file). Configuration files are small and shallow; these bounds stop crafted ones from exhausting the recursion
 limit or the time of the code that walks them. :func:`check_sizes` bounds the sizes a model config gives (layer
@@ -69,7 +69,7 @@ def _read_mapping(
     except parse_error as err:
         raise ConfigError(f"{what} {path} is not valid {syntax}: {describe(err)}.") from err
     except RecursionError:
-        raise ConfigError(f"{what} {path} nests too deeply to parse (at most {current_limits().max_config_depth} "
+        raise ConfigError(f"{what} {path} nests too deeply to parse (at most {current_limits().max_depth} "
                           "levels, fdm.limits).") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} holds {type(data).__name__}, not a mapping of keys to values.")
@@ -78,7 +78,7 @@ def _read_mapping(
 
 
 def _check_bounds(data: Any, name: str) -> None:
-    """Walk ``data`` without recursion: at most ``max_config_depth`` levels and ``max_config_entries`` values."""
+    """Walk ``data`` without recursion: at most ``max_depth`` levels and ``max_config_entries`` values."""
     limits = current_limits()
     stack, entries = [(data, 1)], 0
     while stack:
@@ -87,8 +87,8 @@ def _check_bounds(data: Any, name: str) -> None:
         if entries > limits.max_config_entries:
             raise ConfigError(f"{name} holds more than {limits.max_config_entries} values (YAML aliases counted each "
                               "time they are used; fdm.limits); a configuration file is far smaller.")
-        if depth > limits.max_config_depth:
-            raise ConfigError(f"{name} nests deeper than {limits.max_config_depth} levels (fdm.limits); a "
+        if depth > limits.max_depth:
+            raise ConfigError(f"{name} nests deeper than {limits.max_depth} levels (fdm.limits); a "
                               "configuration file is far shallower.")
         children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
         stack.extend((child, depth + 1) for child in children)

@@ -1,5 +1,5 @@
 """The bounds every reader of user files applies: one frozen :class:`Limits` (tensor bytes, decompressed bytes and
-ratio, config nesting and size, model size from a config, image and label-map size), one module default, and two
+ratio, nesting depth, config size, model size from a config, image and label-map size), one module default, and two
 documented ways to raise it for a legitimately large model (docs/security.md, "Limits").
 
 Readers call :func:`current` when they run, so a change applies to every reader at once::
@@ -38,8 +38,8 @@ class Limits:
     """All records of one ``torch.save`` zip archive together, once inflated."""
     max_compression_ratio: int = 100
     """Inflation ratio of one compressed record of a zip archive (``torch.save`` stores storages uncompressed)."""
-    max_config_depth: int = 64
-    """Nesting of mappings and lists in a JSON / YAML config file."""
+    max_depth: int = 64
+    """Nesting of mappings and lists in a JSON / YAML config file, and of containers in a pickled checkpoint."""
     max_config_entries: int = 100_000
     """Values in a JSON / YAML config file, a YAML alias counted each time it is used."""
     max_fdm_parameters: int = 200_000_000

@@ -439,3 +439,11 @@ def test_commands_refuse_streaming_data_where_views_are_read_by_index(photo_dir,
         with pytest.raises(UsageError, match=message):
             command.run(parser.parse_args(argv))
     assert not (tmp_path / "tr").exists() and not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("name", ["dataset_dict.json", "train/dataset_info.json", "train/state.json"])
+def test_deeply_nested_dataset_metadata_is_refused_before_datasets_reads_it(photo_dir, tmp_path, name):
+    folder = save_dataset(tmp_path / "saved", image_files(photo_dir))
+    (folder / name).write_text("[" * 100_000 + "]" * 100_000)  # datasets' json.load: RecursionError
+    with pytest.raises(InputError, match=f"Cannot open Hugging Face saved dataset .*{name} nests too deeply to parse"):
+        HFDatasetSource(folder)

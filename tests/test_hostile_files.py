@@ -195,8 +195,8 @@ def test_limits_are_validated_and_override_restores_them():
         fdm.limits.Limits(max_tensor_bytes=0)
     with pytest.raises(TypeError):
         fdm.limits.set_limits(max_tensor_byte=1)  # a misspelt field is not silently ignored
-    with pytest.raises(RuntimeError), fdm.limits.override(max_config_depth=3) as inside:
-        assert inside.max_config_depth == 3 and fdm.limits.current() == inside
+    with pytest.raises(RuntimeError), fdm.limits.override(max_depth=3) as inside:
+        assert inside.max_depth == 3 and fdm.limits.current() == inside
         raise RuntimeError
     assert fdm.limits.current() == before
     previous = fdm.limits.set_limits(max_image_pixels=10)
@@ -242,7 +242,7 @@ def test_config_depth_fdm_size_and_image_pixels_follow_the_limits(tmp_path):
 
     config = tmp_path / "config.json"
     config.write_text('{"a": {"b": {"c": 1}}}')
-    with fdm.limits.override(max_config_depth=2), pytest.raises(ConfigError, match="nests deeper than 2 levels"):
+    with fdm.limits.override(max_depth=2), pytest.raises(ConfigError, match="nests deeper than 2 levels"):
         read_json(config)
     assert read_json(config) == {"a": {"b": {"c": 1}}}
     fdm.FDM(8, hidden_channels=8, num_blocks=1).save_pretrained(tmp_path / "fdm")
@@ -343,3 +343,19 @@ def test_a_deeply_nested_metrics_json_is_not_taken_for_a_report(tmp_path):
     (tmp_path / "metrics.json").write_text("[" * 100_000 + "]" * 100_000)  # json.loads: RecursionError
     with pytest.raises(UsageError, match="not empty and holds no previous report"):
         check_report_dir(tmp_path)
+
+
+def test_a_checkpoint_nesting_containers_deeply_is_refused(tmp_path):
+    """A dict checkpoint holding a 100 000-deep list: refused before a loader walks it (moving it to a device
+    recursed until RecursionError)."""
+    deep = pickle.EMPTY_LIST * 100_000 + pickle.APPEND * 99_999
+    data_pkl = pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + pickle.SHORT_BINUNICODE + b"\x01x" + deep + pickle.SETITEM \
+        + pickle.STOP
+    path = tmp_path / "deep.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", data_pkl)
+    with pytest.raises(CheckpointError, match="deep.pt nests containers deeper than 64 levels"):
+        read_checkpoint(path, map_location="meta")
+    nested = {"a": [[{"b": (1, [2])}]]}
+    torch.save(nested, tmp_path / "shallow.pt")
+    assert read_checkpoint(tmp_path / "shallow.pt") == nested

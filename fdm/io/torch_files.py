@@ -220,6 +220,20 @@ def _read_legacy(handle: Any) -> Any:
     return result
 
 
+def _check_depth(obj: Any, path: Path) -> None:
+    """Refuse containers nested deeper than ``max_depth`` (walked without recursion), before a loader that walks
+    them (moving tensors to a device, looking keys up) runs out of recursion."""
+    limit, stack = current_limits().max_depth, [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list, tuple, set, frozenset)):
+            if depth > limit:
+                raise CheckpointError(f"{path} nests containers deeper than {limit} levels (fdm.limits); a "
+                                      "checkpoint is far shallower.")
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+
+
 def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -268,5 +282,6 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__} ({reprlib.repr(obj)}), not the dict of a "
                               "checkpoint.")  # reprlib: bounded depth, also for a crafted 100 000-deep list
+    _check_depth(obj, path)
     device = torch.device(map_location)
     return obj if device.type == "cpu" else _to_device(obj, device)
