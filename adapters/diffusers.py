@@ -238,7 +238,7 @@ def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
         ConfigError: config.json or model_index.json does not parse (names the file and line).
         CheckpointError: a pipeline folder without exactly one VQModel component; weights that miss keys of the
             config's model, have unexpected keys or other shapes (named as the file spells them); a folder
-            diffusers cannot load.
+            diffusers cannot load, or one whose config.json values diffusers' constructors refuse.
         HubError: the Hub repo, revision or config.json cannot be had (offline without a cached copy...).
         FileNotFoundError: ``file not found: PATH`` for a missing local path, at once.
     """
@@ -276,6 +276,9 @@ def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
     except OSError as err:  # diffusers reports missing or unreadable files as EnvironmentError
         raise CheckpointError(f"diffusers could not load a VQModel from {source}"
                               f"{f' (subfolder {subfolder})' if subfolder else ''}: {err}") from err
+    except (TypeError, ValueError, LookupError, AssertionError) as err:  # config values its constructors refuse
+        raise CheckpointError(f"diffusers could not build the VQModel that {config_file} describes: "
+                              f"{type(err).__name__}: {err}") from err
     finally:
         diffusers_logging.set_verbosity(verbosity)
     missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])

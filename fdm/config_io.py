@@ -1,8 +1,8 @@
 """Reading JSON and YAML configuration files with errors that name the file and the line.
 
-A file that does not parse, cannot be read, whose top level is not a mapping, or that nests deeper than
-:data:`MAX_DEPTH` or holds more than :data:`MAX_ENTRIES` values (YAML aliases counted each time they are used)
-raises :class:`~fdm.errors.ConfigError` (``json.JSONDecodeError`` / ``yaml.YAMLError`` say where, but not which
+A file that does not parse, cannot be read, whose top level is not a mapping, or that nests deeper or holds more
+values than :mod:`fdm.limits` allows (``max_depth``, ``max_config_entries``; YAML aliases counted each time
+they are used) raises :class:`~fdm.errors.ConfigError` (``json.JSONDecodeError`` / ``yaml.YAMLError`` say where, but not which
 file). Configuration files are small and shallow; these bounds stop crafted ones from exhausting the recursion
 limit or the time of the code that walks them. :func:`check_sizes` bounds the sizes a model config gives (layer
 counts, widths, codebook sizes) before a model is built from it.
@@ -16,13 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from fdm.errors import ConfigError
+from fdm.limits import current as current_limits
 
-__all__ = ["MAX_DEPTH", "MAX_ENTRIES", "check_sizes", "read_json", "read_yaml"]
-
-MAX_DEPTH = 64
-"""Deepest nesting of mappings and lists a configuration file may have."""
-MAX_ENTRIES = 100_000
-"""Most values a configuration file may hold, counting a YAML alias each time it is used."""
+__all__ = ["check_sizes", "read_json", "read_yaml"]
 
 
 def read_json(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
@@ -73,7 +69,8 @@ def _read_mapping(
     except parse_error as err:
         raise ConfigError(f"{what} {path} is not valid {syntax}: {describe(err)}.") from err
     except RecursionError:
-        raise ConfigError(f"{what} {path} nests too deeply to parse (at most {MAX_DEPTH} levels).") from None
+        raise ConfigError(f"{what} {path} nests too deeply to parse (at most {current_limits().max_depth} "
+                          "levels, fdm.limits).") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} holds {type(data).__name__}, not a mapping of keys to values.")
     _check_bounds(data, f"{what} {path}")
@@ -81,16 +78,18 @@ def _read_mapping(
 
 
 def _check_bounds(data: Any, name: str) -> None:
-    """Walk ``data`` without recursion: at most :data:`MAX_DEPTH` levels and :data:`MAX_ENTRIES` values."""
+    """Walk ``data`` without recursion: at most ``max_depth`` levels and ``max_config_entries`` values."""
+    limits = current_limits()
     stack, entries = [(data, 1)], 0
     while stack:
         value, depth = stack.pop()
         entries += 1
-        if entries > MAX_ENTRIES:
-            raise ConfigError(f"{name} holds more than {MAX_ENTRIES} values (YAML aliases counted each time they "
-                              "are used); a configuration file is far smaller.")
-        if depth > MAX_DEPTH:
-            raise ConfigError(f"{name} nests deeper than {MAX_DEPTH} levels; a configuration file is far shallower.")
+        if entries > limits.max_config_entries:
+            raise ConfigError(f"{name} holds more than {limits.max_config_entries} values (YAML aliases counted each "
+                              "time they are used; fdm.limits); a configuration file is far smaller.")
+        if depth > limits.max_depth:
+            raise ConfigError(f"{name} nests deeper than {limits.max_depth} levels (fdm.limits); a "
+                              "configuration file is far shallower.")
         children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
         stack.extend((child, depth + 1) for child in children)
 

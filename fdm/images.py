@@ -4,7 +4,8 @@ grids, ``fdm sample`` and the examples.
 
 Files are read with their full range: 8-bit images (RGB, grayscale, palette...) scale 0..255 to [-1, 1], 16-bit
 grayscale PNGs (Pillow modes ``I;16`` / ``I``) scale 0..65535. A file that is missing or cannot be decoded raises
-:class:`~fdm.errors.InputError` naming it.
+:class:`~fdm.errors.InputError` naming it, and so does one of more pixels than :mod:`fdm.limits` allows
+(``max_image_pixels``), before it is decoded.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from fdm.errors import InputError
+from fdm.limits import current as current_limits
 from fdm.validation import check_image
 
 __all__ = [
@@ -73,6 +75,9 @@ def _decoded(source: Path | io.BytesIO, label: str) -> Iterator[Image.Image]:
     except Exception as err:  # anything a decoder raises on hostile bytes (a TIFF tag of the wrong type: TypeError)
         raise InputError(f"Cannot read {label}: {err} (not an image, truncated or corrupted?)") from err
     with img:  # closed also when decoding fails (a truncated file left its handle open)
+        if img.width * img.height > (most := current_limits().max_image_pixels):
+            raise InputError(f"Cannot read {label}: {img.width}x{img.height} pixels is more than the {most} an "
+                             "image may have (fdm.limits).")
         try:
             img.load()
         except Exception as err:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from test_training_data import write_images
 
+import fdm.limits
 from fdm import FDM
 from fdm.errors import InputError, MissingExtraError, UsageError
 from fdm.training import (
@@ -27,7 +28,6 @@ from fdm.training import (
     TensorViews,
     open_source,
 )
-from fdm.training.sources import tar_shards
 
 ASSETS = Path(__file__).resolve().parents[1] / "fdm" / "demo" / "assets"
 VIEWS = {"crop_size": 16, "views_per_image": 2, "seed": 3}
@@ -321,7 +321,7 @@ def test_hostile_members_are_skipped_or_named(photo_dir, tmp_path):
         list(SeededViews(source, crop_size=8).iter_views())
 
 
-def test_truncated_and_foreign_shards(photo_dir, tmp_path, monkeypatch):
+def test_truncated_and_foreign_shards(photo_dir, tmp_path):
     shard = write_shards(tmp_path / "shards", image_files(photo_dir)[:2])[0]
     data = shard.read_bytes()
     with tarfile.open(shard) as tar:
@@ -356,8 +356,8 @@ def test_truncated_and_foreign_shards(photo_dir, tmp_path, monkeypatch):
     with pytest.raises(InputError, match="No images in the tar shards .*labels.tar"):
         TarShardSource(tmp_path / "labels.tar")
 
-    monkeypatch.setattr(tar_shards, "MAX_MEMBER_BYTES", 1000)
-    with pytest.raises(InputError, match=r"member '000000.png': \d+ bytes, more than the 1000"):
+    with fdm.limits.override(max_image_bytes=1000), \
+            pytest.raises(InputError, match=r"member '000000.png': \d+ bytes, more than the 1000"):
         TarShardSource(shard)
 
 
@@ -439,3 +439,11 @@ def test_commands_refuse_streaming_data_where_views_are_read_by_index(photo_dir,
         with pytest.raises(UsageError, match=message):
             command.run(parser.parse_args(argv))
     assert not (tmp_path / "tr").exists() and not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("name", ["dataset_dict.json", "train/dataset_info.json", "train/state.json"])
+def test_deeply_nested_dataset_metadata_is_refused_before_datasets_reads_it(photo_dir, tmp_path, name):
+    folder = save_dataset(tmp_path / "saved", image_files(photo_dir))
+    (folder / name).write_text("[" * 100_000 + "]" * 100_000)  # datasets' json.load: RecursionError
+    with pytest.raises(InputError, match=f"Cannot open Hugging Face saved dataset .*{name} nests too deeply to parse"):
+        HFDatasetSource(folder)

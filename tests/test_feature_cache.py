@@ -178,3 +178,36 @@ def test_streamed_views_fill_the_same_cache(adapter, views):
     indexed.prepare()
     for a, b in zip(all_features(streamed), all_features(indexed)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_image_late_in_a_disk_fill_is_one_line_naming_it_and_the_work_before_it_is_kept(tmp_path, workers):
+    """With worker processes too (DataLoader would have put the worker's traceback into the message); a rerun on
+    the same data resumes after the batches already flushed instead of encoding them again."""
+    from PIL import Image
+
+    from fdm.training import ImageFolderViews
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    broken = data / "zzz-broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    adapter = fdm.find_adapter(ToyVQ().eval())
+
+    def fill() -> FeatureCache:
+        cache = FeatureCache(adapter, ImageFolderViews(data, crop_size=16), mode="disk", cache_dir=tmp_path / "cache",
+                             batch_size=2, progress=False, num_workers=workers)
+        with pytest.raises(InputError) as err:
+            cache.prepare()
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"Cannot read training image file {broken}:")
+        return cache
+
+    first = fill()
+    (progress,) = (tmp_path / "cache").glob("*/shard-*/progress.json")
+    assert json.loads(progress.read_text())["done"] == 6  # the three batches before the broken image
+    assert first.encoded_views == 6
+    assert fill().encoded_views == 0  # resumed at view 6: nothing encoded again

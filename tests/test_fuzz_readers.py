@@ -2,7 +2,9 @@
 archives and legacy files, safetensors, JSON, YAML, PNG and JPEG images, WebDataset tar shards) are corrupted in a
 fixed set of ways (bytes flipped, truncated, a block repeated, zeroed), and each reader must end in a correct load or
 one of the library's own errors (:class:`fdm.errors.FdmError`): never another exception, no file left open, and
-nothing written beside the files read. 800 reads, about a second."""
+nothing written beside the files read. 800 reads, about a second. Then the same for folders read as a whole, one file
+corrupted at a time: saved models (FDM, taming, PUT, diffusers) through their loaders, and the feature cache (its
+``meta.json`` index and its arrays), about 25 seconds."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import gc
 import io
 import json
 import random
+import shutil
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -154,3 +157,120 @@ def test_corrupted_files_load_or_fail_with_the_librarys_error(kind, tmp_path):
     gc.collect()  # a reader that left a file open warns here, and the warning fails the test
     assert outcomes["refused"] > 0, outcomes  # the corruptions were noticed, not all read as something
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written beside the files read
+
+
+# --- folders read as a whole: model loaders and the feature cache ----------------------------------------------
+
+
+def _fdm_folder(folder: Path) -> Callable[[Path], object]:
+    from fdm import FDM
+
+    torch.manual_seed(SEED)
+    FDM(8, hidden_channels=8, num_blocks=1).save_pretrained(folder)
+    (folder / "README.md").unlink()
+    return FDM.from_pretrained
+
+
+def _feature_cache(folder: Path) -> Callable[[Path], object]:
+    import fdm
+    from fdm.training import FeatureCache, TensorViews
+    from toy_vq import ToyVQ
+
+    torch.manual_seed(SEED)
+    adapter = fdm.find_adapter(ToyVQ().eval())
+    views = TensorViews(torch.rand(6, 3, 16, 16) * 2 - 1)
+
+    def read(root: Path) -> object:
+        cache = FeatureCache(adapter, views, mode="disk", cache_dir=root, batch_size=3, progress=False)
+        cache.prepare()
+        return cache.get(list(range(len(views))))
+
+    read(folder)
+    (shard,) = folder.glob("*/shard-*")  # the files are mutated where the cache keeps them
+    for file in shard.iterdir():
+        file.rename(folder / file.name)
+    shard.rmdir()
+    shard.parent.rmdir()
+    layout = shard.relative_to(folder)
+
+    def read_moved(root: Path) -> object:
+        (root / layout).mkdir(parents=True)
+        for file in [p for p in root.iterdir() if p.is_file()]:
+            file.rename(root / layout / file.name)
+        return read(root)
+
+    return read_moved
+
+
+def _taming_model(folder: Path) -> Callable[[Path], object]:
+    pytest.importorskip("taming")
+    from fdm.adapters.taming import load_model
+    from taming_tiny import random_model, save_lightning_ckpt, vqgan_config, write_config
+
+    write_config(vqgan_config(), folder / "model.yaml")
+    save_lightning_ckpt(random_model(vqgan_config()).state_dict(), folder / "last.ckpt")
+    return lambda root: load_model(root / "model.yaml", root / "last.ckpt")
+
+
+def _put_checkpoint(folder: Path) -> Callable[[Path], object]:
+    from fdm.adapters.put import load_model
+
+    codec = read_safetensors(Path(__file__).parent / "data" / "put" / "put_tiny_p_vqvae.safetensors")
+    torch.save({"model": codec, "epoch": 3}, folder / "p_vqvae.pth")
+    return lambda root: load_model(root / "p_vqvae.pth")
+
+
+def _diffusers_folder(folder: Path) -> Callable[[Path], object]:
+    diffusers = pytest.importorskip("diffusers")
+    from fdm.adapters.diffusers import load_model
+
+    torch.manual_seed(SEED)
+    diffusers.VQModel(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                      block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, num_vq_embeddings=8,
+                      norm_num_groups=4).save_pretrained(folder)
+    return load_model
+
+
+FOLDERS: dict[str, Callable[[Path], Callable[[Path], object]]] = {
+    "FDM folder": _fdm_folder,
+    "feature cache": _feature_cache,
+    "taming model": _taming_model,
+    "PUT checkpoint": _put_checkpoint,
+    "diffusers VQModel": _diffusers_folder,
+}
+FOLDER_MUTATIONS = 40  # per file of the folder
+
+
+@pytest.mark.filterwarnings("error::ResourceWarning")
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("kind", list(FOLDERS))
+def test_corrupted_model_folders_and_caches_load_or_fail_with_the_librarys_error(kind, tmp_path):
+    """Each file of a saved model (or of the feature cache: its index meta.json and its arrays) corrupted in turn,
+    the others intact: the loader ends in a load or the library's error, leaves no file open and writes nothing."""
+    valid = tmp_path / "valid"
+    valid.mkdir()
+    read = FOLDERS[kind](valid)
+    files = sorted(p.name for p in valid.iterdir())
+    work = tmp_path / "work"
+    shutil.copytree(valid, work)
+    read(work)  # the uncorrupted folder loads
+    shutil.rmtree(work)
+    rng = random.Random(f"{SEED}-{kind}")
+    outcomes = {"loaded": 0, "refused": 0}
+    for name in files:
+        for i, mutated in enumerate(_mutations((valid / name).read_bytes(), rng)[:FOLDER_MUTATIONS]):
+            shutil.copytree(valid, work)
+            (work / name).write_bytes(mutated)
+            try:
+                read(work)
+            except FdmError:
+                outcomes["refused"] += 1
+            except Exception as err:
+                raise AssertionError(f"{kind}, {name} mutation {i} ({len(mutated)} bytes): "
+                                     f"{type(err).__name__}: {err}") from err
+            else:
+                outcomes["loaded"] += 1
+            shutil.rmtree(work)
+    gc.collect()
+    assert outcomes["refused"] > 0, outcomes
+    assert sorted(p.name for p in valid.iterdir()) == files

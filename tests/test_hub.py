@@ -151,14 +151,15 @@ def test_model_card_is_regenerated_but_a_hand_written_one_is_kept(tmp_path):
     assert (tmp_path / "README.md").read_text() == hand_written
 
 
-def test_from_pretrained_honours_map_location_and_loads_plain_mixin_files(tmp_path):
+def test_from_pretrained_honours_map_location_and_refuses_plain_mixin_files(tmp_path):
     module = trained_fdm()
     module.save_pretrained(tmp_path)
     on_meta = fdm.FDM.from_pretrained(tmp_path, map_location="meta")
     assert {p.device.type for p in on_meta.parameters()} == {"meta"}
-    # a model.safetensors written without fdm-vq's digest (e.g. by the plain mixin) still loads, strictly
+    # a model.safetensors written without fdm-vq's digest (e.g. by the plain mixin) is refused: nothing vouches for it
     save_model(module, str(tmp_path / "model.safetensors"))
-    assert state_dict_digest(fdm.FDM.from_pretrained(tmp_path).state_dict()) == state_dict_digest(module.state_dict())
+    with pytest.raises(fdm.errors.CheckpointError, match="model.safetensors carries no fdm_vq.sha256 digest"):
+        fdm.FDM.from_pretrained(tmp_path)
 
 
 def test_from_pretrained_refuses_non_strict_loading_and_missing_folders(tmp_path):

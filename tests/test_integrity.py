@@ -170,6 +170,10 @@ def codes_out_of_range_digest_recomputed(folder):
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
+def meta_nested_deeply(folder):
+    (folder / "meta.json").write_text("[" * 100_000 + "]" * 100_000)  # json.loads: RecursionError
+
+
 def array_as_symbolic_link(folder):
     target = folder.parent.parent / "elsewhere.npy"
     (folder / "z.npy").rename(target)
@@ -184,6 +188,7 @@ def array_as_symbolic_link(folder):
     (overwrite_with_other_codes, "missing, truncated or altered"),
     (truncate, "missing, truncated or altered"),
     (garble_meta, "metadata .* is unreadable"),
+    (meta_nested_deeply, "metadata .* is unreadable"),
     (rebind_to_other_views, "built for another views"),
 ])
 def test_damaged_feature_cache_is_refused_and_nothing_is_saved(tmp_path, views, damage, phrase):
@@ -233,6 +238,7 @@ def test_diverging_phase2_run_stops_and_saves_nothing(tmp_path, views):
 def test_nan_weights_are_neither_saved_nor_loaded(tmp_path):
     from safetensors.torch import save_file
 
+    from fdm.io.weights import DIGEST_KEY, state_dict_digest
     from fdm.training.checkpointing import save_checkpoint
 
     module = fdm.FDM(8, hidden_channels=4, num_blocks=1)
@@ -246,9 +252,10 @@ def test_nan_weights_are_neither_saved_nor_loaded(tmp_path):
     with pytest.raises(CheckpointError, match="fdm weights of step 7 hold NaN or Inf values"):
         save_checkpoint(tmp_path / "checkpoints", 7, {"fdm": module}, {})
     assert not (tmp_path / "checkpoints").exists()
-    # a weight file edited to hold a NaN (its digest is not required for a saved FDM) is refused on loading
+    # a weight file edited to hold a NaN, its digest recomputed to match, is refused on loading
     good = tmp_path / "good"
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(good / "model.safetensors"))
+    edited = {k: v.contiguous() for k, v in module.state_dict().items()}
+    save_file(edited, str(good / "model.safetensors"), metadata={DIGEST_KEY: state_dict_digest(edited)})
     with pytest.raises(CheckpointError, match=r"weights in .*model.safetensors hold NaN or Inf values"):
         fdm.FDM.from_pretrained(good)
 

@@ -53,7 +53,7 @@ def test_entries_that_are_not_name_to_tensor_are_refused():
     module = nn.Sequential(nn.Conv2d(2, 3, 1))
     state = module.state_dict()
     message = _error(load_state_dict_strict, module, {**state, 7: torch.zeros(1), "0.bias": 3}, source="test file")
-    assert "it must map names to tensors; these entries do not: '0.bias', 7" in message
+    assert "must map names to tensors; these entries do not: '0.bias': int, 7: Tensor" in message
 
 
 def test_integer_buffers_and_other_float_dtypes_still_load():

@@ -600,7 +600,7 @@ def test_a_storage_record_shorter_than_it_declares_is_refused(tmp_path):
         archive.writestr("archive/byteorder", "little")
         archive.writestr("archive/data/0", struct.pack("<f", 1.5), compress_type=zipfile.ZIP_DEFLATED)  # 4 bytes of 8
     _declare_size(path, "archive/data/0", 8)
-    with pytest.raises(CheckpointError, match="storage 0 is truncated: 4 of its 8 bytes"):
+    with pytest.raises(CheckpointError, match="data/0 is truncated: 4 of its 8 bytes"):
         read_checkpoint(path)
 
 

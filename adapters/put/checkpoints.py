@@ -30,7 +30,7 @@ from fdm.errors import CheckpointError
 from fdm.io.hub import resolve_file
 from fdm.io.official import fdm_to_official_state_dict
 from fdm.io.torch_files import read_checkpoint
-from fdm.io.weights import load_state_dict_strict
+from fdm.io.weights import check_state_dict, load_state_dict_strict
 from fdm.module import FDM
 
 __all__ = [
@@ -231,9 +231,7 @@ def _split(source: str | Path | dict[str, Any]) -> tuple[dict[str, dict[str, tor
     obj = read_checkpoint(source) if isinstance(source, (str, Path)) else source
     if not isinstance(obj, dict):
         raise CheckpointError(f"Expected a state dict or {{'model': state_dict}}; got {type(obj).__name__}.")
-    state = obj.get("model", obj.get("state_dict", obj))
-    if not isinstance(state, dict):
-        raise CheckpointError(f"Expected a state dict under 'model'; got {type(state).__name__}.")
+    state = check_state_dict(obj.get("model", obj.get("state_dict", obj)), source=f"PUT {_source_name(source)}")
     parts: dict[str, dict[str, torch.Tensor]] = {"codec": {}, "transformer": {}, "fdm": {}}
     prefixes: dict[str, set[str]] = {"codec": set(), "transformer": set()}
     dropped, unknown = [], []

@@ -27,6 +27,7 @@ from fdm.commands.argtypes import non_negative_int, positive_float, positive_int
 from fdm.commands.model_options import add_model_arguments
 from fdm.errors import InputError, UsageError
 from fdm.images import open_image
+from fdm.limits import current as current_limits
 
 __all__ = ["add_arguments", "run"]
 
@@ -64,15 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             options.add_argument("--window", type=positive_int, default=16, help="sliding window in codes")
 
 
-MAX_LABEL_PIXELS = 8192 * 8192
-"""Largest label map read (a .npy file is memory-mapped and checked before anything is copied)."""
-
-
 def read_label_maps(paths: list[Path]) -> torch.Tensor:
     """Read label maps (PNG with one channel of class ids, or .npy) -> (B, H, W) long tensor.
 
     Raises:
-        InputError: a missing or unreadable file, a map that is not 2-D, larger than :data:`MAX_LABEL_PIXELS`,
+        InputError: a missing or unreadable file, a map that is not 2-D, larger than ``fdm.limits``
+            ``max_label_map_pixels`` (a .npy file is memory-mapped and checked before anything is copied),
             not of integers (or of floats holding whole numbers), or with negative values.
     """
     maps = []
@@ -89,9 +87,9 @@ def read_label_maps(paths: list[Path]) -> torch.Tensor:
                 array = np.asarray(img)
         if array.ndim != 2:
             raise InputError(f"{path}: a label map must have one channel (class ids); got shape {array.shape}.")
-        if array.size > MAX_LABEL_PIXELS:
+        if array.size > (most := current_limits().max_label_map_pixels):
             raise InputError(f"{path}: a label map of {array.shape[0]}x{array.shape[1]} is larger than the "
-                             f"{MAX_LABEL_PIXELS} pixels read.")
+                             f"{most} pixels read (fdm.limits).")
         if array.dtype.kind not in "iuf":
             raise InputError(f"{path}: a label map holds class ids (integers); got dtype {array.dtype}.")
         if array.size and array.dtype.kind == "f" and not (np.isfinite(array).all() and (array == np.round(array)).all()):

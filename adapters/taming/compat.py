@@ -123,7 +123,8 @@ def _check_target(target: Any, path: str) -> None:
 
 
 def check_targets(config: Any, *, prefix: str = "model") -> None:
-    """Check every ``target`` of ``config`` (dicts and lists, at every depth) against :data:`ALLOWED_TARGETS`.
+    """Check every ``target`` of ``config`` (dicts and lists, at every depth) against :data:`ALLOWED_TARGETS`, and
+    refuse a quantizer's ``remap`` file (taming reads any path it names with numpy while building the model).
 
     Args:
         config: plain nested dicts / lists (the ``model`` section of a taming config).
@@ -137,6 +138,10 @@ def check_targets(config: Any, *, prefix: str = "model") -> None:
             path = f"{prefix}.{key}"
             if key == "target":
                 _check_target(value, path)
+            elif key == "remap" and value is not None:  # taming's quantizers np.load() this path while being built
+                raise ConfigError(f"{path} = {value!r}: a file that taming reads while building the model; released "
+                                  "configs have none. If you trust this config and the file, pass trust_config=True "
+                                  "(fdm: --trust-config).")
             check_targets(value, prefix=path)
     elif isinstance(config, (list, tuple)):
         for index, value in enumerate(config):
@@ -277,22 +282,28 @@ def inference_config(config: Any) -> dict[str, Any]:
 
     Returns:
         A plain nested dict.
+
+    Raises:
+        ConfigError: a ``params`` beside a ``target`` that is not a mapping (naming its key path).
     """
     plain = _to_container(config)
 
-    def clean(node: Any) -> Any:
+    def clean(node: Any, path: str) -> Any:
         if isinstance(node, dict):
+            if "target" in node and not isinstance(node.get("params", {}), dict):
+                raise ConfigError(f"{path}.params must be a mapping of constructor arguments; got "
+                                  f"{type(node['params']).__name__}.")
             out = {}
             for key, value in node.items():
                 if key in ("ckpt_path", "ignore_keys"):
                     continue
-                out[key] = copy.deepcopy(_IDENTITY_LOSS) if key == "lossconfig" else clean(value)
+                out[key] = copy.deepcopy(_IDENTITY_LOSS) if key == "lossconfig" else clean(value, f"{path}.{key}")
             return out
         if isinstance(node, list):
-            return [clean(v) for v in node]
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(node)]
         return node
 
-    return clean(plain)
+    return clean(plain, "model")
 
 
 def _to_container(config: Any) -> Any:

@@ -30,10 +30,11 @@ from fdm.adapters.taming.compat import (
     trusted_targets,
 )
 from fdm.config_io import check_sizes, read_yaml
-from fdm.errors import CheckpointError
+from fdm.errors import CheckpointError, ConfigError
 from fdm.io.hub import resolve_file
 from fdm.io.torch_files import read_checkpoint
-from fdm.io.weights import load_state_dict_strict, read_safetensors
+from fdm.io.weights import check_state_dict, load_state_dict_strict, read_safetensors
+from fdm.limits import current as current_limits
 
 __all__ = ["build_model", "load_config", "load_model", "model_state_dict"]
 
@@ -99,14 +100,21 @@ def build_model(config: Any, *, device: str | torch.device | None = None, trust_
         The taming model (VQModel, GumbelVQ or Net2NetTransformer) in eval mode.
 
     Raises:
-        ConfigError: a ``target`` is not allowed or a size is out of bounds (before anything is imported).
+        ConfigError: a ``target`` is not allowed or a size is out of bounds (before anything is imported), or
+            taming refuses the constructor arguments (a missing or misspelt one: taming's TypeError or assertion).
     """
     model_config = load_config(config, trust_config=trust_config)
     import_taming()
     chatter = io.StringIO()  # taming prints shapes and notices while building: keep them out of stdout
-    with torch.device(device) if device is not None else contextlib.nullcontext(), \
-            contextlib.redirect_stdout(chatter), trusted_targets(trust_config):
-        model = instantiate_from_config(model_config)
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext(), \
+                contextlib.redirect_stdout(chatter), trusted_targets(trust_config):
+            model = instantiate_from_config(model_config)
+    except (TypeError, ValueError, LookupError, AssertionError) as err:  # taming's constructors check with asserts
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"The taming config does not describe a model taming can build ({model_config['target']}): "
+                          f"{type(err).__name__}: {err}") from err
     if chatter.getvalue().strip():
         logger.debug("taming: %s", chatter.getvalue().strip())
     return model.eval()
@@ -117,12 +125,8 @@ def model_state_dict(checkpoint: dict[str, Any], model: nn.Module, *, source: st
 
     A transformer checkpoint given for a first-stage model contributes its ``first_stage_model.*`` keys.
     """
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{source} holds {type(checkpoint).__name__}, not a state dict.")
-    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise CheckpointError(f"{source}: these state-dict entries are not tensors: {not_tensors[:10]}.")
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    state_dict = check_state_dict(state_dict, source=source)
     state_dict = {k: v for k, v in state_dict.items() if not _LOSS_KEY.match(k)}
     expected = model.state_dict()
     if not any(k in expected for k in state_dict) and any(k.startswith(_FIRST_STAGE_PREFIX) for k in state_dict):
@@ -162,7 +166,8 @@ def load_model(
     Raises:
         CheckpointError: the checkpoint misses expected keys, has unexpected ones or wrong shapes (all named), or
             is refused by :func:`fdm.io.torch_files.read_checkpoint`.
-        ConfigError: the config does not parse, or names a class that is not allowed (key path and value).
+        ConfigError: the config does not parse, names a class that is not allowed (key path and value), or
+            describes a model larger than ``fdm.limits`` ``max_model_parameters``.
         FileNotFoundError: ``file not found: PATH`` for a missing local path (anything but ``hf://...`` or
             ``repo_id=``: :func:`fdm.io.hub.locate`), at once, without trying the Hub.
 
@@ -177,6 +182,10 @@ def load_model(
         resolve_file(checkpoint, revision=revision)
     raw = read_safetensors(path) if path.suffix == ".safetensors" else read_checkpoint(path)
     model = build_model(model_config, device="meta", trust_config=trust_config)
+    count = sum(p.numel() for p in model.parameters())
+    if count > (most := current_limits().max_model_parameters):
+        raise ConfigError(f"The config describes a {type(model).__name__} of {count:,} parameters, more than the "
+                          f"{most:,} allowed (fdm.limits); raise max_model_parameters for a model you trust.")
     source = f"checkpoint {path.name}"
     state_dict = model_state_dict(raw, model, source=source)
     raw_keys = raw.get("state_dict", raw) if isinstance(raw, dict) else {}

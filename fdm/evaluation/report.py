@@ -65,7 +65,7 @@ def _is_report(path: Path) -> bool:
     """Whether ``path`` holds index.html and a metrics.json of :data:`REPORT_FORMAT`."""
     try:
         metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: a crafted, deeply nested file
         return False
     return (path / "index.html").is_file() and isinstance(metrics, dict) and metrics.get("format") == REPORT_FORMAT
 

@@ -19,21 +19,26 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from fdm.config_io import read_json
 from fdm.errors import CheckpointError, HubError
 from fdm.io.decoder_weights import read_decoder_weights, save_decoder_weights
-from fdm.io.hub import WEIGHTS_NAME, _is_generated_model_card, build_model_card, locate, resolve_file
+from fdm.io.hub import (
+    WEIGHTS_NAME,
+    _is_generated_model_card,
+    build_model_card,
+    file_in_folder,
+    locate,
+    resolve_file,
+)
 from fdm.io.official import load_official_fdm
 from fdm.io.weights import load_state_dict_strict, read_safetensors, write_weights
+from fdm.limits import current as current_limits
 
-__all__ = ["MAX_LOADED_PARAMETERS", "FDMFiles"]
+__all__ = ["FDMFiles"]
 
 logger = logging.getLogger(__name__)
 
-MAX_LOADED_PARAMETERS = 200_000_000
-"""Most parameters an FDM read from a config.json may have (the paper's, at 256 channels, has 3.8 M); checked before
-allocating."""
-
 
 def _check_size(config: dict[str, Any], source: str) -> None:
-    """Refuse sizes that are not integers, or an FDM larger than :data:`MAX_LOADED_PARAMETERS`, before building it."""
+    """Refuse sizes that are not integers, or an FDM larger than ``fdm.limits`` ``max_fdm_parameters``, before
+    building it."""
     sizes = {k: config.get(k, default) for k, default in
              (("channels", 256), ("mask_channels", 1), ("hidden_channels", None), ("num_blocks", 8))}
     for name, value in sizes.items():
@@ -42,9 +47,10 @@ def _check_size(config: dict[str, Any], source: str) -> None:
     c, m, blocks = sizes["channels"], sizes["mask_channels"], sizes["num_blocks"]
     h = c if sizes["hidden_channels"] is None else sizes["hidden_channels"]
     count = 9 * (c + m) * h + blocks * (9 * h * (h // 2) + (h // 2) * h) + 9 * h * c  # convolution weights
-    if count > MAX_LOADED_PARAMETERS:
+    most = current_limits().max_fdm_parameters
+    if count > most:
         raise CheckpointError(f"{source} describes an FDM of about {count:,} parameters (channels {c}, hidden "
-                              f"{h}, {blocks} blocks); more than {MAX_LOADED_PARAMETERS:,} is refused.")
+                              f"{h}, {blocks} blocks); more than {most:,} is refused (fdm.limits).")
 
 
 class FDMFiles(PyTorchModelHubMixin):
@@ -86,9 +92,10 @@ class FDMFiles(PyTorchModelHubMixin):
             The FDM in eval mode; every weight key and shape was checked against config.json.
 
         Raises:
-            CheckpointError: config.json or model.safetensors is missing, unreadable, truncated or corrupted, or
-                config.json does not describe the weights (names the missing / unexpected / mis-shaped keys); a
-                file given where a folder was expected.
+            CheckpointError: config.json or model.safetensors is missing, unreadable, truncated or corrupted,
+                model.safetensors lacks the digest :meth:`save_pretrained` records, a file of the folder is a link
+                leading out of it, or config.json does not describe the weights (names the missing / unexpected /
+                mis-shaped keys); a file given where a folder was expected.
             ConfigError: config.json does not parse (names the file and line).
             HubError: the Hub repo or revision does not exist, or offline mode is on without a cached copy; a Hub
                 reference with a path inside the repo.
@@ -99,7 +106,7 @@ class FDMFiles(PyTorchModelHubMixin):
             raise HubError(f"{pretrained_model_name_or_path}: an FDM is a whole Hub repo; expected owner/name, "
                            "without a path inside the repo.")
         if isinstance(source, Path) and source.is_dir():
-            config_file = source / "config.json"
+            config_file = file_in_folder(source, "config.json")
         else:  # a local file is refused; a Hub config.json is fetched here so that Hub errors become fdm errors
             hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
             config_file = resolve_file(source, "config.json", **hub_kwargs)
@@ -148,7 +155,7 @@ class FDMFiles(PyTorchModelHubMixin):
             raise CheckpointError(f"config.json of {model_id} (with the keyword arguments given) does not "
                                   f"describe a valid FDM: {err}") from err
         try:
-            load_state_dict_strict(module, read_safetensors(weights_path, require_finite=True),
+            load_state_dict_strict(module, read_safetensors(weights_path, require_digest=True, require_finite=True),
                                    source=f"weight file {weights_path}")
         except CheckpointError as err:
             arch = {k: module.config[k] for k in ("channels", "mask_channels", "hidden_channels", "num_blocks")}

@@ -198,6 +198,23 @@ def locate(source: str | Path) -> Path | str:
     return text
 
 
+def file_in_folder(folder: Path, filename: str) -> Path:
+    """``folder / filename``, refused when it is a symbolic link leading out of ``folder`` (a model folder's weights
+    linked to another model's would load that model, and be uploaded as this one). A snapshot folder of the
+    huggingface_hub cache (``.../snapshots/<revision>/``) links to its own repo's ``blobs/``, which is allowed.
+
+    Raises:
+        CheckpointError: naming the file and where it leads.
+    """
+    path = folder / filename
+    target, home = path.resolve(), folder.resolve()
+    blobs = home.parent.parent / "blobs" if home.parent.name == "snapshots" else home
+    if not (target.is_relative_to(home) or target.parent == blobs):
+        raise CheckpointError(f"{path} is a symbolic link to {target}, outside {folder}; a model folder holds its own "
+                              "files (copy the file in instead of linking it).")
+    return path
+
+
 def resolve_file(
     source: str | Path,
     filename: str | None = None,
@@ -232,7 +249,8 @@ def resolve_file(
     Raises:
         FileNotFoundError: ``file not found: SOURCE`` for a missing local path (see :func:`locate`), at once; a
             Hub repo id without a file in the second form.
-        CheckpointError: the folder has no ``filename``, or ``source`` is a file where a folder was expected.
+        CheckpointError: the folder has no ``filename``, or it is a link leading out of the folder
+            (:func:`file_in_folder`); ``source`` is a file where a folder was expected.
         IsADirectoryError: a folder where a file was expected (second form).
         HubEntryNotFoundError: the Hub repo has no such file (a :class:`CheckpointError` and a
             ``FileNotFoundError`` too).
@@ -251,7 +269,7 @@ def resolve_file(
                                   + (f" ({hint})." if hint else "."))
         if not (where / filename).is_file():
             raise CheckpointError(f"{where} holds no {filename}" + (f"; {hint}." if hint else "."))
-        return where / filename
+        return file_in_folder(where, filename)
     parts = where.split("/", 2)  # owner, name[, path in repo]
     repo_id, inner = "/".join(parts[:2]), "/".join(parts[2:])
     if filename is None:

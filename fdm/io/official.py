@@ -17,7 +17,7 @@ from torch import nn
 
 from fdm.errors import CheckpointError
 from fdm.io.torch_files import read_checkpoint
-from fdm.io.weights import load_state_dict_strict
+from fdm.io.weights import check_state_dict, load_state_dict_strict
 
 FDMType = TypeVar("FDMType", bound=nn.Module)  # fdm.FDM (not imported here: fdm.module imports this module)
 
@@ -41,7 +41,7 @@ def _official_module_dict(source: str | Path | dict) -> tuple[dict[str, torch.Te
     obj = read_checkpoint(source) if isinstance(source, (str, Path)) else source
     if not isinstance(obj, dict):
         raise CheckpointError(f"Expected a state dict or {{'model': state_dict}}; got {type(obj).__name__}.")
-    state = obj.get("model", obj.get("state_dict", obj))
+    state = check_state_dict(obj.get("model", obj.get("state_dict", obj)), source="official FDM checkpoint")
     for prefix in OFFICIAL_PREFIXES:
         found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if found:

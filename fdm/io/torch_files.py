@@ -17,6 +17,8 @@ import torch
 from fdm.errors import CheckpointError
 from fdm.io.unpickler import STORAGE_DTYPES, OpaqueObject, Refused, unpickle
 from fdm.io.weights import read_safetensors
+from fdm.limits import Limits
+from fdm.limits import current as current_limits
 
 __all__ = ["read_checkpoint"]
 
@@ -49,13 +51,9 @@ def _nonnegative_int(value: Any, what: str) -> int:
 def _typed_storage(data: torch.Tensor, dtype: torch.dtype, byteorder: str) -> torch.storage.TypedStorage:
     """A storage of ``dtype`` over the uint8 tensor ``data`` (byte-swapped if written on the other endianness)."""
     width = dtype.itemsize // 2 if dtype.is_complex else dtype.itemsize
-    if byteorder != sys.byteorder and width > 1:
-        data = data.view(-1, width).flip(-1).reshape(-1)
+    if byteorder != sys.byteorder and width > 1:  # swapped into a fixed-size buffer like the one read
+        data = _bytes_tensor(data.numel()).copy_(data.view(-1, width).flip(-1).reshape(-1))
     return torch.storage.TypedStorage(wrap_storage=data.untyped_storage(), dtype=dtype, _internal=True)
-
-
-MAX_COMPRESSION = 100
-"""Largest inflation ratio of a compressed storage record of a zip checkpoint (a zip bomb is refused)."""
 
 
 def _bytes_tensor(size: int) -> torch.Tensor:
@@ -63,8 +61,42 @@ def _bytes_tensor(size: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(size), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
 
 
+class _Inflation:
+    """Bytes an archive's records inflate to, checked against the limits before each record is read."""
+
+    def __init__(self, limits: Limits):
+        self.limits, self.total = limits, 0
+
+    def admit(self, info: zipfile.ZipInfo, largest: int) -> None:
+        limits = self.limits
+        if info.file_size > largest:
+            raise ValueError(f"record {info.filename} holds {info.file_size} bytes, more than the {largest} allowed "
+                             "(fdm.limits)")
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > limits.max_compression_ratio * max(
+                info.compress_size, 1):
+            raise ValueError(f"record {info.filename} inflates {info.compress_size} bytes to {info.file_size} (more "
+                             f"than {limits.max_compression_ratio}-fold, fdm.limits; torch.save stores storages "
+                             "uncompressed)")
+        self.total += info.file_size
+        if self.total > limits.max_decompressed_bytes:
+            raise ValueError(f"its records inflate to more than {limits.max_decompressed_bytes} bytes (fdm.limits)")
+
+
+def _read_record(archive: zipfile.ZipFile, info: zipfile.ZipInfo, data: torch.Tensor) -> None:
+    """Fill ``data`` (uint8, ``info.file_size`` long) with the record, refusing one shorter than it declares."""
+    with archive.open(info) as record:
+        view, done = memoryview(data.numpy()), 0
+        while done < info.file_size and (chunk := record.read(min(1 << 24, info.file_size - done))):
+            view[done: done + len(chunk)] = chunk
+            done += len(chunk)
+    if done != info.file_size:
+        raise ValueError(f"record {info.filename} is truncated: {done} of its {info.file_size} bytes")
+
+
 def _read_zip(handle: Any) -> Any:
     """A ``torch.save`` zip archive: ``<name>/data.pkl`` (restricted) and its storages ``<name>/data/<key>``."""
+    limits = current_limits()
+    inflation = _Inflation(limits)
     with zipfile.ZipFile(handle) as archive:
         listing = archive.namelist()
         names = set(listing)
@@ -77,7 +109,11 @@ def _read_zip(handle: Any) -> Any:
         prefix = pickles[0][: -len("data.pkl")]
         if prefix + "constants.pkl" in names:
             raise Refused("this is a TorchScript archive (torch.jit.save), whose code runs when it is loaded")
-        byteorder = archive.read(prefix + "byteorder").decode() if prefix + "byteorder" in names else "little"
+        byteorder = "little"
+        if prefix + "byteorder" in names:
+            info = archive.getinfo(prefix + "byteorder")
+            inflation.admit(info, len("little"))
+            byteorder = archive.read(info).decode()
         if byteorder not in ("little", "big"):
             raise ValueError(f"unknown byte order {byteorder!r}")
         storages: dict[str, torch.storage.TypedStorage] = {}
@@ -94,23 +130,19 @@ def _read_zip(handle: Any) -> Any:
                 info = archive.getinfo(f"{prefix}data/{key}")
                 if info.file_size != numel * dtype.itemsize:
                     raise ValueError(f"storage {key} holds {info.file_size} bytes, not {numel} x {dtype}")
-                if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSION * info.compress_size:
-                    raise ValueError(f"storage {key} inflates {info.compress_size} bytes to {info.file_size} (more than "
-                                     f"{MAX_COMPRESSION}-fold; torch.save stores storages uncompressed)")
+                inflation.admit(info, limits.max_tensor_bytes)
                 data = _bytes_tensor(info.file_size)
-                with archive.open(info) as record:
-                    view, done = memoryview(data.numpy()), 0
-                    while done < info.file_size and (chunk := record.read(min(1 << 24, info.file_size - done))):
-                        view[done: done + len(chunk)] = chunk
-                        done += len(chunk)
-                if done != info.file_size:
-                    raise ValueError(f"storage {key} is truncated: {done} of its {info.file_size} bytes")
+                _read_record(archive, info, data)
                 storages[key] = _typed_storage(data, dtype, byteorder)
             elif storages[key].dtype != dtype:
                 raise Refused(f"storage {key} is named with two dtypes")
             return storages[key]
 
-        return unpickle(archive.read(pickles[0]), persistent_load)
+        info = archive.getinfo(pickles[0])
+        inflation.admit(info, limits.max_tensor_bytes)
+        data_pkl = _bytes_tensor(info.file_size)
+        _read_record(archive, info, data_pkl)
+        return unpickle(data_pkl.numpy().tobytes(), persistent_load)
 
 
 def _read_legacy(handle: Any) -> Any:
@@ -131,6 +163,7 @@ def _read_legacy(handle: Any) -> Any:
     sys_info = unpickle(handle)
     if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
         raise ValueError("only little-endian legacy torch.save files are read")
+    limits = current_limits()
     roots: dict[str, tuple[torch.Tensor, torch.dtype, int]] = {}
     views: dict[str, torch.storage.TypedStorage] = {}
     here = handle.tell()
@@ -149,6 +182,9 @@ def _read_legacy(handle: Any) -> Any:
         if type(key) is not str or type(_text(location)) is not str:
             raise Refused(f"persistent id {pid!r}")
         if key not in roots:
+            if numel * dtype.itemsize > limits.max_tensor_bytes:
+                raise ValueError(f"storage {key} declares {numel * dtype.itemsize} bytes, more than the "
+                                 f"{limits.max_tensor_bytes} allowed (fdm.limits)")
             declared = numel * dtype.itemsize + sum(d.numel() for d, _, _ in roots.values())
             if declared > room:
                 raise ValueError(f"its storages declare {declared} bytes, more than the {room} bytes the file has "
@@ -182,6 +218,20 @@ def _read_legacy(handle: Any) -> Any:
         if handle.readinto(memoryview(data.numpy())) != data.numel():
             raise ValueError(f"storage {key} is cut short")
     return result
+
+
+def _check_depth(obj: Any, path: Path) -> None:
+    """Refuse containers nested deeper than ``max_depth`` (walked without recursion), before a loader that walks
+    them (moving tensors to a device, looking keys up) runs out of recursion."""
+    limit, stack = current_limits().max_depth, [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list, tuple, set, frozenset)):
+            if depth > limit:
+                raise CheckpointError(f"{path} nests containers deeper than {limit} levels (fdm.limits); a "
+                                      "checkpoint is far shallower.")
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -232,5 +282,6 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__} ({reprlib.repr(obj)}), not the dict of a "
                               "checkpoint.")  # reprlib: bounded depth, also for a crafted 100 000-deep list
+    _check_depth(obj, path)
     device = torch.device(map_location)
     return obj if device.type == "cpu" else _to_device(obj, device)

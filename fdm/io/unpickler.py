@@ -11,6 +11,7 @@ import _compat_pickle
 import collections
 import io
 import logging
+import math
 import pickle
 from collections.abc import Callable
 from typing import Any
@@ -74,28 +75,59 @@ def _is_placeholder(obj: Any) -> bool:
     return isinstance(obj, OpaqueObject) or (isinstance(obj, type) and issubclass(obj, OpaqueObject))
 
 
-def _check_tensor_parts(storage: Any, backward_hooks: Any = None) -> None:
+_TENSOR_METADATA = frozenset({"conj", "neg"})  # what torch.save records of a tensor besides its storage view
+
+
+def _check_tensor_view(storage: Any, storage_offset: Any, size: Any, stride: Any, backward_hooks: Any = None,
+                       requires_grad: Any = False, metadata: Any = None) -> None:
+    """Check a pickled tensor's parts before torch sees them.
+
+    The view must lie inside its storage (torch would grow the storage to fit, exposing uninitialised memory),
+    and no two of its elements may share memory (a stride-0 or overlapping view is never a weight: it claims
+    more elements than the file stores, and in-place updates of it fail).
+    """
     if not isinstance(storage, torch.storage.TypedStorage):
         raise Refused(f"a tensor must be rebuilt from a storage of the file, not from {type(storage).__name__}")
     if backward_hooks:  # torch.save never writes hooks (they are code); a file that has them is crafted
         raise Refused("a pickled tensor carries backward hooks")
+    if type(requires_grad) is not bool:
+        raise Refused(f"a tensor's requires_grad must be a bool, not {requires_grad!r}")
+    if metadata and not (type(metadata) is dict and all(
+            k in _TENSOR_METADATA and type(v) is bool for k, v in metadata.items())):
+        raise Refused(f"tensor metadata {metadata!r} (only {sorted(_TENSOR_METADATA)} flags are known)")
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+            and all(type(n) is int and n >= 0 for n in (storage_offset, *size, *stride))):
+        raise Refused(f"a tensor view (offset {storage_offset!r}, size {size!r}, stride {stride!r}) must be "
+                      "non-negative ints, one stride per dimension")
+    numel = math.prod(size)
+    if numel:
+        span = 1  # elements reached by the dimensions so far; the next stride must step past them
+        for st, n in sorted((st, n) for n, st in zip(size, stride) if n > 1):
+            if st < span:
+                raise Refused(f"a tensor of size {tuple(size)} and stride {tuple(stride)} has elements sharing "
+                              "memory (a stride-0 or overlapping view is not a weight)")
+            span = st * (n - 1) + span
+        extent = storage_offset + span
+        if extent > storage._size():
+            raise Refused(f"a tensor of size {tuple(size)}, stride {tuple(stride)} at offset {storage_offset} "
+                          f"reaches element {extent}, beyond its storage of {storage._size()}")
 
 
 def _rebuild_tensor(storage: Any, storage_offset: int, size: Any, stride: Any) -> torch.Tensor:
-    _check_tensor_parts(storage)
+    _check_tensor_view(storage, storage_offset, size, stride)
     return torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
 
 
 def _rebuild_tensor_v2(storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: bool,
                        backward_hooks: Any, metadata: Any = None) -> torch.Tensor:
-    _check_tensor_parts(storage, backward_hooks)
+    _check_tensor_view(storage, storage_offset, size, stride, backward_hooks, requires_grad, metadata)
     return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad,
                                            collections.OrderedDict(), metadata)
 
 
 def _rebuild_tensor_v3(storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: bool,
                        backward_hooks: Any, dtype: Any, metadata: Any = None) -> torch.Tensor:
-    _check_tensor_parts(storage, backward_hooks)
+    _check_tensor_view(storage, storage_offset, size, stride, backward_hooks, requires_grad, metadata)
     if not isinstance(dtype, torch.dtype):
         raise Refused(f"a tensor's dtype must be a torch.dtype, not {type(dtype).__name__}")
     return torch._utils._rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,
@@ -103,8 +135,9 @@ def _rebuild_tensor_v3(storage: Any, storage_offset: int, size: Any, stride: Any
 
 
 def _rebuild_parameter(data: Any, requires_grad: bool, backward_hooks: Any) -> nn.Parameter:
-    if not isinstance(data, torch.Tensor) or backward_hooks:
-        raise Refused("a pickled Parameter must wrap a tensor of the file and carry no backward hooks")
+    if not isinstance(data, torch.Tensor) or backward_hooks or type(requires_grad) is not bool:
+        raise Refused("a pickled Parameter must wrap a tensor of the file, with a bool requires_grad and no "
+                      "backward hooks")
     return torch._utils._rebuild_parameter(data, requires_grad, collections.OrderedDict())
 
 

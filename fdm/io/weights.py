@@ -16,6 +16,7 @@ from fdm.errors import CheckpointError
 __all__ = [
     "DIGEST_KEY",
     "check_finite_weights",
+    "check_state_dict",
     "file_sha256",
     "load_state_dict_strict",
     "read_safetensors",
@@ -86,6 +87,23 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_state_dict(obj: object, *, source: str) -> dict[str, torch.Tensor]:
+    """``obj``, checked to be a state dict: a dict mapping names (``str``) to tensors.
+
+    Raises:
+        CheckpointError: naming ``source`` and up to five entries that are not name -> tensor (an integer key, a
+            number where a tensor is expected), or what ``obj`` is when it is not a dict.
+    """
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"The {source} must be a state dict (names -> tensors); got {type(obj).__name__}.")
+    odd = sorted(f"{k!r}: {type(v).__name__}" for k, v in obj.items()
+                 if type(k) is not str or not isinstance(v, torch.Tensor))
+    if odd:
+        raise CheckpointError(f"The {source} must map names to tensors; these entries do not: "
+                              f"{', '.join(odd[:5])}{' ...' if len(odd) > 5 else ''}.")
+    return obj
 
 
 def check_finite_weights(state_dict: Mapping[str, torch.Tensor], *, what: str) -> None:
@@ -159,10 +177,7 @@ def load_state_dict_strict(
         def spell(key: str) -> str:
             return file_key.get(key, key)
 
-    odd = sorted(repr(k) for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor))
-    if odd:
-        raise CheckpointError(f"Cannot load the {source} into {type(module).__name__}: it must map names to tensors; "
-                              f"these entries do not: {', '.join(odd[:5])}{' ...' if len(odd) > 5 else ''}.")
+    check_state_dict(state_dict, source=source)
     expected = module.state_dict()
     missing = sorted(spell(k) for k in set(expected) - set(state_dict))
     unexpected = sorted(spell(k) for k in set(state_dict) - set(expected))

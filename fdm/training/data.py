@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from fdm.errors import InputError
+from fdm.errors import FdmError, InputError
 from fdm.io.fingerprint import json_digest
 from fdm.training.sources.base import IMAGE_EXTENSIONS, FolderSource, ImageSource, bounds, list_images
 from fdm.validation import check_finite, check_image
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderViews", "SeededViews", "TensorViews", "list_images"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderViews", "SeededViews", "TensorViews", "list_images", "load_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -228,3 +228,39 @@ class TensorViews(Dataset):
         data = self.images.to(torch.float32).contiguous().numpy().tobytes()
         digest = hashlib.sha256(data + str(tuple(self.images.shape)).encode()).hexdigest()
         return digest[:16]
+
+
+class _ErrorsAsValues(Dataset):
+    """``views`` whose library errors are returned instead of raised, so that a worker process hands over the error
+    itself (DataLoader would raise a new one whose message is the worker's whole traceback)."""
+
+    def __init__(self, views: Dataset):
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.views[index]
+        except FdmError as err:
+            return err
+
+
+def _collate_or_error(items: list[Any]) -> Any:
+    return next((item for item in items if isinstance(item, FdmError)), None) or default_collate(items)
+
+
+def load_batches(views: Dataset, batch_sampler: Iterable[list[int]], num_workers: int = 0) -> Iterator[torch.Tensor]:
+    """The batches of ``views`` that ``batch_sampler`` names, read by ``num_workers`` worker processes.
+
+    Raises:
+        FdmError: a view's own error (an image that cannot be decoded: :class:`InputError` naming the file), raised
+            here with its one-line message, also when a worker process met it.
+    """
+    loader = DataLoader(_ErrorsAsValues(views), batch_sampler=batch_sampler, num_workers=num_workers,
+                        collate_fn=_collate_or_error)
+    for batch in loader:
+        if isinstance(batch, FdmError):
+            raise batch
+        yield batch

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 from tqdm.auto import tqdm
 
 from fdm.adapter import VQAdapter
@@ -44,6 +44,7 @@ from fdm.errors import CheckpointError, InputError, TrainingError
 from fdm.io.fingerprint import json_digest
 from fdm.io.weights import file_sha256, state_dict_digest
 from fdm.pipeline import Latents, encode_latents
+from fdm.training.data import load_batches
 from fdm.training.distributed import DistContext, barrier
 from fdm.training.shards import owned_shards, shard_ranges
 from fdm.validation import check_finite, check_image
@@ -261,7 +262,7 @@ class FeatureCache:
         """The images of ``views``, in order, ``batch_size`` at a time."""
         if getattr(self.views, "random_access", True):
             batches = [list(views[i:i + self.batch_size]) for i in range(0, len(views), self.batch_size)]
-            yield from DataLoader(self.views, batch_sampler=batches, num_workers=self.num_workers)
+            yield from load_batches(self.views, batches, self.num_workers)
             return
         batch = []
         for _, image in self.views.iter_views(views.start, views.stop):
@@ -365,7 +366,7 @@ class FeatureCache:
                 if (z_file.shape, z_file.dtype, codes_file.shape, codes_file.dtype) == expected:
                     logger.info("resuming the feature cache shard %s at view %d of %d", folder, done, len(views))
                     return z_file, codes_file, done
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             pass  # no usable partial pass: start the shard afresh
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -404,7 +405,7 @@ class FeatureCache:
             recorded_shard = meta["shard"]
             if not isinstance(recorded, dict):
                 raise TypeError(f"sha256 is {type(recorded).__name__}, not a mapping of file names to digests")
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:  # a crafted, deeply nested file
             raise CheckpointError(f"feature cache metadata {meta_file} is unreadable ({err}). {remedy}") from err
         if binding != self.binding() or recorded_shard != shard:
             differs = sorted(k for k in self.binding() if not isinstance(binding, dict)

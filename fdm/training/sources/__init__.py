@@ -28,12 +28,11 @@ from pathlib import Path
 from fdm.errors import InputError, UsageError
 from fdm.training.sources.base import IMAGE_EXTENSIONS, FolderSource, ImageSource, list_images
 from fdm.training.sources.hf_datasets import HFDatasetSource, hf_options
-from fdm.training.sources.tar_shards import MAX_MEMBER_BYTES, TarShardSource
+from fdm.training.sources.tar_shards import TarShardSource
 
 __all__ = [
     "DATA_FORMS",
     "IMAGE_EXTENSIONS",
-    "MAX_MEMBER_BYTES",
     "FolderSource",
     "HFDatasetSource",
     "ImageSource",

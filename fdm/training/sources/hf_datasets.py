@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl
 
 from PIL import Image
 
+from fdm.config_io import read_json
 from fdm.errors import InputError, MissingExtraError, UsageError
 from fdm.images import as_rgb8, decode_image, open_image
 from fdm.training.sources.base import ImageSource, bounds, check_index, file_stats
@@ -46,7 +47,8 @@ class HFDatasetSource(ImageSource):
     Raises:
         MissingExtraError: the ``datasets`` package is not installed (names the ``data`` extra).
         InputError: the folder, split or column does not exist, the column holds no images, or the length is
-            unknown (names what to pass).
+            unknown (names what to pass); a saved dataset's JSON metadata (``dataset_dict.json``, ``state.json``,
+            ``dataset_info.json``) does not parse or exceeds :mod:`fdm.limits`, checked before ``datasets`` reads it.
     """
 
     def __init__(
@@ -125,6 +127,8 @@ class HFDatasetSource(ImageSource):
                     return data, len(data)
                 splits = data.info.splits or {}
                 return data, splits[self.split].num_examples if self.split in splits else None
+            for meta in sorted([*self.path.glob("*.json"), *self.path.glob("*/*.json")]):
+                read_json(meta, "Hugging Face dataset metadata")  # bounded first: datasets' json.load is not
             data = datasets.load_from_disk(str(self.path))
         except (OSError, ValueError) as err:  # missing or corrupt files, unknown split
             raise InputError(f"Cannot open {self.describe()}: {err}") from err

@@ -17,15 +17,12 @@ from PIL import Image
 
 from fdm.errors import InputError, UsageError
 from fdm.images import as_rgb8, decode_image
+from fdm.limits import current as current_limits
 from fdm.training.sources.base import IMAGE_EXTENSIONS, ImageSource, bounds, check_index, file_stats
 
-__all__ = ["MAX_MEMBER_BYTES", "TarShardSource"]
+__all__ = ["TarShardSource"]
 
 logger = logging.getLogger(__name__)
-
-MAX_MEMBER_BYTES = 256 * 2**20
-"""Largest image member of a tar shard (bytes); a larger one is refused as corrupt or hostile."""
-
 
 _MAX_BRACE_EXPANSION = 100_000  # shard names one brace pattern may stand for
 
@@ -46,7 +43,7 @@ class TarShardSource(ImageSource):
 
     Raises:
         InputError: a shard is missing, is not an uncompressed tar file, is truncated, has an image member
-            larger than :data:`MAX_MEMBER_BYTES`, or the shards hold no image (names the shard and member).
+            larger than ``fdm.limits`` ``max_image_bytes``, or the shards hold no image (names the shard and member).
         UsageError: a brace pattern that does not parse or stands for more than 100,000 names.
     """
 
@@ -107,9 +104,9 @@ class TarShardSource(ImageSource):
                     if not member.isfile() or member.issparse() or extension not in IMAGE_EXTENSIONS or key in keys:
                         skipped += 1
                         continue
-                    if member.size > MAX_MEMBER_BYTES:
+                    if member.size > (most := current_limits().max_image_bytes):
                         raise InputError(f"Tar shard {shard}, member {name!r}: {member.size} bytes, more than the "
-                                         f"{MAX_MEMBER_BYTES} an image may have (corrupt or hostile shard?).")
+                                         f"{most} an image may have (fdm.limits; corrupt or hostile shard?).")
                     if member.offset_data + member.size > size:
                         raise InputError(f"Tar shard {shard} is truncated: member {name!r} ends at byte "
                                          f"{member.offset_data + member.size}, the file has {size}.")
