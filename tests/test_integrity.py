@@ -64,6 +64,21 @@ def test_checkpoint_without_manifest_is_refused(tmp_path, views):
         phase2(tmp_path, views, steps=2, output_dir=str(tmp_path / "again")).train(resume_from=checkpoint)
 
 
+def test_checkpoint_files_must_be_listed_in_the_manifest_and_be_its_own(tmp_path, views):
+    phase2(tmp_path, views, steps=2).train()
+    checkpoint = latest_checkpoint(tmp_path / "out" / "checkpoints")
+    again = tmp_path / "again"
+    (checkpoint / "discriminator.safetensors").write_bytes(b"")  # a file the manifest does not list
+    with pytest.raises(CheckpointError, match=r"holds discriminator.safetensors, which its manifest does not list"):
+        phase2(tmp_path, views, steps=2, output_dir=str(again)).train(resume_from=checkpoint)
+    (checkpoint / "discriminator.safetensors").unlink()
+    moved = tmp_path / "elsewhere.safetensors"
+    (checkpoint / "fdm.safetensors").rename(moved)
+    (checkpoint / "fdm.safetensors").symlink_to(moved)  # the same bytes, through a link
+    with pytest.raises(CheckpointError, match=r"fdm.safetensors is a symbolic link"):
+        phase2(tmp_path, views, steps=2, output_dir=str(again)).train(resume_from=checkpoint)
+
+
 def test_non_finite_training_state_is_neither_resumed_nor_saved(tmp_path, views):
     """An optimizer moment set to NaN, with the checkpoint's digests recomputed (so only the values are wrong), is
     refused before any weight is loaded; a trainer never writes such a state."""

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fdm.errors import CheckpointError
+from fdm.config_io import read_json
+from fdm.errors import CheckpointError, ConfigError
 from fdm.io.torch_files import read_checkpoint
 from fdm.io.weights import (
     check_finite_weights,
@@ -194,19 +195,26 @@ def _check_finite_state(state: dict[str, Any], what: str) -> None:
 
 
 def _verify_manifest(path: Path) -> None:
-    """Check every file of a checkpoint folder against its manifest (before any byte of it is unpickled)."""
+    """Check every file of a checkpoint folder against its manifest, which must list them all (before any byte of it
+    is unpickled)."""
     remedy = "Delete the checkpoint folder (training restarts from the previous one or from scratch)."
     manifest_file = path / _MANIFEST_FILE
     if not manifest_file.is_file():
         raise CheckpointError(f"{path} is not a training checkpoint of fdm-vq: {_MANIFEST_FILE} is missing. {remedy}")
     try:
-        recorded = json.loads(manifest_file.read_text())["sha256"]
+        recorded = read_json(manifest_file, "the checkpoint's manifest").get("sha256")
         if not isinstance(recorded, dict) or _STATE_FILE not in recorded:
-            raise ValueError(f"no sha256 entry for {_STATE_FILE}")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{manifest_file} is unreadable ({err}). {remedy}") from err
+            raise ConfigError(f"{manifest_file} has no sha256 entry for {_STATE_FILE}")
+    except ConfigError as err:
+        raise CheckpointError(f"{err} {remedy}") from err
+    unlisted = sorted(p.name for p in path.iterdir() if p.name != _MANIFEST_FILE and p.name not in recorded)
+    if unlisted:
+        raise CheckpointError(f"training checkpoint {path} holds {', '.join(unlisted)}, which its manifest does not "
+                              f"list: the folder was altered. {remedy}")
     for name, expected in recorded.items():
         file = path / Path(name).name
+        if file.is_symlink():
+            raise CheckpointError(f"{file} is a symbolic link: a checkpoint's files are its own. {remedy}")
         if not file.is_file():
             raise CheckpointError(f"training checkpoint {path} lacks {name}, listed in its manifest. {remedy}")
         if file_sha256(file) != expected:

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fdm.errors import CheckpointError, UsageError
+from fdm.config_io import read_json
+from fdm.errors import CheckpointError, ConfigError, UsageError
 from fdm.module import FDM
 from fdm.precision import load_scaler_state
 from fdm.training.checkpointing import (
@@ -219,12 +220,9 @@ class TrainingLoop:
         if not record_file.exists():
             return
         try:
-            saved = json.loads(record_file.read_text())
-            if not isinstance(saved, dict):
-                raise ValueError(f"a JSON {type(saved).__name__}, not an object")
-        except (ValueError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{record_file} is unreadable ({err}); remove it, or start the run in another "
-                                  "folder.") from err
+            saved = read_json(record_file, "the run's record")
+        except ConfigError as err:
+            raise CheckpointError(f"{err} Remove it, or start the run in another folder.") from err
         record = self._run_record()
         check_resumable(self.output_dir, saved, phase=self.phase, config=record["config"], fields=self.resume_fields,
                         identity=record["data"], world_size=self.ctx.world_size)

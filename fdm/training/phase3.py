@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset, DistributedSampler
 
 from fdm.adapter import VQAdapter
 from fdm.errors import CheckpointError, InputError
@@ -29,6 +29,7 @@ from fdm.precision import autocast, grad_scaler
 from fdm.registry import find_adapter
 from fdm.training.backbones import load_backbone
 from fdm.training.checkpointing import run_identity
+from fdm.training.data import load_batches
 from fdm.training.discriminator import PatchDiscriminator
 from fdm.training.distributed import barrier, make_sampler, wrap_ddp
 from fdm.training.feature_cache import encode_views
@@ -180,14 +181,15 @@ class Phase3Trainer(TrainingLoop):
         return {"z_in": lat.z_in.float(), "z": lat.z.float(), "cells": lat.cells, "guide": lat.guide}
 
     def _epochs(self, sampler: DistributedSampler, steps_per_epoch: int) -> Iterator[torch.Tensor]:
-        """Batches from the current step on; a resumed run continues mid-epoch in the same order."""
+        """Batches from the current step on; a resumed run continues mid-epoch in the same order (an image that
+        cannot be decoded stops the run with one line naming it, also when a worker process met it)."""
         bs = self.config.batch_size
         while True:
             epoch, position = divmod(self.step, steps_per_epoch)
             sampler.set_epoch(epoch)
             indices = list(sampler)[position * bs: steps_per_epoch * bs]
-            yield from DataLoader(Subset(self.views, indices), batch_size=bs, drop_last=True,
-                                  num_workers=self.config.num_workers)
+            batches = [indices[i: i + bs] for i in range(0, len(indices) - bs + 1, bs)]  # full batches only
+            yield from load_batches(self.views, batches, num_workers=self.config.num_workers)
 
     def prepare(self) -> RunBudget:
         """Order the batches from the current step on, and validate before the first step."""
