@@ -138,18 +138,21 @@ class VQAutoencoder(nn.Module):
             ``z_q`` (B, C, h, w) (a ``ResidualVQ``: the sum of its levels), the indices (B, h, w) (a ``ResidualVQ``
             of L levels: (B, h, w, L)), and the quantizer's auxiliary loss summed to a scalar.
         """
+        if z.dim() != 4 or z.shape[1] != self.channels:
+            raise InputError(f"z must be a (B, {self.channels}, h, w) feature map; got shape {tuple(z.shape)}.")
         b, c, h, w = z.shape
         layout = self._layout()
         given = z if layout == "map" else z.flatten(2) if layout == "first" else z.flatten(2).transpose(1, 2)
-        z_q, indices, loss = self.quantizer(given)
+        z_q, indices, loss = self.quantizer(given)  # map: (B, C, h, w); first: (B, C, n); last: (B, n, C)
         if layout == "last":
             z_q = z_q.transpose(1, 2)  # (B, n, C) -> (B, C, n)
-        return z_q.reshape(b, c, h, w), indices.reshape(b, h, w, *indices.shape[2 + (layout == "map"):]), loss.sum()
+        per_level = indices.shape[-1:] if self.kind == "ResidualVQ" else ()
+        return z_q.reshape(b, c, h, w), indices.reshape(b, h, w, *per_level), loss.sum()
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, h, w), or (B, h, w, L) for a ``ResidualVQ`` of L levels, -> ``z_q`` (B, C, h, w): bit for bit what
-        :meth:`quantize` returns for the features these indices came from (codes taken from each level's
-        ``codebook``, added level after level as ``ResidualVQ`` adds them, then ``project_out``).
+        """Code indices (B, h, w), or (B, h, w, L) for a ``ResidualVQ`` of L levels, -> ``z_q`` (B, C, h, w): bit
+        for bit what :meth:`quantize` returns for the features these indices came from (codes taken from each
+        level's ``codebook``, added level after level as ``ResidualVQ`` adds them, then ``project_out``).
 
         Raises:
             InputError: indices of another shape, or outside a level's ``[0, codebook_size)``.
