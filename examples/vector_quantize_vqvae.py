@@ -3,7 +3,7 @@
 phase-2 trainer, and its held-out gain measured with the code of ``fdm eval`` (fdm.evaluation.evaluate_views).
 
     pip install ".[vector-quantize]"    # from a clone of fdm-vq
-    python examples/vector_quantize_vqvae.py --out runs/vq-vqvae          # about 5 minutes on 2 CPU cores
+    python examples/vector_quantize_vqvae.py --out runs/vq-vqvae   # 5 min of training, about 9 in all on 2 CPU cores
 
 Writes ``OUT/vqvae.safetensors`` and ``OUT/vqvae.json`` (the architecture's sizes: :func:`build_vqvae` rebuilds it,
 then :func:`fdm.adapters.vector_quantize.load_weights` fills it), the FDM in ``OUT/fdm`` (``FDM.from_pretrained``)
@@ -126,13 +126,17 @@ def measure(deq: fdm.Dequantizer, folders: dict[str, Path], crop: int, views: in
 
 
 def table(results: dict[str, dict]) -> str:
-    rows = ["| photos | views | PSNR plain VQ -> with FDM | gain | bound: decode(z) | feature error ratio | SSIM |",
-            "|---|---|---|---|---|---|---|"]
+    """The reconstruction metrics as a markdown table (ST-LPIPS and FID where they were measured)."""
+    extra = [(key, label) for key, label in (("stlpips", "ST-LPIPS"), ("fid", "FID (biased: few views)"))
+             if all(key in r["settings"]["reconstruction"] for r in results.values())]
+    rows = ["| photos | views | PSNR plain VQ -> with FDM | gain | bound: decode(z) | feature error ratio | SSIM | "
+            + "".join(f"{label} | " for _, label in extra).rstrip(), "|---" * (7 + len(extra)) + "|"]
     for name, report in results.items():
         m = report["settings"]["reconstruction"]
         rows.append(f"| {name} | {report['views']} | {m['psnr']['vq']:.2f} -> {m['psnr']['fdm']:.2f} dB | "
                     f"{m['psnr']['fdm'] - m['psnr']['vq']:+.2f} dB | {m['psnr_continuous']:.2f} dB | "
-                    f"{m['feature_ratio']:.3f} | {m['ssim']['vq']:.3f} -> {m['ssim']['fdm']:.3f} |")
+                    f"{m['feature_ratio']:.3f} | {m['ssim']['vq']:.3f} -> {m['ssim']['fdm']:.3f} | "
+                    + "".join(f"{m[key]['vq']:.4g} -> {m[key]['fdm']:.4g} | " for key, _ in extra).rstrip())
     return "\n".join(rows)
 
 
@@ -150,10 +154,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crops-per-image", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--width", type=int, default=32, help="VQ-VAE channel width")
-    parser.add_argument("--continuous", type=float, default=0.5,
+    parser.add_argument("--continuous", type=float, default=0.9,
                         help="fraction of VQ-VAE training samples decoded from z itself (0: a plain VQ-VAE)")
     parser.add_argument("--levels", type=int, default=1, help="1: VectorQuantize; more: a ResidualVQ of that many")
-    parser.add_argument("--fdm-hidden", type=int, default=64, help="FDM trunk width")
+    parser.add_argument("--fdm-hidden", type=int, default=32, help="FDM trunk width")
     parser.add_argument("--fdm-blocks", type=int, default=8)
     parser.add_argument("--eval-crop", type=int, default=128)
     parser.add_argument("--eval-views", type=int, default=4, help="crops per held-out photo")

@@ -36,7 +36,8 @@ def _keep_threads():
     torch.set_num_threads(threads)
 
 
-def test_the_example_trains_saves_and_measures(tmp_path, capsys):
+@pytest.mark.parametrize("levels", [1, 2])  # a VectorQuantize, a ResidualVQ
+def test_the_example_trains_saves_and_measures(tmp_path, capsys, levels):
     train = write_images(tmp_path / "train", [(48, 64), (64, 48), (56, 56), (40, 72)])
     heldout = write_images(tmp_path / "heldout", [(48, 48), (40, 56)], seed=1)
     out = tmp_path / "run"
@@ -44,7 +45,7 @@ def test_the_example_trains_saves_and_measures(tmp_path, capsys):
         "--out", str(out), "--train", str(train), "--heldout", str(heldout), "--vq-minutes", "0.002",
         "--fdm-minutes", "0.002", "--crop", "16", "--crops-per-image", "2", "--batch", "4", "--width", "16",
         "--fdm-hidden", "16", "--fdm-blocks", "1", "--eval-crop", "16", "--eval-views", "1", "--no-extras",
-        "--no-progress",
+        "--no-progress", "--levels", str(levels),
     ])
     table = capsys.readouterr().out
     assert "| heldout | 2 |" in table and "feature error ratio" in table
