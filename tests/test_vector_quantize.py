@@ -167,6 +167,9 @@ def test_weights_round_trip_through_safetensors(tmp_path):
         assert torch.equal(other(x)[0], model(x)[0])
     with pytest.raises(CheckpointError, match="missing keys"):
         load_weights(build("rvq"), path)
+    shared = VQAutoencoder(nn.Conv2d(3, C, 4, stride=4), vqp.ResidualVQ(dim=C, num_quantizers=2, codebook_size=8,
+                           shared_codebook=True), nn.ConvTranspose2d(C, 3, 4, stride=4), factor=4)
+    load_weights(shared, save_weights(shared, tmp_path / "shared.safetensors"))  # one codebook under two names
 
 
 def test_bad_parts_and_indices_are_refused():

@@ -190,8 +190,9 @@ class VQAutoencoder(nn.Module):
 
 def save_weights(model: VQAutoencoder, path: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model``'s state dict (codebooks and their EMA statistics included) to a ``.safetensors`` file with
-    fdm-vq's digest; non-finite weights are refused."""
-    return write_weights(model.state_dict(), path, metadata=metadata)
+    fdm-vq's digest; non-finite weights are refused. Each tensor is written as a copy of its own: a ``ResidualVQ``
+    with ``shared_codebook=True`` holds one codebook under every level's name, which safetensors refuses to share."""
+    return write_weights({key: value.clone() for key, value in model.state_dict().items()}, path, metadata=metadata)
 
 
 def load_weights(model: VQAutoencoder, path: str | Path) -> VQAutoencoder:
