@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["diffusers", "put", "taming"]
+__all__ = ["diffusers", "put", "taming", "vector_quantize"]
 
 
 def __getattr__(name: str) -> ModuleType:

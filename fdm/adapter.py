@@ -51,9 +51,15 @@ class VQAdapter(abc.ABC):
     def channels(self) -> int:
         """Channel count C of the latent map (the codebook dimension)."""
 
+    @property
+    def code_levels(self) -> int:
+        """Code indices per latent cell: 1, indices (B, h, w); or the L > 1 levels of a residual quantizer, indices
+        (B, h, w, L), one per level, whose code vectors add up to the cell's ``z_q``."""
+        return 1
+
     @abc.abstractmethod
     def codebook(self) -> torch.Tensor:
-        """(N, C) code vectors."""
+        """(N, C) code vectors (a residual quantizer: every level's, one level after the other)."""
 
     @abc.abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,11 +67,12 @@ class VQAdapter(abc.ABC):
 
     @abc.abstractmethod
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, h, w) ``z`` -> (``z_q`` (B, C, h, w), indices (B, h, w) long)."""
+        """(B, C, h, w) ``z`` -> (``z_q`` (B, C, h, w), indices (B, h, w) long; (B, h, w, L) with
+        :attr:`code_levels` L > 1)."""
 
     @abc.abstractmethod
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) code indices -> (B, C, h, w) code vectors."""
+        """(B, h, w) code indices ((B, h, w, L) with :attr:`code_levels` L > 1) -> (B, C, h, w) code vectors."""
 
     @abc.abstractmethod
     def decode(self, z: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:

@@ -173,7 +173,7 @@ class Dequantizer(nn.Module):
         return z if mask is None else self.adapter.encode_known(x, mask, z)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``z`` (B, C, h, w) -> (``z_q`` (B, C, h, w), indices (B, h, w)).
+        """``z`` (B, C, h, w) -> (``z_q`` (B, C, h, w), indices (B, h, w); (B, h, w, L) for a residual quantizer).
 
         The nearest-code search runs in the model's dtype with autocast off, also inside an autocast region
         (see :mod:`fdm.precision`): half-precision distances pick other codes.
@@ -248,13 +248,18 @@ class Dequantizer(nn.Module):
         **model_kwargs: Any
     ) -> torch.Tensor:
         """Look up code ``indices`` (B, h, w) and decode them with FDM applied (see :meth:`decode`, also for
-        ``size``, which crops the image to the size given to :meth:`encode`).
+        ``size``, which crops the image to the size given to :meth:`encode`). A residual quantizer of L levels
+        (:attr:`~fdm.VQAdapter.code_levels`) takes (B, h, w, L).
 
         Raises:
-            InputError: not an integer (B, h, w) tensor, empty, or ids outside ``[0, codebook size)``.
+            InputError: not an integer (B, h, w) ((B, h, w, L)) tensor, empty, or ids outside
+                ``[0, codebook size)``.
         """
-        if indices.dim() != 3 or indices.is_floating_point() or indices.dtype == torch.bool:
-            raise InputError(f"indices must be an integer tensor of shape (B, h, w); got {tuple(indices.shape)}, "
+        levels = self.adapter.code_levels
+        shape = "(B, h, w)" if levels == 1 else f"(B, h, w, {levels})"
+        if indices.dim() != 3 + (levels > 1) or (levels > 1 and indices.shape[-1] != levels) \
+                or indices.is_floating_point() or indices.dtype == torch.bool:
+            raise InputError(f"indices must be an integer tensor of shape {shape}; got {tuple(indices.shape)}, "
                              f"dtype {indices.dtype}.")
         if indices.numel() == 0:
             raise InputError(f"indices is empty (shape {tuple(indices.shape)}); expected at least one code.")

@@ -42,6 +42,7 @@ FAMILIES: list[str] = [
     "fdm.adapters.taming",  # taming-transformers VQGAN / GumbelVQ / Net2NetTransformer
     "fdm.adapters.put",  # PUT's P-VQVAE and UQ-Transformer
     "fdm.adapters.diffusers",  # diffusers' VQModel
+    "fdm.adapters.vector_quantize",  # VQAutoencoder: your encoder and decoder around vector-quantize-pytorch
 ]
 
 #: The entry-point group under which installed packages declare their families (value: ``"package:FAMILY"``).

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = ("taming", "diffusers", "torchvision", "pytorch_lightning", "omegaconf", "accelerate", "stlpips_pytorch")
+OPTIONAL = ("taming", "diffusers", "vector_quantize_pytorch", "einx", "torchvision", "pytorch_lightning", "omegaconf", "accelerate", "stlpips_pytorch")
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -31,7 +31,8 @@ def test_import_touches_no_optional_dependency_and_no_network():
         import torch
         import fdm
         print("FAMILIES", sorted(m for m in sys.modules if m.startswith("fdm.adapters")))
-        import fdm.adapters, fdm.adapters.taming, fdm.adapters.put, fdm.adapters.diffusers, fdm.cli
+        import fdm.adapters, fdm.adapters.taming, fdm.adapters.put, fdm.adapters.diffusers, fdm.adapters.vector_quantize
+        import fdm.cli
         module = fdm.FDM(8, hidden_channels=8, num_blocks=1)
         module(torch.zeros(1, 8, 2, 2))
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in {OPTIONAL!r})

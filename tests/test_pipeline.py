@@ -92,3 +92,11 @@ def test_diffusers():
 
     for kind in ("group", "spatial"):
         check_compare_is_reconstruct(build_vqmodel(kind), 16, 24)
+
+
+def test_vector_quantize():
+    pytest.importorskip("vector_quantize_pytorch")
+    from test_vector_quantize import build
+
+    for name in ("vq-map", "rvq"):
+        check_compare_is_reconstruct(build(name), 16, 24)

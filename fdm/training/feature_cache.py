@@ -298,12 +298,13 @@ class FeatureCache:
 
     @functools.cached_property
     def _view_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Per-view shapes of ``z`` (C, h, w) and of the indices (h, w), from the model and the size of the first
-        view (read once)."""
+        """Per-view shapes of ``z`` (C, h, w) and of the indices (h, w) ((h, w, L) for a residual quantizer of L
+        levels), from the model and the size of the first view (read once)."""
         size = self.views[0].shape[-2:] if getattr(self.views, "random_access", True) else \
             next(iter(self.views.iter_views(0, 1)))[1].shape[-2:]
         h, w = (s // self.adapter.factor for s in size)
-        return (self.adapter.channels, h, w), (h, w)
+        levels = self.adapter.code_levels
+        return (self.adapter.channels, h, w), ((h, w) if levels == 1 else (h, w, levels))
 
     def _index_dtype(self) -> str:
         return index_dtype(self.adapter.codebook().shape[0])
