@@ -92,3 +92,11 @@ def test_diffusers():
 
     for kind in ("group", "spatial"):
         check_compare_is_reconstruct(build_vqmodel(kind), 16, 24)
+
+
+def test_transformers():
+    pytest.importorskip("transformers")
+    from test_transformers import build
+
+    for kind in ("janus", "emu3"):
+        check_compare_is_reconstruct(build(kind), 16, 24)
