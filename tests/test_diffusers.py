@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hub_cache import hub_cache
 
 import fdm
 from fdm.adapters.diffusers import DiffusersVQAdapter, load_model
 from fdm.errors import CheckpointError, InputError
 from fdm.evaluation.metrics import feature_error_ratio
 from fdm.losses.qe import qe_loss
-from hub_cache import hub_cache
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hub_cache import hub_cache
 
 import fdm
 from fdm.adapters.transformers import Emu3VQAdapter, JanusVQAdapter, load_model
 from fdm.errors import CheckpointError, InputError
-from hub_cache import hub_cache
 
 transformers = pytest.importorskip("transformers")
 
@@ -254,6 +254,27 @@ def test_load_model_reads_folders_whole_checkpoints_and_a_hub_cache(models, tmp_
         tokenizer = load_model(source, **kwargs)
         assert type(tokenizer) is transformers.JanusVQVAE
         assert all(torch.equal(v, models["janus"].state_dict()[k]) for k, v in tokenizer.state_dict().items())
+
+
+def test_load_model_reads_an_emu3_checkpoint_in_the_hub_layout(models, tmp_path):
+    """Emu3's Hub checkpoints keep the tokenizer under ``vqmodel.`` beside ``text_model.`` (the layout transformers'
+    conversion mapping renames on load); the config's ``vq_config`` describes it."""
+    from safetensors.torch import save_file
+
+    model = models["emu3"]
+    folder = tmp_path / "emu3-chat"
+    folder.mkdir()
+    tensors = {f"vqmodel.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    tensors["text_model.model.embed_tokens.weight"] = torch.zeros(8, 4)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "emu3", "vq_config": model.config.to_dict()}))
+    loaded = load_model(folder)
+    assert type(loaded) is transformers.Emu3VQVAE
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    del tensors["vqmodel.decoder.conv_out.bias"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="vqmodel.decoder.conv_out.bias"):
+        load_model(folder)
 
 
 @torch.no_grad()
