@@ -245,6 +245,12 @@ def test_load_model_reads_folders_whole_checkpoints_and_a_hub_cache(models, tmp_
                                fdm.Dequantizer(model, random_fdm(model)).reconstruct(x, use_fdm=False))
 
     whole = tiny_janus_model(models["janus"])  # a real JanusForConditionalGeneration, saved in two shards
+    deq = fdm.Dequantizer(whole.model.vqmodel, random_fdm(models["janus"]))
+    with torch.no_grad():
+        tokens = deq.quantize(deq.encode(x))[1]
+        with deq.attached():  # Janus's image generation ends in decode_image_tokens: FDM applies, code unchanged
+            generated = whole.decode_image_tokens(tokens.flatten(1))  # (B, H, W, 3)
+        assert torch.equal(generated, deq.decode_indices(tokens).permute(0, 2, 3, 1))
     whole.save_pretrained(tmp_path / "janus-pro", max_shard_size="1MB")
     assert (tmp_path / "janus-pro" / "model.safetensors.index.json").is_file()
     files = {p.name: p for p in (tmp_path / "janus-pro").iterdir()}
