@@ -302,7 +302,7 @@ def test_load_model_refusals_are_one_clear_line(models, tmp_path):
         load_model(tmp_path / "nowhere")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(CheckpointError, match="model of type 'llama'; expected JanusVQVAE / Emu3VQVAE"):
+    with pytest.raises(CheckpointError, match="model of type 'llama'; expected a JanusVQVAE / Emu3VQVAE"):
         load_model(tmp_path / "other")
     models["janus"].save_pretrained(tmp_path / "pickled")  # the same tokenizer with pickled weights only
     (tmp_path / "pickled" / "model.safetensors").unlink()
@@ -314,6 +314,8 @@ def test_load_model_refusals_are_one_clear_line(models, tmp_path):
     (tmp_path / "big" / "config.json").write_text(json.dumps({**config, "num_res_blocks": 10**6}))
     with pytest.raises(fdm.errors.ConfigError, match="num_res_blocks"):
         load_model(tmp_path / "big")
+    with pytest.raises(CheckpointError, match="holds no config.json; expected the layout JanusVQVAE / Emu3VQVAE"):
+        load_model(tmp_path / "other" / "..")  # a folder without config.json
     with pytest.raises(fdm.errors.HubError):
         load_model("someone/not-cached", cache_dir=tmp_path / "empty", local_files_only=True)
 

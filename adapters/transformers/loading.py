@@ -38,7 +38,8 @@ SIZE_LIMITS: dict[str, int | tuple[int, int | None]] = {
 }
 
 _INSTALL = 'pip install ".[transformers]" (from a clone of fdm-vq)'
-_LAYOUT = "JanusVQVAE / Emu3VQVAE save_pretrained, or a whole Janus / Emu3 transformers checkpoint"
+_LAYOUT = "a JanusVQVAE / Emu3VQVAE or a whole Janus / Emu3 model, as save_pretrained writes it"
+_WRITER = "JanusVQVAE / Emu3VQVAE (or whole Janus / Emu3 model) save_pretrained"
 
 
 def is_transformers_class(model: object, name: str) -> bool:
@@ -99,7 +100,7 @@ def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
     named = f"{source}{f' (subfolder {subfolder})' if subfolder else ''}"
 
     def fetch(name: str) -> Path:
-        return resolve_file(source, f"{subfolder}/{name}" if subfolder else name, layout=_LAYOUT, **hub)
+        return resolve_file(source, f"{subfolder}/{name}" if subfolder else name, layout=_WRITER, **hub)
 
     config_file = fetch("config.json")
     config = read_json(config_file, "transformers config")
