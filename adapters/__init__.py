@@ -1,7 +1,7 @@
 """Adapters for third-party VQ model families, installed as ``fdm.adapters``: one package per family, each
 declaring its ``FAMILY`` (see :mod:`fdm.registry`, which lists them and imports each only when needed).
 
-Importing this package imports no family; none of them imports its third-party package (taming, diffusers)
+Importing this package imports no family; none of them imports its third-party package (taming, diffusers, transformers)
 until a model of that family is actually used.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["diffusers", "put", "taming", "vector_quantize"]
+__all__ = ["diffusers", "put", "taming", "transformers", "vector_quantize"]
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -19,6 +19,7 @@ from torch import nn
 
 from fdm.adapter import VQAdapter
 from fdm.config_io import check_sizes, read_json
+from fdm.correction_hooks import SpatialNormCorrection, install_spatial_norm_correction
 from fdm.errors import CheckpointError, FdmError, InputError, MissingExtraError
 from fdm.io.hub import locate, resolve_file
 from fdm.registry import CliModel, ModelFamily
@@ -45,17 +46,6 @@ def import_vqmodel() -> type[nn.Module]:
 
 def _is_diffusers_vqmodel(model: object) -> bool:
     return any(cls.__name__ == "VQModel" and cls.__module__.startswith("diffusers.") for cls in type(model).__mro__)
-
-
-class _HookHandles:
-    """Removes several hooks at once (the handle returned by :meth:`DiffusersVQAdapter.register_correction_hook`)."""
-
-    def __init__(self, *handles: Any):
-        self._handles = handles
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 class DiffusersVQAdapter(VQAdapter):
@@ -156,41 +146,8 @@ class DiffusersVQAdapter(VQAdapter):
         """
         if not self.spatial_norm:
             return super().register_correction_hook(correct)
-        hooks = _SpatialNormCorrection(correct)
-        return _HookHandles(
-            self.model.post_quant_conv.register_forward_pre_hook(hooks.post_quant_conv),
-            self.model.decoder.register_forward_pre_hook(hooks.decoder, with_kwargs=True),
-        )
-
-
-class _SpatialNormCorrection:
-    """The pre-hooks of a spatially normalised (MoVQ) decoder: ``post_quant_conv``'s input is corrected, and the
-    decoder's ``latent_embeds`` (the same tensor in ``VQModel.decode``) reuse that correction instead of running FDM
-    twice. :attr:`last` is the one piece of state: the last (input, correction) pair of ``post_quant_conv``, taken by
-    the decoder hook that follows it."""
-
-    def __init__(self, correct: Callable[[torch.Tensor], torch.Tensor]):
-        self.correct = correct
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def post_quant_conv(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        z_dq = self.correct(args[0])
-        self.last = (args[0], z_dq)
-        return (z_dq, *args[1:])
-
-    def decoder(self, module: nn.Module, args: tuple[Any, ...],
-                kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        positional = len(args) > 1
-        z_q = args[1] if positional else kwargs.get("latent_embeds")
-        if z_q is None:
-            return None
-        seen, z_dq = self.last if self.last is not None else (None, None)
-        self.last = None
-        if seen is not z_q:
-            z_dq = self.correct(z_q)
-        if positional:
-            return (args[0], z_dq, *args[2:]), kwargs
-        return args, {**kwargs, "latent_embeds": z_dq}
+        hooks = SpatialNormCorrection(correct, condition_index=1, condition_name="latent_embeds")
+        return install_spatial_norm_correction(self.model.post_quant_conv, self.model.decoder, hooks)
 
 
 def _vqmodel_subfolder(folder: Path) -> str:

@@ -1,7 +1,7 @@
 """Phase-2 training estimates for the released models (FDM, Park & Jung, WACV 2025): FLOPs per training view of the
 frozen encoder (the feature cache's fill) and of FDM's forward + backward, counted with
 ``torch.utils.flop_counter.FlopCounterMode`` on the CPU on full-size architectures with random weights
-(taming-transformers f16 VQGANs, CVPR 2021; PUT's P-VQVAE, CVPR 2022); the feature cache's size; and the time
+(taming-transformers f16 VQGANs, CVPR 2021; PUT's P-VQVAE, CVPR 2022; Janus's VQ-16 tokenizer in transformers); the feature cache's size; and the time
 per epoch on one GPU at an assumed sustained throughput. Prints the table that docs/training.md quotes.
 
     python benchmarks/training_estimates.py                      # 30 % of an H100 SXM's dense bf16 peak
@@ -26,6 +26,7 @@ from fdm.losses.qe import qe_loss
 from fdm.masks import keep_known
 from fdm.training import encode_views
 from fdm.training.feature_cache import index_dtype
+from fdm.training.recipe import fdm_width
 
 H100_BF16_DENSE_TFLOPS = 989.4
 """NVIDIA H100 SXM, dense bf16 tensor-core peak (1979 with 2:4 sparsity)."""
@@ -35,7 +36,7 @@ VIEW = 256  # side of a training view, pixels
 @dataclasses.dataclass(frozen=True)
 class Release:
     name: str
-    family: str  # "taming" or "put"
+    family: str  # "taming", "put" or "janus"
     codes: int  # codebook size
     views: int  # training views: one 256 x 256 crop per training image (fdm train's default)
     data: str
@@ -48,6 +49,7 @@ RELEASES = (
     Release("PUT FFHQ", "put", 1024, 60_000, "FFHQ, 60,000 training images"),
     Release("PUT Places", "put", 1024, 1_803_460, "Places365-Standard train"),
     Release("PUT ImageNet", "put", 1024, 1_281_167, "ImageNet-1k train"),
+    Release("Janus VQ-16 (transformers)", "janus", 16384, 1_281_167, "ImageNet-1k train"),
 )
 
 
@@ -59,10 +61,15 @@ def count_flops(fn) -> int:
 
 @functools.cache
 def base_model(family: str, codes: int) -> torch.nn.Module:
-    """The full-size architecture with random weights: taming's f16 VQGAN with ``codes`` codes, or PUT's P-VQVAE."""
+    """The full-size architecture with random weights: taming's f16 VQGAN with ``codes`` codes, PUT's P-VQVAE, or
+    transformers' JanusVQVAE (its config's defaults: the released tokenizer's sizes)."""
     torch.manual_seed(0)
     if family == "put":
         return put_codec(tiny=False).eval()
+    if family == "janus":
+        from transformers import JanusVQVAE, JanusVQVAEConfig
+
+        return JanusVQVAE(JanusVQVAEConfig(num_embeddings=codes)).eval()
     return taming_vqgan(tiny=False, n_embed=codes)
 
 
@@ -77,20 +84,22 @@ def encoder_flops(family: str, codes: int) -> int:
 
 @functools.cache
 def fdm_step_flops(family: str) -> int:
-    """FLOPs of one phase-2 step on one view: FDM forward, qe loss and backward (the paper's FDM, C = 256).
+    """FLOPs of one phase-2 step on one view: FDM forward, qe loss and backward (``fdm train``'s FDM: the paper's,
+    C = 256, for taming and PUT; trunk width 32 for Janus's 8 channels).
 
-    taming: mask-free (unconditional / class-conditional generation); PUT: with a hole mask (inpainting).
+    taming and Janus: mask-free (unconditional / class-conditional generation); PUT: with a hole mask (inpainting).
     """
-    adapter = fdm.find_adapter(base_model(family, 1024))
+    adapter = fdm.find_adapter(base_model(family, 16384 if family == "janus" else 1024))
     side = VIEW // adapter.factor
     z = torch.randn(1, adapter.channels, side, side)
     z_q = torch.randn_like(z)
     if family == "put":
-        module = fdm.FDM(adapter.channels)
+        module = fdm.FDM(adapter.channels, hidden_channels=fdm_width(adapter.channels))
         cells = (torch.rand(1, 1, side, side) < 0.4).float()  # FDM's cost does not depend on the hole
         x = keep_known(z, z_q, cells)
     else:
-        module, cells, x = fdm.FDM(adapter.channels, mask_channels=0), None, z_q
+        module = fdm.FDM(adapter.channels, mask_channels=0, hidden_channels=fdm_width(adapter.channels))
+        cells, x = None, z_q
     return count_flops(lambda: qe_loss(module(x, cells), z, cells).backward())
 
 

@@ -2,14 +2,15 @@
 declare under the entry-point group ``fdm.families`` (:data:`ENTRY_POINT_GROUP`), and those added at run time with
 :func:`register_family`.
 
-A family package (``fdm.adapters.taming``, ``fdm.adapters.put``, ``fdm.adapters.diffusers``, or your own)
-defines one module-level ``FAMILY = ModelFamily(...)``: its adapter classes, its loader, the pip extra that
-installs its third-party dependency, the ``--model`` choices and options it gives the command line and its own
-sub-commands. Adding a family = one package + one line in :data:`FAMILIES` (in fdm-vq), or one entry point in the
-``pyproject.toml`` of a package installed beside it (``[project.entry-points."fdm.families"]``,
-``name = "package:FAMILY"``). Family packages are imported lazily, the first time :func:`fdm.find_adapter` or the
-command line needs them, so ``import fdm`` imports none of them; none imports its third-party package before
-a model of that family is loaded. Two families with one name are refused. See docs/adapters.md.
+A family package (``fdm.adapters.taming``, ``fdm.adapters.put``, ``fdm.adapters.diffusers``,
+``fdm.adapters.transformers``, or your own) defines one module-level ``FAMILY = ModelFamily(...)``: its
+adapter classes, its loader, the pip extra that installs its third-party dependency, the ``--model`` choices
+and options it gives the command line and its own sub-commands. Adding a family = one package + one line in
+:data:`FAMILIES` (in fdm-vq), or one entry point in the ``pyproject.toml`` of a package installed beside it
+(``[project.entry-points."fdm.families"]``, ``name = "package:FAMILY"``). Family packages are imported
+lazily, the first time :func:`fdm.find_adapter` or the command line needs them, so ``import fdm`` imports none
+of them; none imports its third-party package before a model of that family is loaded. Two families with one
+name are refused. See docs/adapters.md.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ FAMILIES: list[str] = [
     "fdm.adapters.taming",  # taming-transformers VQGAN / GumbelVQ / Net2NetTransformer
     "fdm.adapters.put",  # PUT's P-VQVAE and UQ-Transformer
     "fdm.adapters.diffusers",  # diffusers' VQModel
+    "fdm.adapters.transformers",  # transformers' JanusVQVAE and Emu3VQVAE (multimodal models' image tokenizers)
     "fdm.adapters.vector_quantize",  # VQAutoencoder: your encoder and decoder around vector-quantize-pytorch
 ]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hub_cache import hub_cache
 
 import fdm
 from fdm.adapters.diffusers import DiffusersVQAdapter, load_model
@@ -268,19 +269,6 @@ def test_save_load_round_trip(models, tmp_path):
         fdm.Dequantizer(loaded, loaded_fdm)
 
 
-def _hub_cache(root: Path, repo_id: str, files: dict[str, Path]) -> Path:
-    """Lay ``files`` out as huggingface_hub's cache of ``repo_id`` at revision main (no network involved)."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = root / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    for name, source in files.items():
-        target = repo / "snapshots" / commit / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(source.read_bytes())
-    return root
-
-
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")  # raised inside diffusers
 def test_config_sizes_out_of_bounds_are_refused_before_building(models, tmp_path):
     """A crafted config.json cannot make diffusers build millions of blocks: its sizes are bounded
@@ -309,7 +297,7 @@ def test_load_model_from_hub_repo_and_pipeline_folders(models, tmp_path):
         {"_class_name": "AmusedPipeline", "vqvae": ["diffusers", "VQModel"], "scheduler": ["diffusers", "AmusedScheduler"]}
     ))
     files = {f"vqvae/{p.name}": p for p in (pipeline / "vqvae").iterdir()}
-    cache = _hub_cache(tmp_path / "cache", "someone/tiny-amused", files)
+    cache = hub_cache(tmp_path / "cache", "someone/tiny-amused", files)
 
     x = smooth_images(1)
     with torch.no_grad():

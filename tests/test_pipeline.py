@@ -94,6 +94,14 @@ def test_diffusers():
         check_compare_is_reconstruct(build_vqmodel(kind), 16, 24)
 
 
+def test_transformers():
+    pytest.importorskip("transformers")
+    from test_transformers import build
+
+    for kind in ("janus", "emu3"):
+        check_compare_is_reconstruct(build(kind), 16, 24)
+
+
 def test_vector_quantize():
     pytest.importorskip("vector_quantize_pytorch")
     from test_vector_quantize import build

@@ -34,7 +34,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, fdm: bool = True) ->
     group = parser.add_argument_group("base model")
     group.add_argument("--model", choices=model_choices(), default="demo",
                        help="model family (default: demo, the small VQGAN embedded in the package)")
-    group.add_argument("--checkpoint", help="taming .ckpt, PUT codec .pth, or diffusers folder / Hub repo id; "
+    group.add_argument("--checkpoint", help="taming .ckpt, PUT codec .pth, or diffusers / transformers folder or Hub "
+                                            "repo id; "
                                             "hf://owner/repo/path for a file or folder inside a Hub repo")
     group.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     if fdm:
