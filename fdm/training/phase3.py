@@ -158,12 +158,17 @@ class Phase3Trainer(TrainingLoop):
         self._batches: Iterator[torch.Tensor] | None = None
 
     def _train_mode(self) -> None:
-        """Training mode for the trained parts; a frozen decoder or FDM stays in eval mode."""
+        """Training mode for the trained parts; a frozen decoder or FDM stays in eval mode, and so do normalisation
+        layers with running statistics (batch norm, as in Emu3's decoder): they keep the base model's, which small
+        fine-tuning batches would overwrite."""
         self.generator.train()
         if self.config.freeze_decoder:
             self.generator.decoder.eval()
         if self.config.freeze_fdm:
             self.generator.fdm.eval()
+        for module in self.generator.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
     # --- data ------------------------------------------------------------------------------------------
 
