@@ -21,7 +21,8 @@ from fdm.adapter import VQAdapter
 from fdm.config_io import check_sizes, read_json
 from fdm.correction_hooks import SpatialNormCorrection, install_spatial_norm_correction
 from fdm.errors import CheckpointError, FdmError, InputError, MissingExtraError
-from fdm.io.hub import locate, resolve_file
+from fdm.io.hub import locate, repo_with_subfolder, resolve_file
+from fdm.io.weights import check_loading_info
 from fdm.registry import CliModel, ModelFamily
 
 __all__ = ["FAMILY", "SIZE_LIMITS", "DiffusersVQAdapter", "import_vqmodel", "load_model"]
@@ -207,11 +208,7 @@ def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
                 and (where / "model_index.json").is_file():
             kwargs["subfolder"] = _vqmodel_subfolder(where)
     else:  # owner/name, or owner/name/subfolder (written hf://owner/name/subfolder)
-        parts = where.split("/", 2)
-        source = "/".join(parts[:2])
-        if len(parts) == 3 and kwargs.setdefault("subfolder", parts[2]) != parts[2]:
-            raise InputError(f"{path_or_repo_id} names the subfolder {parts[2]!r} and subfolder="
-                             f"{kwargs['subfolder']!r} was given too; give it once.")
+        source = repo_with_subfolder(where, kwargs, given_as=str(path_or_repo_id))
     subfolder = kwargs.get("subfolder")
     logger.info("loading diffusers VQModel from %s%s", source, f" (subfolder {subfolder})" if subfolder else "")
     config_name = f"{subfolder}/config.json" if subfolder else "config.json"
@@ -238,15 +235,8 @@ def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
                               f"{type(err).__name__}: {err}") from err
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
-    wrong_shape = [f"{key}: expected {tuple(expected)}, got {tuple(got)}"
-                   for key, got, expected in sorted(info["mismatched_keys"])]
-    if missing or unexpected or wrong_shape:
-        raise CheckpointError(
-            f"Cannot load the weights of {source}{f' (subfolder {subfolder})' if subfolder else ''} into the "
-            f"VQModel its config.json describes (keys read in the diffusers VQModel layout): missing keys {missing}, "
-            f"unexpected keys {unexpected}, wrong shapes {wrong_shape}."
-        )
+    check_loading_info(info, into=f"{source}{f' (subfolder {subfolder})' if subfolder else ''} into the VQModel its "
+                                  "config.json describes (keys read in the diffusers VQModel layout)")
     return model.eval()
 
 

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fdm.adapter import VQAdapter
-from fdm.adapters.transformers.loading import is_transformers_class
+from fdm.adapters.transformers.base import TransformersVQAdapter
 from fdm.correction_hooks import SpatialNormCorrection, install_spatial_norm_correction
 from fdm.errors import InputError
 
@@ -36,7 +35,7 @@ def _one_frame(dim: int, what: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return as_map
 
 
-class Emu3VQAdapter(VQAdapter):
+class Emu3VQAdapter(TransformersVQAdapter):
     """transformers' ``Emu3VQVAE`` (``Emu3ForConditionalGeneration``'s ``model.vqmodel``), image mode.
 
     - ``encode(x)``: the image repeated ``temporal_downsample_factor`` times (as ``Emu3VQVAE.encode`` does for
@@ -49,17 +48,7 @@ class Emu3VQAdapter(VQAdapter):
       corrected map reaches both reads. Pass ``condition=z_q`` to correct the decoder input only.
     """
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return is_transformers_class(model, "Emu3VQVAE")
-
-    @property
-    def factor(self) -> int:
-        return 2 ** (len(self.model.config.channel_multiplier) - 1)
-
-    @property
-    def channels(self) -> int:
-        return self.model.config.embed_dim
+    class_name = "Emu3VQVAE"
 
     def codebook(self) -> torch.Tensor:
         return self.model.quantize.embedding.weight

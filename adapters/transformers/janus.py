@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdm.adapter import VQAdapter
-from fdm.adapters.transformers.loading import is_transformers_class
+from fdm.adapters.transformers.base import TransformersVQAdapter
 from fdm.errors import InputError
 
 __all__ = ["JanusVQAdapter"]
@@ -26,7 +25,7 @@ __all__ = ["JanusVQAdapter"]
 _ROWS_PER_CHUNK = 4096
 
 
-class JanusVQAdapter(VQAdapter):
+class JanusVQAdapter(TransformersVQAdapter):
     """transformers' ``JanusVQVAE`` (image tokenizer of ``JanusForConditionalGeneration``, ``model.model.vqmodel``).
 
     - ``encode(x)`` = ``normalize(quant_conv(encoder(x)))`` over channels: (B, 3, H, W) in [-1, 1] ->
@@ -42,17 +41,7 @@ class JanusVQAdapter(VQAdapter):
     docs/transformers.md). Decoding the same indices is identical either way.
     """
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return is_transformers_class(model, "JanusVQVAE")
-
-    @property
-    def factor(self) -> int:
-        return 2 ** (len(self.model.config.channel_multiplier) - 1)
-
-    @property
-    def channels(self) -> int:
-        return self.model.config.embed_dim
+    class_name = "JanusVQVAE"
 
     def codebook(self) -> torch.Tensor:
         """(N, C) code vectors as the decoder reads them (l2-normalised)."""

@@ -14,9 +14,9 @@ from typing import Any
 from torch import nn
 
 from fdm.config_io import check_sizes, read_json
-from fdm.errors import CheckpointError, FdmError, InputError, MissingExtraError
-from fdm.io.hub import locate, resolve_file
-from fdm.io.weights import check_finite_weights, load_state_dict_strict
+from fdm.errors import CheckpointError, FdmError, MissingExtraError
+from fdm.io.hub import locate, repo_with_subfolder, resolve_file
+from fdm.io.weights import check_finite_weights, check_loading_info, load_state_dict_strict
 
 __all__ = ["SIZE_LIMITS", "TOKENIZERS", "import_transformers_class", "is_transformers_class", "load_model"]
 
@@ -90,11 +90,7 @@ def load_model(path_or_repo_id: str | Path, **kwargs: Any) -> nn.Module:
     if isinstance(where, Path):
         source = str(where)
     else:  # owner/name, or owner/name/subfolder (written hf://owner/name/subfolder)
-        parts = where.split("/", 2)
-        source = "/".join(parts[:2])
-        if len(parts) == 3 and kwargs.setdefault("subfolder", parts[2]) != parts[2]:
-            raise InputError(f"{path_or_repo_id} names the subfolder {parts[2]!r} and subfolder="
-                             f"{kwargs['subfolder']!r} was given too; give it once.")
+        source = repo_with_subfolder(where, kwargs, given_as=str(path_or_repo_id))
     subfolder = kwargs.get("subfolder") or ""
     hub = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
     named = f"{source}{f' (subfolder {subfolder})' if subfolder else ''}"
@@ -138,12 +134,7 @@ def _from_pretrained(class_name: str, source: str, named: str, kwargs: dict[str,
                               f"expected): {str(err).splitlines()[0]}") from err
     finally:
         transformers_logging.set_verbosity(verbosity)
-    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
-    wrong_shape = [f"{key}: expected {tuple(expected)}, got {tuple(got)}"
-                   for key, got, expected in sorted(info["mismatched_keys"])]
-    if missing or unexpected or wrong_shape:
-        raise CheckpointError(f"Cannot load the weights of {named} into the {class_name} its config.json describes: "
-                              f"missing keys {missing}, unexpected keys {unexpected}, wrong shapes {wrong_shape}.")
+    check_loading_info(info, into=f"{named} into the {class_name} its config.json describes")
     return model
 
 

@@ -20,7 +20,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import validate_repo_id
 
-from fdm.errors import CheckpointError, FdmError, HubEntryNotFoundError, HubError
+from fdm.errors import CheckpointError, FdmError, HubEntryNotFoundError, HubError, InputError
 
 __all__ = [
     "MODEL_CARD_MARKER",
@@ -30,6 +30,7 @@ __all__ = [
     "build_model_card",
     "convert_hub_error",
     "locate",
+    "repo_with_subfolder",
     "resolve_file",
 ]
 
@@ -163,6 +164,21 @@ def _is_repo_id(text: str) -> bool:
     except hf_errors.HFValidationError:
         return False
     return text.count("/") == 1
+
+
+def repo_with_subfolder(reference: str, kwargs: dict[str, Any], *, given_as: str) -> str:
+    """The repo id of a Hub ``reference`` that :func:`locate` returned (``owner/name``, or ``owner/name/subfolder``
+    for ``hf://owner/name/subfolder``); a subfolder it names goes into ``kwargs["subfolder"]`` (a library's
+    ``from_pretrained`` keyword).
+
+    Raises:
+        InputError: ``kwargs`` names another subfolder (``given_as``: the reference as the user wrote it).
+    """
+    parts = reference.split("/", 2)
+    if len(parts) == 3 and kwargs.setdefault("subfolder", parts[2]) != parts[2]:
+        raise InputError(f"{given_as} names the subfolder {parts[2]!r} and subfolder={kwargs['subfolder']!r} was "
+                         "given too; give it once.")
+    return "/".join(parts[:2])
 
 
 def locate(source: str | Path) -> Path | str:

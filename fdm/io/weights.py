@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from fdm.errors import CheckpointError
 __all__ = [
     "DIGEST_KEY",
     "check_finite_weights",
+    "check_loading_info",
     "check_state_dict",
     "file_sha256",
     "load_state_dict_strict",
@@ -200,3 +202,23 @@ def load_state_dict_strict(
             f"keys {unexpected}, wrong shapes {wrong_shape}{dtypes}."
         )
     module.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def check_loading_info(info: Mapping[str, Any], *, into: str) -> None:
+    """Refuse a load through a library's ``from_pretrained(..., output_loading_info=True)`` (diffusers,
+    transformers) that left keys missing or unexpected, or read them in another shape.
+
+    Args:
+        info: the loading info (``missing_keys``, ``unexpected_keys``, ``mismatched_keys`` as (key, got, expected)).
+        into: what was loaded into what, for the message (``"vqmodel/ into the VQModel its config.json describes"``).
+
+    Raises:
+        CheckpointError: naming each missing, unexpected and mis-shaped key.
+    """
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    wrong_shape = [f"{key}: expected {tuple(expected)}, got {tuple(got)}"
+                   for key, got, expected in sorted(info["mismatched_keys"])]
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(f"Cannot load the weights of {into}: missing keys {missing}, unexpected keys "
+                              f"{unexpected}, wrong shapes {wrong_shape}.")
+
