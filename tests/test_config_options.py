@@ -86,3 +86,10 @@ def test_options_and_values_are_checked():
     assert "how big (default 3)" in parser.format_help() and "what\n" in parser.format_help()
     with pytest.raises(TypeError, match=r"no fields \['colour'\]"):
         config_from_args(Settings, parser.parse_args([]), colour="red")
+
+
+@pytest.mark.parametrize("command", [train_command, finetune_command])
+def test_resume_and_overwrite_are_refused_together_before_anything_loads(command, capsys):
+    with pytest.raises(SystemExit) as err:
+        parse(command, ["--data", "photos", "--out", "run", "--steps", "3", "--resume", "--overwrite"])
+    assert err.value.code == 2 and "--overwrite: not allowed with argument --resume" in capsys.readouterr().err

@@ -56,8 +56,9 @@ def add_data_arguments(
 def add_run_start_options(group: argparse._ActionsContainer) -> None:
     """Add ``--resume`` and ``--overwrite``: where a training command's run starts
     (:meth:`~fdm.training.TrainingLoop.start_point`)."""
-    group.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
-    group.add_argument("--overwrite", action="store_true",
+    start = group.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
+    start.add_argument("--overwrite", action="store_true",
                        help="replace the earlier run in OUT (its record, metrics, checkpoints and results; a feature "
                             "cache is kept)")
 

@@ -275,7 +275,7 @@ def check_resumable(path: str | Path, state: dict[str, Any], *, phase: int, conf
         raise CheckpointError(f"{path} belongs to a phase-{state.get('phase')} run, not to this phase-{phase} run: "
                               "start the new run in another --out folder (or --overwrite).")
     saved = state.get("config") or {}
-    changed = [f"{k}: {saved.get(k)!r} (saved), {config[k]!r} (now)" for k in fields if saved.get(k) != config[k]]
+    changed = _differences({k: saved.get(k) for k in fields}, {k: config[k] for k in fields})
     if changed:
         raise CheckpointError(f"{path} belongs to a run with another config ({'; '.join(changed)}): {remedy}")
     saved_identity = state.get("data") or {}
